@@ -1,0 +1,115 @@
+// syncbatch::Future: the handle to one request's result.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <optional>
+#include <thread>
+#include <utility>
+
+#include <boost/smart_ptr/intrusive_ptr.hpp>
+#include <boost/smart_ptr/intrusive_ref_counter.hpp>
+
+#include "syncbatch/error.hpp"
+
+namespace syncbatch {
+
+namespace detail {
+
+/// The shared state of one request's result: written once by a worker, read by the Future.
+/// One allocation per request holds this and the request's input (see Request in
+/// batched_submitter.hpp). Reference counted: the Future holds one reference, the worker one.
+template <class Out>
+class Completion : public boost::intrusive_ref_counter<Completion<Out>, boost::thread_safe_counter> {
+ public:
+  virtual ~Completion() = default;
+
+  /// Worker side: stores the value. Must be followed by publish().
+  void set_value(Out&& v) { value_.emplace(std::move(v)); }
+  /// Worker side: stores the error. Must be followed by publish().
+  void set_error(std::exception_ptr e) noexcept { error_ = std::move(e); }
+  bool has_error() const noexcept { return error_ != nullptr; }
+  /// Worker side: makes the result visible. Everything written before happens-before any read
+  /// by a waiter that observed ready().
+  void publish() noexcept {
+    status_.store(kReady, std::memory_order_release);
+    status_.notify_all();
+  }
+
+  bool ready() const noexcept { return status_.load(std::memory_order_acquire) == kReady; }
+  void wait() const noexcept {
+    for (;;) {
+      if (status_.load(std::memory_order_acquire) == kReady) return;
+      status_.wait(kPending, std::memory_order_acquire);
+    }
+  }
+  Out take() {
+    if (error_) std::rethrow_exception(error_);
+    return std::move(*value_);
+  }
+
+ private:
+  static constexpr std::uint32_t kPending = 0;
+  static constexpr std::uint32_t kReady = 1;
+  std::atomic<std::uint32_t> status_{kPending};
+  std::optional<Out> value_;  // written by the worker before publish()
+  std::exception_ptr error_;  // written by the worker before publish()
+};
+
+}  // namespace detail
+
+/// The result of one submitted request: a value or an error, ready once the worker has run the
+/// request and the device sync of its batch has completed.
+///
+/// Thread safety: a Future is a move-only handle owned by one thread at a time; it may be
+/// waited on from a thread other than the one that submitted. Completion happens on a worker
+/// thread and is published with release/acquire ordering: once ready() is true, the value and
+/// all device work of its batch are complete.
+template <class Out>
+class Future {
+ public:
+  Future() = default;
+  explicit Future(boost::intrusive_ptr<detail::Completion<Out>> state) noexcept
+      : state_(std::move(state)) {}
+
+  /// True until get() consumed the result (or for a default-constructed Future: false).
+  bool valid() const noexcept { return state_ != nullptr; }
+
+  /// True when the result is available. Precondition: valid(). Never blocks.
+  bool ready() const noexcept { return state_->ready(); }
+
+  /// Blocks until the result is available. Precondition: valid().
+  void wait() const noexcept { state_->wait(); }
+
+  /// Waits up to `timeout`; returns ready(). Precondition: valid(). Polls with a backoff that
+  /// grows from 1 us to 1 ms, so it may return up to about 1 ms after the result came.
+  template <class Rep, class Period>
+  bool wait_for(std::chrono::duration<Rep, Period> timeout) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    auto pause = std::chrono::microseconds(1);
+    while (!state_->ready()) {
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= deadline) return false;
+      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+      pause = std::min(pause * 2, std::chrono::microseconds(1000));
+    }
+    return true;
+  }
+
+  /// Waits, then returns the result and invalidates this Future. Precondition: valid().
+  /// Errors: rethrows the model's exception for this request, or a syncbatch::Error
+  /// (kSyncFailed, kDeadlineExceeded, kBadRequest) that says why the library failed it.
+  Out get() {
+    state_->wait();
+    auto state = std::move(state_);
+    return state->take();
+  }
+
+ private:
+  boost::intrusive_ptr<detail::Completion<Out>> state_;
+};
+
+}  // namespace syncbatch

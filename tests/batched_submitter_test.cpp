@@ -1,0 +1,400 @@
+// BatchedSubmitter's queueing, batching, completion and shutdown, with a fake device so the
+// ordering guarantee can be observed. Torch-free: this file also runs under TSan and ASan.
+#include "syncbatch/batched_submitter.hpp"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace syncbatch {
+namespace {
+
+using namespace std::chrono_literals;
+
+// A fake asynchronous device: a model "issues" work that is done only once its worker syncs.
+struct Issued {
+  int value;
+  std::shared_ptr<std::atomic<bool>> done;
+};
+thread_local std::vector<std::shared_ptr<std::atomic<bool>>>* tl_issued = nullptr;
+
+struct FakeDevice {
+  std::shared_ptr<std::atomic<int>> syncs = std::make_shared<std::atomic<int>>(0);
+  std::shared_ptr<std::atomic<int>> fail_sync_number = std::make_shared<std::atomic<int>>(-1);
+
+  struct Worker {
+    explicit Worker(const FakeDevice& d) : device(d) { tl_issued = &issued; }
+    void sync() {
+      const int n = device.syncs->fetch_add(1) + 1;
+      if (n == device.fail_sync_number->load()) throw std::runtime_error("device fault");
+      for (auto& f : issued) f->store(true);
+      issued.clear();
+    }
+    const FakeDevice& device;
+    std::vector<std::shared_ptr<std::atomic<bool>>> issued;
+  };
+  Worker make_worker(std::size_t) const { return Worker(*this); }
+};
+
+Issued issue(int x) {
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  tl_issued->push_back(done);
+  return {x * 3 + 1, done};
+}
+
+using FakeSubmitter = BatchedSubmitter<int, Issued, FakeDevice>;
+
+// Blocks the model until released; tells when the model was entered.
+struct Gate {
+  std::atomic<bool> open{false};
+  std::atomic<int> entered{0};
+  void pass() {
+    entered.fetch_add(1);
+    while (!open.load()) std::this_thread::sleep_for(100us);
+  }
+  void wait_entered(int n) {
+    while (entered.load() < n) std::this_thread::sleep_for(100us);
+  }
+};
+
+TEST(BatchedSubmitter, ResultsMatchTheModelAndAreReadyOnlyAfterTheirSync) {
+  FakeSubmitter s([](int& x) { return issue(x); }, {.policy = EveryN{4}}, FakeDevice{});
+  std::vector<Future<Issued>> futures;
+  for (int i = 0; i < 100; ++i) futures.push_back(s.submit(i));
+  for (int i = 0; i < 100; ++i) {
+    Issued r = futures[i].get();
+    EXPECT_EQ(r.value, i * 3 + 1);
+    EXPECT_TRUE(r.done->load()) << "request " << i << " was ready before its batch's sync";
+    EXPECT_FALSE(futures[i].valid());
+  }
+}
+
+TEST(BatchedSubmitter, StressManyProducersNothingLostOrDoubled) {
+  constexpr int kProducers = 16;
+  constexpr int kPerProducer = 5000;
+  FakeDevice device;
+  std::atomic<int> model_calls{0};
+  FakeSubmitter s(
+      [&](int& x) {
+        model_calls.fetch_add(1);
+        return issue(x);
+      },
+      {.queue_capacity = 256, .workers = 2, .policy = EveryN{8}}, device);
+  std::vector<std::thread> producers;
+  std::atomic<int> wrong{0}, not_done{0};
+  for (int p = 0; p < kProducers; ++p) {
+    producers.emplace_back([&, p] {
+      std::vector<Future<Issued>> futures;
+      futures.reserve(kPerProducer);
+      for (int i = 0; i < kPerProducer; ++i) futures.push_back(s.submit(p * kPerProducer + i));
+      for (int i = 0; i < kPerProducer; ++i) {
+        Issued r = futures[i].get();
+        if (r.value != (p * kPerProducer + i) * 3 + 1) wrong.fetch_add(1);
+        if (!r.done->load()) not_done.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : producers) t.join();
+  s.shutdown();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(not_done.load(), 0);
+  const auto st = s.stats();
+  constexpr std::uint64_t kTotal = kProducers * kPerProducer;
+  EXPECT_EQ(model_calls.load(), static_cast<int>(kTotal)) << "each request runs exactly once";
+  EXPECT_EQ(st.submitted, kTotal);
+  EXPECT_EQ(st.completed, kTotal);
+  EXPECT_EQ(st.failed, 0u);
+  EXPECT_EQ(st.syncs, st.batches);
+  EXPECT_EQ(static_cast<std::uint64_t>(device.syncs->load()), st.syncs);
+  std::uint64_t hist_batches = 0;
+  for (std::size_t b = 0; b < SubmitterStats::kBuckets; ++b) {
+    hist_batches += st.batch_size_histogram[b];
+    if (b > 3) {
+      EXPECT_EQ(st.batch_size_histogram[b], 0u) << "a batch exceeded EveryN{8}";
+    }
+  }
+  EXPECT_EQ(hist_batches, st.batches);
+  EXPECT_GE(st.batches, kTotal / 8);
+  EXPECT_DOUBLE_EQ(st.mean_batch_size(), static_cast<double>(kTotal) / st.batches);
+}
+
+TEST(BatchedSubmitter, SyncCountIsWhatTheEveryNPolicyDictates) {
+  for (std::size_t n : {1u, 3u, 8u, 32u}) {
+    Gate gate;
+    FakeDevice device;
+    FakeSubmitter s(
+        [&](int& x) {
+          if (x == 0) gate.pass();
+          return issue(x);
+        },
+        {.policy = EveryN{n}}, device);
+    std::vector<Future<Issued>> futures;
+    futures.push_back(s.submit(0));
+    gate.wait_entered(1);  // the worker holds request 0; the rest queue up behind it
+    constexpr int kMore = 100;
+    for (int i = 1; i <= kMore; ++i) futures.push_back(s.submit(i));
+    gate.open = true;
+    for (auto& f : futures) EXPECT_TRUE(f.get().done->load());
+    s.shutdown();
+    const std::uint64_t expected = (kMore + 1 + n - 1) / n;
+    EXPECT_EQ(s.stats().syncs, expected) << "n=" << n;
+    EXPECT_EQ(static_cast<std::uint64_t>(device.syncs->load()), expected);
+  }
+}
+
+TEST(BatchedSubmitter, ModelExceptionsReachOnlyTheirCaller) {
+  FakeSubmitter s(
+      [](int& x) {
+        if (x % 7 == 0) throw std::invalid_argument("bad input " + std::to_string(x));
+        return issue(x);
+      },
+      {.workers = 2, .policy = EveryN{16}}, FakeDevice{});
+  std::vector<Future<Issued>> futures;
+  for (int i = 0; i < 700; ++i) futures.push_back(s.submit(i));
+  int failed = 0;
+  for (int i = 0; i < 700; ++i) {
+    if (i % 7 == 0) {
+      try {
+        futures[i].get();
+        ADD_FAILURE() << "request " << i << " should have failed";
+      } catch (const std::invalid_argument& e) {
+        EXPECT_EQ(std::string(e.what()), "bad input " + std::to_string(i));
+        ++failed;
+      }
+    } else {
+      EXPECT_EQ(futures[i].get().value, i * 3 + 1);
+    }
+  }
+  s.shutdown();
+  EXPECT_EQ(failed, 100);
+  EXPECT_EQ(s.stats().completed, 700u);
+  EXPECT_EQ(s.stats().failed, 100u);
+}
+
+TEST(BatchedSubmitter, SyncFailureFailsExactlyThatBatch) {
+  FakeDevice device;
+  device.fail_sync_number->store(2);
+  Gate gate;
+  FakeSubmitter s(
+      [&](int& x) {
+        if (x == 0) gate.pass();
+        return issue(x);
+      },
+      {.policy = EveryN{4}}, device);
+  std::vector<Future<Issued>> futures;
+  futures.push_back(s.submit(0));
+  gate.wait_entered(1);
+  for (int i = 1; i < 12; ++i) futures.push_back(s.submit(i));
+  gate.open = true;
+  for (int i = 0; i < 12; ++i) {
+    if (i >= 4 && i < 8) {
+      try {
+        futures[i].get();
+        ADD_FAILURE() << "request " << i << " is in the batch whose sync failed";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::kSyncFailed);
+        EXPECT_NE(std::string(e.what()).find("device fault"), std::string::npos);
+      }
+    } else {
+      EXPECT_TRUE(futures[i].get().done->load()) << i;
+    }
+  }
+}
+
+TEST(BatchedSubmitter, RejectModeFailsAtOnceWhenFull) {
+  Gate gate;
+  FakeSubmitter s(
+      [&](int& x) {
+        if (x == 0) gate.pass();
+        return issue(x);
+      },
+      {.queue_capacity = 4, .on_full = OverflowPolicy::kReject}, FakeDevice{});
+  std::vector<Future<Issued>> futures;
+  futures.push_back(s.submit(0));
+  gate.wait_entered(1);
+  for (int i = 1; i <= 4; ++i) futures.push_back(s.submit(i));
+  try {
+    s.submit(5);
+    ADD_FAILURE() << "a full queue accepted a request";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kQueueFull);
+    EXPECT_NE(std::string(e.what()).find("holds 4 requests"), std::string::npos);
+  }
+  EXPECT_EQ(s.stats().rejected, 1u);
+  gate.open = true;
+  for (int i = 0; i <= 4; ++i) EXPECT_EQ(futures[i].get().value, i * 3 + 1);
+  // Room again: accepted.
+  EXPECT_EQ(s.submit(6).get().value, 19);
+}
+
+TEST(BatchedSubmitter, BlockModeWaitsForRoom) {
+  Gate gate;
+  FakeSubmitter s(
+      [&](int& x) {
+        if (x == 0) gate.pass();
+        return issue(x);
+      },
+      {.queue_capacity = 2, .on_full = OverflowPolicy::kBlock}, FakeDevice{});
+  auto first = s.submit(0);
+  gate.wait_entered(1);
+  std::atomic<int> accepted{0};
+  std::vector<Future<Issued>> futures;
+  std::thread producer([&] {
+    for (int i = 1; i <= 20; ++i) {
+      futures.push_back(s.submit(i));
+      accepted.fetch_add(1);
+    }
+  });
+  while (accepted.load() < 2) std::this_thread::sleep_for(100us);
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(accepted.load(), 2) << "the producer should block on the full queue";
+  gate.open = true;
+  producer.join();
+  EXPECT_EQ(first.get().value, 1);
+  for (int i = 1; i <= 20; ++i) EXPECT_EQ(futures[i - 1].get().value, i * 3 + 1);
+}
+
+TEST(BatchedSubmitter, ShutdownWhileProducersSubmitLosesNothing) {
+  for (auto on_full : {OverflowPolicy::kBlock, OverflowPolicy::kReject}) {
+    FakeSubmitter s([](int& x) { return issue(x); },
+                    {.queue_capacity = 64, .on_full = on_full, .workers = 2, .policy = EveryN{8}},
+                    FakeDevice{});
+    constexpr int kProducers = 8;
+    std::atomic<std::uint64_t> accepted{0}, shut_out{0}, full{0}, bad{0};
+    std::atomic<bool> shutdown_returned{false};
+    std::vector<std::thread> producers;
+    for (int p = 0; p < kProducers; ++p) {
+      producers.emplace_back([&, p] {
+        std::vector<std::pair<int, Future<Issued>>> mine;
+        for (int i = 0;; ++i) {
+          const int x = p * 1000000 + i;
+          try {
+            mine.emplace_back(x, s.submit(x));
+            accepted.fetch_add(1);
+          } catch (const Error& e) {
+            if (e.code() == ErrorCode::kQueueFull) {
+              full.fetch_add(1);
+              continue;
+            }
+            if (e.code() == ErrorCode::kShutDown) shut_out.fetch_add(1);
+            break;
+          }
+        }
+        while (!shutdown_returned.load()) std::this_thread::sleep_for(100us);
+        for (auto& [x, f] : mine) {
+          if (!f.ready()) bad.fetch_add(1);  // shutdown() returned: all must be complete
+          const Issued r = f.get();
+          if (r.value != x * 3 + 1 || !r.done->load()) bad.fetch_add(1);
+        }
+      });
+    }
+    std::this_thread::sleep_for(30ms);
+    s.shutdown();
+    shutdown_returned = true;
+    for (auto& t : producers) t.join();
+    EXPECT_EQ(shut_out.load(), static_cast<std::uint64_t>(kProducers));
+    EXPECT_EQ(bad.load(), 0u);
+    const auto st = s.stats();
+    EXPECT_GT(accepted.load(), 0u);
+    EXPECT_EQ(st.submitted, accepted.load());
+    EXPECT_EQ(st.completed, accepted.load());
+    EXPECT_EQ(st.rejected, shut_out.load() + full.load());
+  }
+}
+
+TEST(BatchedSubmitter, SubmitAfterShutdownFailsAtOnce) {
+  FakeSubmitter s([](int& x) { return issue(x); }, {}, FakeDevice{});
+  s.shutdown();
+  s.shutdown();  // idempotent
+  try {
+    s.submit(1);
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kShutDown);
+  }
+}
+
+TEST(BatchedSubmitter, DestructorDrainsAcceptedRequests) {
+  std::vector<Future<Issued>> futures;
+  {
+    FakeSubmitter s(
+        [](int& x) {
+          std::this_thread::sleep_for(50us);
+          return issue(x);
+        },
+        {.policy = EveryN{5}}, FakeDevice{});
+    for (int i = 0; i < 200; ++i) futures.push_back(s.submit(i));
+  }
+  for (int i = 0; i < 200; ++i) {
+    ASSERT_TRUE(futures[i].ready());
+    EXPECT_TRUE(futures[i].get().done->load());
+  }
+}
+
+TEST(BatchedSubmitter, TimeBasedHoldsForMoreWorkThenSyncsOnce) {
+  FakeSubmitter s([](int& x) { return issue(x); }, {.policy = TimeBased{400ms, 2}}, FakeDevice{});
+  auto a = s.submit(1);
+  EXPECT_FALSE(a.wait_for(30ms)) << "held: fewer than max_ops and younger than max_delay";
+  auto b = s.submit(2);
+  EXPECT_EQ(a.get().value, 4);
+  EXPECT_EQ(b.get().value, 7);
+  EXPECT_EQ(s.stats().batches, 1u);
+  EXPECT_EQ(s.stats().batch_size_histogram[1], 1u) << "one batch of two";
+  // Alone, a request is synced once max_delay passes: never held forever.
+  auto c = s.submit(3);
+  EXPECT_TRUE(c.wait_for(10s));
+  EXPECT_EQ(c.get().value, 10);
+}
+
+TEST(BatchedSubmitter, EveryNSyncsAtOnceWhenTheQueueRunsDry) {
+  FakeSubmitter s([](int& x) { return issue(x); }, {.policy = EveryN{1000}}, FakeDevice{});
+  auto f = s.submit(5);
+  EXPECT_TRUE(f.wait_for(10s));
+  EXPECT_EQ(f.get().value, 16);
+}
+
+TEST(BatchedSubmitter, BadOptionsAndBackendFailuresAreClearErrors) {
+  auto code_of = [](auto&& make) {
+    try {
+      make();
+    } catch (const Error& e) {
+      return std::string(to_string(e.code())) + ": " + e.what();
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(code_of([] { FakeSubmitter s([](int& x) { return issue(x); }, {.queue_capacity = 0}); })
+                .find("queue_capacity: expected >= 1, got 0"),
+            std::string::npos);
+  EXPECT_NE(code_of([] { FakeSubmitter s([](int& x) { return issue(x); }, {.workers = 0}); })
+                .find("workers: expected >= 1"),
+            std::string::npos);
+  EXPECT_NE(code_of([] { FakeSubmitter s([](int& x) { return issue(x); }, {.policy = EveryN{0}}); })
+                .find("invalid_argument"),
+            std::string::npos);
+  EXPECT_NE(code_of([] { FakeSubmitter s(nullptr); }).find("model is empty"), std::string::npos);
+
+  struct BrokenBackend {
+    struct Worker {
+      void sync() {}
+    };
+    Worker make_worker(std::size_t i) const {
+      if (i == 1) throw std::runtime_error("no stream for worker 1");
+      return {};
+    }
+  };
+  try {
+    BatchedSubmitter<int, int, BrokenBackend> s([](int& x) { return x; }, {.workers = 3});
+    ADD_FAILURE();
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(std::string(e.what()), "no stream for worker 1");
+  }
+}
+
+}  // namespace
+}  // namespace syncbatch

@@ -1,0 +1,141 @@
+#include "syncbatch/sync_policy.hpp"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace syncbatch {
+namespace {
+
+using namespace std::chrono_literals;
+
+// A fake clock: policies take the time as an argument, so tests pass arbitrary time points.
+const Clock::time_point kT0 = Clock::time_point{} + 1h;
+
+struct Case {
+  std::string name;
+  SyncPolicy policy;
+  std::size_t ops;
+  Clock::duration age;  // now - oldest
+  bool expect_sync;
+};
+
+TEST(SyncPolicy, DecisionsTable) {
+  const std::vector<Case> cases = {
+      {"every4: 1 op", EveryN{4}, 1, 0s, false},
+      {"every4: 3 ops, old", EveryN{4}, 3, 10s, false},
+      {"every4: 4 ops", EveryN{4}, 4, 0s, true},
+      {"every4: 5 ops", EveryN{4}, 5, 0s, true},
+      {"every1: 1 op", EveryN{1}, 1, 0s, true},
+      {"time: 0 ops", TimeBased{100us, 8}, 0, 1s, false},
+      {"time: young, few", TimeBased{100us, 8}, 3, 99us, false},
+      {"time: exactly max_delay", TimeBased{100us, 8}, 3, 100us, true},
+      {"time: old", TimeBased{100us, 8}, 1, 150us, true},
+      {"time: max_ops", TimeBased{100us, 8}, 8, 0us, true},
+      {"adaptive: starts at min", Adaptive(1ms, 2, 64), 1, 0us, false},
+      {"adaptive: reaches min", Adaptive(1ms, 2, 64), 2, 0us, true},
+      {"adaptive: target age", Adaptive(1ms, 2, 64), 1, 1ms, true},
+  };
+  for (const auto& c : cases) {
+    PendingWork w{c.ops, kT0};
+    EXPECT_EQ(c.policy.should_sync(w, kT0 + c.age), c.expect_sync) << c.name;
+  }
+}
+
+TEST(SyncPolicy, HoldUntil) {
+  const PendingWork w{3, kT0};
+  EXPECT_EQ(EveryN{8}.hold_until(w), kT0) << "EveryN syncs as soon as work runs dry";
+  EXPECT_EQ((TimeBased{250us, 8}.hold_until(w)), kT0 + 250us);
+  EXPECT_EQ(Adaptive(5ms).hold_until(w), kT0);
+  EXPECT_EQ(SyncPolicy(TimeBased{250us, 8}).hold_until(w), kT0 + 250us);
+}
+
+TEST(SyncPolicy, BatchLimitAndClockUse) {
+  EXPECT_EQ(EveryN{16}.batch_limit(), 16u);
+  EXPECT_EQ((TimeBased{1ms, 32}.batch_limit()), 32u);
+  EXPECT_FALSE(EveryN{16}.uses_clock());
+  EXPECT_TRUE(TimeBased{}.uses_clock());
+  EXPECT_TRUE(SyncPolicy(Adaptive(1ms)).uses_clock());
+}
+
+TEST(SyncPolicy, AdaptiveGrowsWhileUnderTargetAndBacksOff) {
+  Adaptive a(10ms, 1, 8);
+  EXPECT_EQ(a.batch_limit(), 1u);
+  // Full batches well under target: +1 each, up to max.
+  for (std::size_t expect = 2; expect <= 8; ++expect) {
+    a.observe({a.batch_limit(), 10us, 100us, 1ms});
+    EXPECT_EQ(a.batch_limit(), expect);
+  }
+  a.observe({8, 10us, 100us, 1ms});
+  EXPECT_EQ(a.batch_limit(), 8u) << "never above max";
+  // A partial batch does not grow the limit: the load could not fill it.
+  a = Adaptive(10ms, 1, 8);
+  a.observe({1, 10us, 100us, 1ms});
+  a.observe({2, 10us, 100us, 1ms});
+  EXPECT_EQ(a.batch_limit(), 3u);
+  a.observe({2, 10us, 100us, 1ms});
+  EXPECT_EQ(a.batch_limit(), 3u) << "a batch of 2 under a limit of 3 is not full";
+  // Latency near the target (within 20%): hold.
+  a.observe({3, 10us, 100us, 9ms});
+  EXPECT_EQ(a.batch_limit(), 3u);
+  // Overshoot: halve, never below min.
+  a = Adaptive(10ms, 2, 64);
+  for (int i = 0; i < 20; ++i) a.observe({a.batch_limit(), 10us, 100us, 1ms});
+  EXPECT_EQ(a.batch_limit(), 22u);
+  a.observe({22, 10us, 100us, 11ms});
+  EXPECT_EQ(a.batch_limit(), 11u);
+  for (int i = 0; i < 10; ++i) a.observe({1, 10us, 100us, 50ms});
+  EXPECT_EQ(a.batch_limit(), 2u);
+}
+
+TEST(SyncPolicy, ValidationNamesTheProblem) {
+  auto message = [](const SyncPolicy& p) {
+    try {
+      p.validate();
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message(EveryN{0}).find("expected n >= 1, got 0"), std::string::npos);
+  EXPECT_NE(message(TimeBased{1ms, 0}).find("max_ops >= 1"), std::string::npos);
+  EXPECT_NE(message(TimeBased{-1ms, 4}).find("max_delay >= 0"), std::string::npos);
+  EXPECT_NE(message(Adaptive(0ms)).find("latency_target > 0"), std::string::npos);
+  EXPECT_NE(message(Adaptive(1ms, 9, 4)).find("min_batch=9 max_batch=4"), std::string::npos);
+  EXPECT_EQ(message(EveryN{3}), "no error");
+}
+
+TEST(SyncPolicy, ParseRoundTrips) {
+  for (const char* spec : {"every:32", "time:500us:64", "adaptive:2000us:1:128"}) {
+    EXPECT_EQ(SyncPolicy::parse(spec).describe(), spec);
+  }
+  const auto t = std::get<TimeBased>(SyncPolicy::parse("time:2ms").variant());
+  EXPECT_EQ(t.max_delay, 2ms);
+  EXPECT_EQ(t.max_ops, TimeBased{}.max_ops);
+  const auto a = std::get<Adaptive>(SyncPolicy::parse("adaptive:5ms").variant());
+  EXPECT_EQ(a.latency_target(), 5ms);
+  EXPECT_EQ(a.max_batch(), 256u);
+}
+
+TEST(SyncPolicy, ParseRejectsBadSpecsClearly) {
+  for (const char* spec : {"", "every", "every:", "every:x", "every:0", "time:5", "time:5h",
+                           "time:1ms:2:3", "sometimes:4", "adaptive:1ms:8:4"}) {
+    try {
+      (void)SyncPolicy::parse(spec);
+      ADD_FAILURE() << "accepted '" << spec << "'";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << spec;
+      const std::string what = e.what();
+      // The parse errors quote the spec; range errors (every:0) name the bound instead.
+      EXPECT_TRUE(what.find(std::string("'") + spec + "'") != std::string::npos ||
+                  what.find("expected") != std::string::npos)
+          << what;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace syncbatch

@@ -1,0 +1,40 @@
+// Shared by the LibTorch tests: a small deterministic MLP and the devices to test on.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+
+#include <vector>
+
+#include "syncbatch/torch/device_sync.hpp"
+
+namespace syncbatch::testing {
+
+/// y = W2 relu(W1 x + b1) + b2, weights drawn from a fixed seed.
+class Mlp {
+ public:
+  Mlp(int64_t in, int64_t hidden, int64_t out, c10::Device device = c10::kCPU) {
+    at::manual_seed(1234);
+    const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
+    w1_ = at::randn({hidden, in}, opts);
+    b1_ = at::randn({hidden}, opts);
+    w2_ = at::randn({out, hidden}, opts);
+    b2_ = at::randn({out}, opts);
+  }
+  at::Tensor operator()(const at::Tensor& x) const {
+    return at::linear(at::relu(at::linear(x, w1_, b1_)), w2_, b2_);
+  }
+
+ private:
+  at::Tensor w1_, b1_, w2_, b2_;
+};
+
+/// The devices this machine can run: the CPU always, each CUDA device when present.
+inline std::vector<c10::Device> available_devices() {
+  std::vector<c10::Device> devices{c10::Device(c10::kCPU)};
+  for (int i = 0; i < static_cast<int>(torch::cuda::device_count()); ++i)
+    devices.emplace_back(c10::kCUDA, static_cast<c10::DeviceIndex>(i));
+  return devices;
+}
+
+}  // namespace syncbatch::testing
