@@ -78,7 +78,9 @@ TEST_P(OnEachDevice, TorchBackendWorkerOwnsItsStream) {
   {
     auto worker = backend.make_worker(0);
     EXPECT_EQ(impl->getStream(device), worker.stream());
-    if (device.is_cuda()) EXPECT_NE(worker.stream(), before) << "CUDA workers get a pool stream";
+    if (device.is_cuda()) {
+      EXPECT_NE(worker.stream(), before) << "CUDA workers get a pool stream";
+    }
     EXPECT_TRUE(c10::InferenceMode::is_enabled());
     const auto big = at::randn({2048, 2048}, at::TensorOptions().device(device));
     at::Tensor y = big;
