@@ -56,14 +56,22 @@ Args parse(int argc, char** argv) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) usage(flag + ": missing value");
     const char* v = argv[++i];
-    if (flag == "--device") a.device = v;
-    else if (flag == "--requests") a.requests = positive(flag, v);
-    else if (flag == "--threads") a.threads = positive(flag, v);
-    else if (flag == "--width") a.width = positive(flag, v);
-    else if (flag == "--layers") a.layers = positive(flag, v);
-    else if (flag == "--policy") a.policy = v;
-    else if (flag == "--sync") a.sync = v;
-    else usage("unknown flag " + flag);
+    if (flag == "--device")
+      a.device = v;
+    else if (flag == "--requests")
+      a.requests = positive(flag, v);
+    else if (flag == "--threads")
+      a.threads = positive(flag, v);
+    else if (flag == "--width")
+      a.width = positive(flag, v);
+    else if (flag == "--layers")
+      a.layers = positive(flag, v);
+    else if (flag == "--policy")
+      a.policy = v;
+    else if (flag == "--sync")
+      a.sync = v;
+    else
+      usage("unknown flag " + flag);
   }
   if (a.sync != "device" && a.sync != "event")
     usage("--sync: expected device or event, got '" + a.sync + "'");
@@ -110,7 +118,8 @@ int main(int argc, char** argv) {
   } catch (const syncbatch::Error& e) {
     usage(e.what());
   }
-  const auto mode = args.sync == "device" ? syncbatch::SyncMode::kDevice : syncbatch::SyncMode::kEvent;
+  const auto mode =
+      args.sync == "device" ? syncbatch::SyncMode::kDevice : syncbatch::SyncMode::kEvent;
   c10::InferenceMode inference;
   auto mlp = make_mlp(args.width, args.layers, device);
   const auto input = torch::randn({1, args.width}, torch::TensorOptions().device(device));
@@ -153,16 +162,18 @@ int main(int argc, char** argv) {
                     })});
   }
   const std::string t = std::to_string(args.threads);
-  rows.push_back({t + " threads, sync every op", run_threads(args.threads, args.requests, [&](int, int n) {
-                    c10::InferenceMode guard;
-                    syncbatch::DeviceSync sync(device, mode);
-                    for (int i = 0; i < n; ++i) {
-                      forward(input);
-                      sync();
-                    }
-                  })});
+  rows.push_back(
+      {t + " threads, sync every op", run_threads(args.threads, args.requests, [&](int, int n) {
+         c10::InferenceMode guard;
+         syncbatch::DeviceSync sync(device, mode);
+         for (int i = 0; i < n; ++i) {
+           forward(input);
+           sync();
+         }
+       })});
   {
-    using Submitter = syncbatch::BatchedSubmitter<torch::Tensor, torch::Tensor, syncbatch::TorchBackend>;
+    using Submitter =
+        syncbatch::BatchedSubmitter<torch::Tensor, torch::Tensor, syncbatch::TorchBackend>;
     Submitter submitter([&](torch::Tensor& x) { return forward(x); },
                         {.queue_capacity = 4096, .policy = policy},
                         syncbatch::TorchBackend(device, {.mode = mode}));
@@ -184,10 +195,11 @@ int main(int argc, char** argv) {
                     ops});
   }
 
-  std::printf("\nsyncbatch %d.%d.%d demo: %d-layer MLP, width %d, batch 1, on %s (%s sync), "
-              "LibTorch %s\n\n",
-              SYNCBATCH_VERSION_MAJOR, SYNCBATCH_VERSION_MINOR, SYNCBATCH_VERSION_PATCH,
-              args.layers, args.width, device.str().c_str(), args.sync.c_str(), TORCH_VERSION);
+  std::printf(
+      "\nsyncbatch %d.%d.%d demo: %d-layer MLP, width %d, batch 1, on %s (%s sync), "
+      "LibTorch %s\n\n",
+      SYNCBATCH_VERSION_MAJOR, SYNCBATCH_VERSION_MINOR, SYNCBATCH_VERSION_PATCH, args.layers,
+      args.width, device.str().c_str(), args.sync.c_str(), TORCH_VERSION);
   std::printf("| %-58s | %12s | %7s |\n", "how", "ops/s", "speedup");
   std::printf("|%s|%s|%s|\n", std::string(60, '-').c_str(), std::string(14, '-').c_str(),
               std::string(9, '-').c_str());
@@ -195,7 +207,8 @@ int main(int argc, char** argv) {
     std::printf("| %-58s | %12.0f | %6.2fx |\n", r.name.c_str(), r.ops_per_s,
                 r.ops_per_s / rows.front().ops_per_s);
   if (device.is_cpu())
-    std::printf("\nOn the CPU a sync is a no-op: these rows show syncbatch's overhead, not its "
-                "gain. Run on a CUDA or MPS device to see the sync cost removed.\n");
+    std::printf(
+        "\nOn the CPU a sync is a no-op: these rows show syncbatch's overhead, not its "
+        "gain. Run on a CUDA or MPS device to see the sync cost removed.\n");
   return 0;
 }

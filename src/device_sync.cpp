@@ -33,7 +33,9 @@ concept HasSynchronizeDevice = requires(const Impl& impl, c10::DeviceIndex index
 };
 
 template <class Event>
-concept HasEventSynchronize = requires(const Event& event) { event.synchronize(); };
+concept HasEventSynchronize = requires(const Event& event) {
+  event.synchronize();
+};
 
 const c10::impl::DeviceGuardImplInterface* guard_impl(c10::DeviceType type) {
   if (!c10::impl::hasDeviceGuardImpl(type))
@@ -79,7 +81,9 @@ void synchronize_event(Event& event, const c10::Stream& stream) {
 
 }  // namespace
 
-std::string to_string(SyncMode mode) { return mode == SyncMode::kDevice ? "device" : "event"; }
+std::string to_string(SyncMode mode) {
+  return mode == SyncMode::kDevice ? "device" : "event";
+}
 
 void synchronize_device(c10::Device device) {
   if (device.is_cpu()) return;
@@ -99,9 +103,9 @@ DeviceSync::DeviceSync(c10::Device device, SyncMode mode, std::optional<c10::Str
       stream_(stream),
       fallback_to_device_(fallback_to_device) {
   if (stream_ && stream_->device_type() != device_.type())
-    throw Error(ErrorCode::kInvalidArgument,
-                "DeviceSync: expected a stream on a " + c10::DeviceTypeName(device_.type(), true) +
-                    " device, got one on " + stream_->device().str());
+    throw Error(ErrorCode::kInvalidArgument, "DeviceSync: expected a stream on a " +
+                                                 c10::DeviceTypeName(device_.type(), true) +
+                                                 " device, got one on " + stream_->device().str());
   if (mode_ == SyncMode::kEvent && !device_.is_cpu())
     event_ = std::make_unique<EventHolder>(device_.type());
 }

@@ -368,14 +368,17 @@ TEST(BatchedSubmitter, BadOptionsAndBackendFailuresAreClearErrors) {
     }
     return std::string("no error");
   };
-  EXPECT_NE(code_of([] { FakeSubmitter s([](int& x) { return issue(x); }, {.queue_capacity = 0}); })
-                .find("queue_capacity: expected >= 1, got 0"),
+  EXPECT_NE(code_of([] {
+              FakeSubmitter s([](int& x) { return issue(x); }, {.queue_capacity = 0});
+            }).find("queue_capacity: expected >= 1, got 0"),
             std::string::npos);
-  EXPECT_NE(code_of([] { FakeSubmitter s([](int& x) { return issue(x); }, {.workers = 0}); })
-                .find("workers: expected >= 1"),
+  EXPECT_NE(code_of([] {
+              FakeSubmitter s([](int& x) { return issue(x); }, {.workers = 0});
+            }).find("workers: expected >= 1"),
             std::string::npos);
-  EXPECT_NE(code_of([] { FakeSubmitter s([](int& x) { return issue(x); }, {.policy = EveryN{0}}); })
-                .find("invalid_argument"),
+  EXPECT_NE(code_of([] {
+              FakeSubmitter s([](int& x) { return issue(x); }, {.policy = EveryN{0}});
+            }).find("invalid_argument"),
             std::string::npos);
   EXPECT_NE(code_of([] { FakeSubmitter s(nullptr); }).find("model is empty"), std::string::npos);
 

@@ -45,8 +45,10 @@ struct SubmitterOptions {
 /// until all work the worker issued since the last sync has completed on the device.
 template <class B>
 concept SubmitterBackend = requires(const B& b, std::size_t worker_index) {
-  { b.make_worker(worker_index) };
-  requires requires(decltype(b.make_worker(worker_index)) ctx) { ctx.sync(); };
+  {b.make_worker(worker_index)};
+  requires requires(decltype(b.make_worker(worker_index)) ctx) {
+    ctx.sync();
+  };
 };
 
 /// The backend for work that completes when the call returns (CPU, tests): sync is a no-op.
@@ -123,9 +125,8 @@ class BatchedSubmitter {
     std::vector<std::exception_ptr> startup_errors(options_.workers);
     workers_.reserve(options_.workers);
     for (std::size_t i = 0; i < options_.workers; ++i) {
-      workers_.emplace_back([this, i, &started, &startup_errors] {
-        run_worker(i, started, startup_errors[i]);
-      });
+      workers_.emplace_back(
+          [this, i, &started, &startup_errors] { run_worker(i, started, startup_errors[i]); });
     }
     started.wait();
     for (auto& e : startup_errors) {
@@ -156,7 +157,8 @@ class BatchedSubmitter {
       intrusive_ptr_release(request);
       stats_.on_rejected();
       if (pushed == detail::RequestQueue<RequestPtr>::PushResult::kClosed)
-        throw Error(ErrorCode::kShutDown, "submit() after shutdown(): the request was not accepted");
+        throw Error(ErrorCode::kShutDown,
+                    "submit() after shutdown(): the request was not accepted");
       throw Error(ErrorCode::kQueueFull, "the queue holds " + std::to_string(queue_.capacity()) +
                                              " requests already; the request was not accepted");
     }
@@ -184,7 +186,8 @@ class BatchedSubmitter {
 
   static SubmitterOptions validated(SubmitterOptions o) {
     if (o.queue_capacity == 0)
-      throw Error(ErrorCode::kInvalidArgument, "SubmitterOptions.queue_capacity: expected >= 1, got 0");
+      throw Error(ErrorCode::kInvalidArgument,
+                  "SubmitterOptions.queue_capacity: expected >= 1, got 0");
     if (o.workers == 0)
       throw Error(ErrorCode::kInvalidArgument, "SubmitterOptions.workers: expected >= 1, got 0");
     o.policy.validate();
@@ -275,7 +278,8 @@ class BatchedSubmitter {
       intrusive_ptr_release(r);
     }
     stats_.on_batch(size, sync_error ? size : 0);
-    policy.observe(BatchObservation{size, after - before, after - work.oldest, after - work.oldest});
+    policy.observe(
+        BatchObservation{size, after - before, after - work.oldest, after - work.oldest});
     batch.clear();
     work = PendingWork{};
   }

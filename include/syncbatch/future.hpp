@@ -23,7 +23,8 @@ namespace detail {
 /// One allocation per request holds this and the request's input (see Request in
 /// batched_submitter.hpp). Reference counted: the Future holds one reference, the worker one.
 template <class Out>
-class Completion : public boost::intrusive_ref_counter<Completion<Out>, boost::thread_safe_counter> {
+class Completion
+    : public boost::intrusive_ref_counter<Completion<Out>, boost::thread_safe_counter> {
  public:
   virtual ~Completion() = default;
 
@@ -93,7 +94,8 @@ class Future {
     while (!state_->ready()) {
       const auto now = std::chrono::steady_clock::now();
       if (now >= deadline) return false;
-      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+      std::this_thread::sleep_for(
+          std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
       pause = std::min(pause * 2, std::chrono::microseconds(1000));
     }
     return true;

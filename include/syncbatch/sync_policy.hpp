@@ -36,26 +36,30 @@ struct PendingWork {
 
 /// What one sync covered, reported to the policy after it completes.
 struct BatchObservation {
-  std::size_t ops = 0;             ///< Ops the sync covered.
-  Clock::duration sync_wait{};     ///< Time blocked inside the sync call itself.
-  Clock::duration batch_time{};    ///< From the first op's start to the end of the sync.
-  Clock::duration max_latency{};   ///< Oldest op: arrival to completion.
+  std::size_t ops = 0;            ///< Ops the sync covered.
+  Clock::duration sync_wait{};    ///< Time blocked inside the sync call itself.
+  Clock::duration batch_time{};   ///< From the first op's start to the end of the sync.
+  Clock::duration max_latency{};  ///< Oldest op: arrival to completion.
 };
 
 /// The requirements on a sync policy. A type that misses one fails here, at compile time.
 template <class P>
-concept SyncPolicyLike =
-    std::copy_constructible<P> &&
+concept SyncPolicyLike = std::copy_constructible<P> &&
     requires(P& p, const P& cp, const PendingWork& w, Clock::time_point t,
              const BatchObservation& o) {
-      { cp.should_sync(w, t) } noexcept -> std::same_as<bool>;
-      { cp.hold_until(w) } noexcept -> std::same_as<Clock::time_point>;
-      { cp.batch_limit() } noexcept -> std::same_as<std::size_t>;
-      { cp.uses_clock() } noexcept -> std::same_as<bool>;
-      { p.observe(o) } noexcept -> std::same_as<void>;
-      { cp.validate() } -> std::same_as<void>;
-      { cp.describe() } -> std::same_as<std::string>;
-    };
+  { cp.should_sync(w, t) }
+  noexcept->std::same_as<bool>;
+  { cp.hold_until(w) }
+  noexcept->std::same_as<Clock::time_point>;
+  { cp.batch_limit() }
+  noexcept->std::same_as<std::size_t>;
+  { cp.uses_clock() }
+  noexcept->std::same_as<bool>;
+  { p.observe(o) }
+  noexcept->std::same_as<void>;
+  { cp.validate() } -> std::same_as<void>;
+  { cp.describe() } -> std::same_as<std::string>;
+};
 
 /// Sync after every `n` issued ops; when no more work is available, sync at once.
 struct EveryN {
@@ -98,7 +102,8 @@ struct TimeBased {
   }
   std::string describe() const {
     return "time:" +
-           std::to_string(std::chrono::duration_cast<std::chrono::microseconds>(max_delay).count()) +
+           std::to_string(
+               std::chrono::duration_cast<std::chrono::microseconds>(max_delay).count()) +
            "us:" + std::to_string(max_ops);
   }
 };
@@ -218,9 +223,8 @@ inline Error bad_spec(std::string_view spec, std::string_view why) {
 }
 
 inline std::size_t parse_count(std::string_view spec, std::string_view s) {
-  if (s.empty() || s.size() > 18 || !std::all_of(s.begin(), s.end(), [](char c) {
-        return c >= '0' && c <= '9';
-      }))
+  if (s.empty() || s.size() > 18 ||
+      !std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; }))
     throw bad_spec(spec, "'" + std::string(s) + "' is not a count");
   std::size_t v = 0;
   for (char c : s) v = v * 10 + static_cast<std::size_t>(c - '0');

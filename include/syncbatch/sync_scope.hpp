@@ -58,8 +58,8 @@ class SyncScope {
     if (pending_.ops > 0) sync_now();
   }
 
-  std::size_t ops() const noexcept { return ops_; }          ///< Ops ticked so far.
-  std::size_t syncs() const noexcept { return syncs_; }      ///< Syncs issued so far.
+  std::size_t ops() const noexcept { return ops_; }              ///< Ops ticked so far.
+  std::size_t syncs() const noexcept { return syncs_; }          ///< Syncs issued so far.
   std::size_t pending() const noexcept { return pending_.ops; }  ///< Ops since the last sync.
   const Policy& policy() const noexcept { return policy_; }
 
@@ -74,8 +74,8 @@ class SyncScope {
     const auto before = Clock::now();
     sync_();
     const auto after = Clock::now();
-    policy_.observe(BatchObservation{work.ops, after - before, after - work.oldest,
-                                     after - work.oldest});
+    policy_.observe(
+        BatchObservation{work.ops, after - before, after - work.oldest, after - work.oldest});
   }
 
   Policy policy_;

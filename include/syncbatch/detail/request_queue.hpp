@@ -26,7 +26,8 @@ namespace syncbatch::detail {
 /// the mutex only when someone sleeps. The fast path of push and pop takes no lock.
 template <class T>
 class RequestQueue {
-  static_assert(std::is_pointer_v<T>, "RequestQueue holds pointers: Boost.Lockfree needs a trivial T");
+  static_assert(std::is_pointer_v<T>,
+                "RequestQueue holds pointers: Boost.Lockfree needs a trivial T");
 
  public:
   enum class PushResult { kOk, kFull, kClosed };
