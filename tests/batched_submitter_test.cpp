@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -396,6 +397,173 @@ TEST(BatchedSubmitter, BadOptionsAndBackendFailuresAreClearErrors) {
     ADD_FAILURE();
   } catch (const std::runtime_error& e) {
     EXPECT_EQ(std::string(e.what()), "no stream for worker 1");
+  }
+}
+
+}  // namespace
+}  // namespace syncbatch
+
+namespace syncbatch {
+namespace {
+
+using IntSubmitter = BatchedSubmitter<int, int>;
+
+// A stacked model over ints: one call per batch; records the batch sizes it saw.
+struct SummingModel {
+  struct Sizes {
+    std::mutex mutex;
+    std::vector<std::size_t> seen;  // guarded by mutex: several workers may call the model
+  };
+  std::shared_ptr<Sizes> sizes = std::make_shared<Sizes>();
+  StackedModel<int, int> model() {
+    return {[sizes = sizes](Batch<int, int>& b) {
+      {
+        std::lock_guard lock(sizes->mutex);
+        sizes->seen.push_back(b.size());
+      }
+      for (std::size_t i = 0; i < b.size(); ++i) {
+        if (b.input(i) < 0) {
+          b.set_error(i, std::make_exception_ptr(std::domain_error("negative")));
+          continue;
+        }
+        b.set_value(i, b.input(i) * 10);
+      }
+    }};
+  }
+};
+
+TEST(StackedMode, OneModelCallPerBatchUpToTheLimit) {
+  SummingModel m;
+  Gate gate;
+  std::atomic<bool> first{true};
+  IntSubmitter s(StackedModel<int, int>{[&, inner = m.model()](Batch<int, int>& b) {
+                   if (first.exchange(false)) gate.pass();
+                   inner.run(b);
+                 }},
+                 {.policy = EveryN{8}});
+  EXPECT_TRUE(s.stacked());
+  std::vector<Future<int>> futures;
+  futures.push_back(s.submit(0));
+  gate.wait_entered(1);  // batch {0} is in the model; the next 20 queue up
+  for (int i = 1; i <= 20; ++i) futures.push_back(s.submit(i));
+  gate.open = true;
+  for (int i = 0; i <= 20; ++i) EXPECT_EQ(futures[i].get(), i * 10);
+  s.shutdown();
+  EXPECT_EQ(m.sizes->seen, (std::vector<std::size_t>{1, 8, 8, 4}));
+  EXPECT_EQ(s.stats().batches, 4u);
+}
+
+TEST(StackedMode, ErrorsAndMissingResultsFailOnlyTheirRequests) {
+  IntSubmitter s(StackedModel<int, int>{[](Batch<int, int>& b) {
+                   for (std::size_t i = 0; i < b.size(); ++i) {
+                     if (b.input(i) == 7) continue;  // forgets request 7
+                     if (b.input(i) < 0)
+                       b.set_error(i, std::make_exception_ptr(std::domain_error("negative")));
+                     else
+                       b.set_value(i, b.input(i) + 1);
+                   }
+                 }},
+                 {.policy = EveryN{4}});
+  auto ok = s.submit(1);
+  auto neg = s.submit(-1);
+  auto forgotten = s.submit(7);
+  EXPECT_EQ(ok.get(), 2);
+  EXPECT_THROW(neg.get(), std::domain_error);
+  try {
+    forgotten.get();
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kBadRequest);
+  }
+}
+
+TEST(StackedMode, AModelThatThrowsFailsItsBatchWithThatError) {
+  IntSubmitter s(StackedModel<int, int>{[](Batch<int, int>&) { throw std::runtime_error("oom"); }});
+  EXPECT_THROW(s.submit(1).get(), std::runtime_error);
+  EXPECT_EQ(s.submit(2).wait_for(std::chrono::seconds(10)), true);
+}
+
+TEST(Deadlines, ARequestNotStartedByItsDeadlineIsNotRun) {
+  Gate gate;
+  std::atomic<int> runs{0};
+  IntSubmitter s(
+      [&](int& x) {
+        if (x == 0) gate.pass();
+        runs.fetch_add(1);
+        return x;
+      },
+      {.policy = EveryN{1}});
+  auto blocker = s.submit(0);
+  gate.wait_entered(1);
+  auto late = s.submit(1, Clock::now() + 1ms);
+  auto fine = s.submit(2, Clock::now() + 1h);
+  std::this_thread::sleep_for(5ms);
+  gate.open = true;
+  EXPECT_EQ(blocker.get(), 0);
+  try {
+    late.get();
+    ADD_FAILURE() << "expired request ran";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDeadlineExceeded);
+  }
+  EXPECT_EQ(fine.get(), 2);
+  s.shutdown();
+  EXPECT_EQ(runs.load(), 2);
+  EXPECT_EQ(s.stats().expired, 1u);
+  EXPECT_EQ(s.stats().failed, 1u);
+  EXPECT_EQ(s.stats().completed, 3u);
+}
+
+TEST(SubmitThen, EveryRequestCallsBackExactlyOnceEvenWhenRefused) {
+  std::atomic<int> values{0}, errors{0};
+  auto on_done = [&](std::exception_ptr e, int v) {
+    if (e) {
+      errors.fetch_add(1);
+    } else {
+      EXPECT_EQ(v % 10, 0);
+      values.fetch_add(1);
+    }
+  };
+  {
+    IntSubmitter s(SummingModel{}.model(), {.workers = 2, .policy = EveryN{16}});
+    std::vector<std::thread> producers;
+    for (int p = 0; p < 8; ++p)
+      producers.emplace_back([&] {
+        for (int i = 0; i < 2000; ++i) s.submit_then(i, on_done);
+      });
+    for (auto& t : producers) t.join();
+    s.shutdown();
+    s.submit_then(1, on_done);  // refused: the error comes through the callback
+  }
+  EXPECT_EQ(values.load(), 16000);
+  EXPECT_EQ(errors.load(), 1);
+}
+
+TEST(Stats, LatencyPercentilesAreOrderedAndCounted) {
+  IntSubmitter s([](int& x) { return x; }, {.policy = EveryN{4}});
+  std::vector<Future<int>> f;
+  for (int i = 0; i < 1000; ++i) f.push_back(s.submit(i));
+  for (auto& x : f) x.get();
+  s.shutdown();
+  const auto st = s.stats();
+  EXPECT_EQ(st.latency.count, 1000u);
+  EXPECT_EQ(st.queue_delay.count, 1000u);
+  EXPECT_LE(st.latency.p50, st.latency.p99);
+  EXPECT_LE(st.latency.p99, st.latency.p999);
+  EXPECT_LE(st.latency.p999, st.latency.max);
+  EXPECT_GT(st.latency.max.count(), 0);
+  EXPECT_EQ(st.batch_limit, 4u);
+}
+
+TEST(Stats, HistogramBucketsBoundTheirValues) {
+  for (std::uint64_t v : {0ull, 1ull, 7ull, 8ull, 9ull, 15ull, 16ull, 17ull, 1000ull, 123456789ull,
+                          (1ull << 62) + 12345}) {
+    const auto i = detail::LatencyHistogram::index(v);
+    EXPECT_GE(detail::LatencyHistogram::upper(i), v) << v;
+    EXPECT_LE(detail::LatencyHistogram::upper(i), v + v / 8 + 1) << v;
+    if (i > 0) {
+      EXPECT_LT(detail::LatencyHistogram::upper(i - 1), v) << v;
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 // BatchedSubmitter: many threads submit, worker threads run the calls and sync once per batch.
 #pragma once
 
+#include <algorithm>
 #include <concepts>
 #include <cstddef>
 #include <exception>
@@ -10,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -36,8 +38,9 @@ struct SubmitterOptions {
   /// Worker threads. Each gets its own backend worker context (on CUDA: its own stream) and its
   /// own copy of the policy. With more than one, the model must be safe to call concurrently.
   std::size_t workers = 1;
-  /// When each worker syncs. Whatever the policy, a worker syncs its pending requests once the
-  /// queue runs dry (after the policy's hold_until), so no request waits forever.
+  /// When each worker syncs, and (its batch_limit) how many requests one batch holds at most.
+  /// Whatever the policy, a worker syncs its pending requests once the queue runs dry (after
+  /// the policy's hold_until), so no request waits forever.
   SyncPolicy policy = EveryN{64};
 };
 
@@ -61,18 +64,39 @@ struct NoSyncBackend {
 
 namespace detail {
 
-/// One request: its result slot and its input, in one allocation.
+/// One request: its result slot, its input and its deadline, in one allocation.
 template <class In, class Out>
-class Request final : public Completion<Out> {
+class Request : public Completion<Out> {
  public:
-  Request(In&& input, Clock::time_point arrived) : input_(std::move(input)), arrived_(arrived) {}
+  Request(In&& input, Clock::time_point arrived, Clock::time_point deadline)
+      : input_(std::move(input)), arrived_(arrived), deadline_(deadline) {}
   In& input() noexcept { return *input_; }
   void drop_input() noexcept { input_.reset(); }
   Clock::time_point arrived() const noexcept { return arrived_; }
+  Clock::time_point deadline() const noexcept { return deadline_; }
 
  private:
   std::optional<In> input_;
   Clock::time_point arrived_;
+  Clock::time_point deadline_;
+};
+
+/// A request completed by calling `F(std::exception_ptr, Out)` on the worker thread.
+template <class In, class Out, class F>
+class CallbackRequest final : public Request<In, Out> {
+ public:
+  CallbackRequest(In&& input, Clock::time_point arrived, Clock::time_point deadline, F&& f)
+      : Request<In, Out>(std::move(input), arrived, deadline), f_(std::move(f)) {}
+  void complete() noexcept override {
+    try {
+      auto [error, value] = this->take_pair();
+      f_(std::move(error), std::move(value));
+    } catch (...) {  // NOLINT(bugprone-empty-catch): documented: callbacks must not throw
+    }
+  }
+
+ private:
+  F f_;
 };
 
 inline std::string describe_exception(const std::exception_ptr& e) {
@@ -87,9 +111,48 @@ inline std::string describe_exception(const std::exception_ptr& e) {
 
 }  // namespace detail
 
+/// The requests of one batch, as a stacked-mode model sees them. The model must give each
+/// request a value or an error; one it leaves without either fails with Error(kBadRequest).
+///
+/// Thread safety: used by one worker thread, inside the model call.
+template <class In, class Out>
+class Batch {
+ public:
+  std::size_t size() const noexcept { return requests_.size(); }
+  In& input(std::size_t i) noexcept { return requests_[i]->input(); }
+  void set_value(std::size_t i, Out value) { requests_[i]->set_value(std::move(value)); }
+  void set_error(std::size_t i, std::exception_ptr error) noexcept {
+    requests_[i]->set_error(std::move(error));
+  }
+  bool has_error(std::size_t i) const noexcept { return requests_[i]->has_error(); }
+
+  /// The batch is only ever made by BatchedSubmitter.
+  explicit Batch(std::vector<detail::Request<In, Out>*>& requests) noexcept : requests_(requests) {}
+
+ private:
+  std::vector<detail::Request<In, Out>*>& requests_;
+};
+
+/// Per-call mode: the model runs once per request, as it arrives at a worker.
+template <class In, class Out>
+using PerCallModel = std::function<Out(In&)>;
+
+/// Stacked mode: the model runs once per batch (e.g. concatenating the inputs into one forward,
+/// see syncbatch::make_stacked_model for tensors).
+template <class In, class Out>
+struct StackedModel {
+  std::function<void(Batch<In, Out>&)> run;
+};
+
 /// Accepts requests from any number of threads and runs them on worker threads, each of which
 /// issues one device sync per batch of requests (as its SyncPolicy says) and then completes
-/// every request of the batch. This is per-call mode: each request is its own model call.
+/// every request of the batch.
+///
+/// Two modes, chosen by the model passed in:
+/// - per-call (`PerCallModel`): each request is its own model call, run as soon as a worker
+///   takes it; what is batched is the sync.
+/// - stacked (`StackedModel`): the worker gathers a batch, then calls the model once with all
+///   of it (dynamic batching).
 ///
 ///   BatchedSubmitter<torch::Tensor, torch::Tensor, TorchBackend> submitter(
 ///       [&](torch::Tensor& x) { return model->forward(x); }, options, TorchBackend(device));
@@ -98,43 +161,43 @@ inline std::string describe_exception(const std::exception_ptr& e) {
 ///
 /// Guarantees:
 /// - Every accepted request completes exactly once: with the model's result, with the model's
-///   exception for that request, or with Error(kSyncFailed) if its batch's sync threw.
-/// - A request's Future becomes ready only after the sync of its batch has completed.
+///   error for that request, with Error(kDeadlineExceeded) if it was not started by its
+///   deadline, or with Error(kSyncFailed) if its batch's sync threw.
+/// - A request completes only after the sync of its batch has completed.
 /// - shutdown() (and the destructor) stops accepting, then drains: every accepted request
 ///   completes before it returns.
 ///
-/// Thread safety: submit(), stats() and shutdown() are thread-safe. Do not call shutdown() or
-/// destroy the submitter from inside the model (a worker thread): it would wait for itself.
+/// Thread safety: submit(), submit_then(), stats() and shutdown() are thread-safe. Do not call
+/// shutdown() or destroy the submitter from inside the model (a worker thread): it would wait
+/// for itself.
 template <class In, class Out, SubmitterBackend Backend = NoSyncBackend>
 class BatchedSubmitter {
  public:
-  using Model = std::function<Out(In&)>;
   using Input = In;
   using Output = Out;
+  using Model = PerCallModel<In, Out>;
 
-  /// Starts the workers and waits until each has made its backend context.
+  /// Per-call mode. Starts the workers and waits until each has made its backend context.
   /// Errors: throws Error(kInvalidArgument) for a bad option or an empty model; rethrows what
   /// the backend throws while making a worker context (no worker is left running then).
   BatchedSubmitter(Model model, SubmitterOptions options = {}, Backend backend = {})
-      : model_(std::move(model)),
+      : per_call_(std::move(model)),
         options_(validated(std::move(options))),
         backend_(std::move(backend)),
         queue_(options_.queue_capacity) {
-    if (!model_) throw Error(ErrorCode::kInvalidArgument, "BatchedSubmitter: the model is empty");
-    std::latch started(static_cast<std::ptrdiff_t>(options_.workers));
-    std::vector<std::exception_ptr> startup_errors(options_.workers);
-    workers_.reserve(options_.workers);
-    for (std::size_t i = 0; i < options_.workers; ++i) {
-      workers_.emplace_back(
-          [this, i, &started, &startup_errors] { run_worker(i, started, startup_errors[i]); });
-    }
-    started.wait();
-    for (auto& e : startup_errors) {
-      if (e) {
-        shutdown();
-        std::rethrow_exception(e);
-      }
-    }
+    if (!per_call_)
+      throw Error(ErrorCode::kInvalidArgument, "BatchedSubmitter: the model is empty");
+    start();
+  }
+
+  /// Stacked mode. Same errors as above.
+  BatchedSubmitter(StackedModel<In, Out> model, SubmitterOptions options = {}, Backend backend = {})
+      : stacked_(std::move(model.run)),
+        options_(validated(std::move(options))),
+        backend_(std::move(backend)),
+        queue_(options_.queue_capacity) {
+    if (!stacked_) throw Error(ErrorCode::kInvalidArgument, "BatchedSubmitter: the model is empty");
+    start();
   }
 
   BatchedSubmitter(const BatchedSubmitter&) = delete;
@@ -144,26 +207,35 @@ class BatchedSubmitter {
   ~BatchedSubmitter() { shutdown(); }
 
   /// Enqueues one request and returns the handle to its result. Thread-safe.
+  /// A request not started by `deadline` completes with Error(kDeadlineExceeded), unrun.
   /// With OverflowPolicy::kBlock, waits while the queue is full.
   /// Errors: throws Error(kShutDown) after shutdown() began, Error(kQueueFull) when the queue is
   /// full and the policy is kReject. The input is consumed either way.
-  Future<Out> submit(In input) {
-    auto* request = new detail::Request<In, Out>(std::move(input), Clock::now());
+  Future<Out> submit(In input, Clock::time_point deadline = Clock::time_point::max()) {
+    auto* request = new detail::Request<In, Out>(std::move(input), Clock::now(), deadline);
     boost::intrusive_ptr<detail::Completion<Out>> handle(request);  // the Future's reference
-    intrusive_ptr_add_ref(request);                                 // the queue's reference
-    const auto pushed = options_.on_full == OverflowPolicy::kBlock ? queue_.push_wait(request)
-                                                                   : queue_.try_push(request);
-    if (pushed != detail::RequestQueue<RequestPtr>::PushResult::kOk) {
-      intrusive_ptr_release(request);
-      stats_.on_rejected();
-      if (pushed == detail::RequestQueue<RequestPtr>::PushResult::kClosed)
-        throw Error(ErrorCode::kShutDown,
-                    "submit() after shutdown(): the request was not accepted");
-      throw Error(ErrorCode::kQueueFull, "the queue holds " + std::to_string(queue_.capacity()) +
-                                             " requests already; the request was not accepted");
-    }
-    stats_.on_submitted();
+    enqueue(request);
     return Future<Out>(std::move(handle));
+  }
+
+  /// Enqueues one request whose result is delivered by calling `on_done(std::exception_ptr
+  /// error, Out value)` exactly once (value default-constructed when error is set): on the worker
+  /// thread once the request's batch has synced, or at once on the calling thread with the
+  /// Error(kShutDown / kQueueFull) if the request is not accepted. `on_done` must be quick and
+  /// must not throw (what it throws is dropped). async_submit (syncbatch/asio.hpp) builds on it.
+  /// Errors: none thrown for a refused request; they go to `on_done`.
+  template <class F>
+  requires std::invocable<F&, std::exception_ptr, Out>
+  void submit_then(In input, F on_done, Clock::time_point deadline = Clock::time_point::max()) {
+    auto* request = new detail::CallbackRequest<In, Out, std::decay_t<F>>(
+        std::move(input), Clock::now(), deadline, std::move(on_done));
+    boost::intrusive_ptr<detail::Completion<Out>> guard(request);
+    try {
+      enqueue(request);
+    } catch (const Error&) {
+      request->set_error(std::current_exception());
+      request->complete();
+    }
   }
 
   /// Stops accepting requests, completes every accepted one, and joins the workers. Idempotent
@@ -180,9 +252,13 @@ class BatchedSubmitter {
 
   const SubmitterOptions& options() const noexcept { return options_; }
 
+  /// True in stacked mode.
+  bool stacked() const noexcept { return static_cast<bool>(stacked_); }
+
  private:
   using RequestT = detail::Request<In, Out>;
   using RequestPtr = RequestT*;
+  using Queue = detail::RequestQueue<RequestPtr>;
 
   static SubmitterOptions validated(SubmitterOptions o) {
     if (o.queue_capacity == 0)
@@ -194,6 +270,40 @@ class BatchedSubmitter {
     return o;
   }
 
+  void start() {
+    std::latch started(static_cast<std::ptrdiff_t>(options_.workers));
+    std::vector<std::exception_ptr> startup_errors(options_.workers);
+    workers_.reserve(options_.workers);
+    for (std::size_t i = 0; i < options_.workers; ++i) {
+      workers_.emplace_back(
+          [this, i, &started, &startup_errors] { run_worker(i, started, startup_errors[i]); });
+    }
+    started.wait();
+    for (auto& e : startup_errors) {
+      if (e) {
+        shutdown();
+        std::rethrow_exception(e);
+      }
+    }
+  }
+
+  // Hands one reference of `request` to the queue. The caller holds another.
+  void enqueue(RequestPtr request) {
+    intrusive_ptr_add_ref(request);
+    const auto pushed = options_.on_full == OverflowPolicy::kBlock ? queue_.push_wait(request)
+                                                                   : queue_.try_push(request);
+    if (pushed == Queue::PushResult::kOk) {
+      stats_.on_submitted();
+      return;
+    }
+    intrusive_ptr_release(request);
+    stats_.on_rejected();
+    if (pushed == Queue::PushResult::kClosed)
+      throw Error(ErrorCode::kShutDown, "submit() after shutdown(): the request was not accepted");
+    throw Error(ErrorCode::kQueueFull, "the queue holds " + std::to_string(queue_.capacity()) +
+                                           " requests already; the request was not accepted");
+  }
+
   void run_worker(std::size_t index, std::latch& started, std::exception_ptr& startup_error) {
     bool reported = false;
     try {
@@ -202,7 +312,7 @@ class BatchedSubmitter {
       started.count_down();
       worker_loop(ctx);
     } catch (...) {
-      // Only the backend's make_worker can throw: the loop catches per request.
+      // Only the backend's make_worker can throw: the loop catches per request and per batch.
       if (!reported) {
         startup_error = std::current_exception();
         started.count_down();
@@ -232,35 +342,51 @@ class BatchedSubmitter {
         queue_.wait(Clock::time_point::max(), /*return_on_close=*/false);
         continue;
       }
-      if (!run_request(*request)) continue;
+      const auto started = Clock::now();
+      if (started > request->deadline()) {
+        fail_alone(
+            *request,
+            std::make_exception_ptr(Error(ErrorCode::kDeadlineExceeded,
+                                          "the request was not started before its deadline")),
+            /*expired=*/true);
+        continue;
+      }
+      stats_.queue_delay().record(started - request->arrived());
+      if (per_call_ && !run_request(*request)) continue;
       if (batch.empty()) work.oldest = request->arrived();
       batch.push_back(request);
       work.ops = batch.size();
-      if (policy.should_sync(work, policy.uses_clock() ? Clock::now() : Clock::time_point{}))
-        finish_batch(ctx, policy, batch, work);
+      if (policy.should_sync(work, started)) finish_batch(ctx, policy, batch, work);
     }
   }
 
-  // Runs the model on one request. A request the model threw on completes now, with that
-  // exception, and returns false; otherwise its output waits for the batch's sync.
+  // Per-call mode: runs the model on one request. A request the model threw on completes now,
+  // with that exception, and returns false; otherwise its output waits for the batch's sync.
   bool run_request(RequestT& request) {
     try {
-      request.set_value(model_(request.input()));
+      request.set_value(per_call_(request.input()));
       request.drop_input();
       return true;
     } catch (...) {
-      request.drop_input();
-      request.set_error(std::current_exception());
-      request.publish();
-      intrusive_ptr_release(&request);
-      stats_.on_unbatched_failure();
+      fail_alone(request, std::current_exception(), /*expired=*/false);
       return false;
     }
+  }
+
+  void fail_alone(RequestT& request, std::exception_ptr error, bool expired) {
+    request.drop_input();
+    request.set_error(std::move(error));
+    const auto now = Clock::now();
+    request.complete();
+    stats_.latency().record(now - request.arrived());
+    intrusive_ptr_release(&request);
+    stats_.on_unbatched_failure(expired);
   }
 
   template <class Ctx>
   void finish_batch(Ctx& ctx, SyncPolicy& policy, std::vector<RequestPtr>& batch,
                     PendingWork& work) {
+    if (stacked_) run_stacked(batch);
     const auto before = Clock::now();
     std::exception_ptr sync_error;
     try {
@@ -272,22 +398,44 @@ class BatchedSubmitter {
     }
     const auto after = Clock::now();
     const std::size_t size = batch.size();
+    std::size_t failures = 0;
     for (RequestPtr r : batch) {
       if (sync_error) r->set_error(sync_error);
-      r->publish();
+      failures += r->has_error() ? 1 : 0;
+      r->complete();
+      stats_.latency().record(after - r->arrived());
       intrusive_ptr_release(r);
     }
-    stats_.on_batch(size, sync_error ? size : 0);
     policy.observe(
         BatchObservation{size, after - before, after - work.oldest, after - work.oldest});
+    stats_.on_batch(size, failures, policy.batch_limit());
     batch.clear();
     work = PendingWork{};
   }
 
-  Model model_;
+  // Stacked mode: one model call for the whole batch; whatever it leaves unanswered fails.
+  void run_stacked(std::vector<RequestPtr>& batch) {
+    try {
+      Batch<In, Out> view(batch);
+      stacked_(view);
+    } catch (...) {
+      const auto error = std::current_exception();
+      for (RequestPtr r : batch)
+        if (!r->has_value() && !r->has_error()) r->set_error(error);
+    }
+    for (RequestPtr r : batch) {
+      r->drop_input();
+      if (!r->has_value() && !r->has_error())
+        r->set_error(std::make_exception_ptr(
+            Error(ErrorCode::kBadRequest, "the stacked model gave this request no result")));
+    }
+  }
+
+  PerCallModel<In, Out> per_call_;
+  std::function<void(Batch<In, Out>&)> stacked_;
   const SubmitterOptions options_;
   const Backend backend_;
-  detail::RequestQueue<RequestPtr> queue_;
+  Queue queue_;
   detail::StatsCounters stats_;
   std::mutex shutdown_mutex_;  // serializes shutdown(); guards joining workers_
   std::vector<std::thread> workers_;

@@ -28,14 +28,17 @@ class Completion
  public:
   virtual ~Completion() = default;
 
-  /// Worker side: stores the value. Must be followed by publish().
+  /// Worker side: stores the value. Must be followed by complete().
   void set_value(Out&& v) { value_.emplace(std::move(v)); }
-  /// Worker side: stores the error. Must be followed by publish().
+  /// Worker side: stores the error (it wins over a value). Must be followed by complete().
   void set_error(std::exception_ptr e) noexcept { error_ = std::move(e); }
   bool has_error() const noexcept { return error_ != nullptr; }
-  /// Worker side: makes the result visible. Everything written before happens-before any read
-  /// by a waiter that observed ready().
-  void publish() noexcept {
+  bool has_value() const noexcept { return value_.has_value(); }
+
+  /// Worker side: delivers the result. By default it makes the result visible to the Future:
+  /// everything written before happens-before any read by a waiter that observed ready().
+  /// Requests completed through a callback override this (see BatchedSubmitter::submit_then).
+  virtual void complete() noexcept {
     status_.store(kReady, std::memory_order_release);
     status_.notify_all();
   }
@@ -51,13 +54,18 @@ class Completion
     if (error_) std::rethrow_exception(error_);
     return std::move(*value_);
   }
+  /// Moves the result out as (error, value); value is default-constructed on error.
+  std::pair<std::exception_ptr, Out> take_pair() {
+    if (error_) return {error_, Out{}};
+    return {nullptr, std::move(*value_)};
+  }
 
  private:
   static constexpr std::uint32_t kPending = 0;
   static constexpr std::uint32_t kReady = 1;
   std::atomic<std::uint32_t> status_{kPending};
-  std::optional<Out> value_;  // written by the worker before publish()
-  std::exception_ptr error_;  // written by the worker before publish()
+  std::optional<Out> value_;  // written by the worker before complete()
+  std::exception_ptr error_;  // written by the worker before complete()
 };
 
 }  // namespace detail

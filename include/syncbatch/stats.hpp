@@ -1,13 +1,25 @@
-// Counters a BatchedSubmitter keeps, and the snapshot it hands out.
+// Counters and latency histograms a BatchedSubmitter keeps, and the snapshot it hands out.
 #pragma once
 
 #include <array>
 #include <atomic>
 #include <bit>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 
 namespace syncbatch {
+
+/// Percentiles of a latency distribution, from a log-linear histogram: each value is reported
+/// as the upper edge of its bucket, at most 12.5% above the true value.
+struct LatencySummary {
+  std::uint64_t count = 0;
+  std::chrono::nanoseconds mean{0};
+  std::chrono::nanoseconds p50{0};
+  std::chrono::nanoseconds p99{0};
+  std::chrono::nanoseconds p999{0};
+  std::chrono::nanoseconds max{0};  ///< Exact.
+};
 
 /// A snapshot of a submitter's counters. Counters are read one by one while workers run, so a
 /// snapshot taken mid-flight may be off by a batch between fields; after shutdown() it is exact.
@@ -15,16 +27,21 @@ struct SubmitterStats {
   /// Batch-size histogram buckets: bucket i counts batches of size in [2^i, 2^(i+1)).
   static constexpr std::size_t kBuckets = 17;
 
-  std::uint64_t submitted = 0;  ///< Requests accepted by submit().
-  std::uint64_t rejected = 0;   ///< Requests refused by submit() (queue full or shut down).
-  std::uint64_t completed = 0;  ///< Requests completed, with a value or an error.
-  std::uint64_t failed = 0;     ///< Of those, completed with an error.
-  std::uint64_t batches = 0;    ///< Batches run: requests completed by one sync.
-  std::uint64_t syncs = 0;      ///< Device syncs issued.
-  std::uint64_t queued = 0;     ///< Requests waiting in the queue when the snapshot was taken.
+  std::uint64_t submitted = 0;    ///< Requests accepted by submit().
+  std::uint64_t rejected = 0;     ///< Requests refused by submit() (queue full or shut down).
+  std::uint64_t completed = 0;    ///< Requests completed, with a value or an error.
+  std::uint64_t failed = 0;       ///< Of those, completed with an error.
+  std::uint64_t expired = 0;      ///< Of `failed`, those not started by their deadline.
+  std::uint64_t batches = 0;      ///< Batches run: requests completed by one sync.
+  std::uint64_t syncs = 0;        ///< Device syncs issued.
+  std::uint64_t queued = 0;       ///< Requests waiting in the queue when the snapshot was taken.
+  std::uint64_t batch_limit = 0;  ///< The policy's batch limit after the latest batch.
 
   std::uint64_t unbatched_failed = 0;  ///< Of `failed`, those that never joined a batch.
   std::array<std::uint64_t, kBuckets> batch_size_histogram{};
+
+  LatencySummary queue_delay;  ///< Arrival to the start of the request's run.
+  LatencySummary latency;      ///< Arrival to completion (end to end inside the submitter).
 
   /// Mean requests per batch, 0 when no batch ran.
   double mean_batch_size() const noexcept {
@@ -34,23 +51,89 @@ struct SubmitterStats {
 
 namespace detail {
 
+/// A concurrent log-linear histogram of durations in nanoseconds: 8 buckets per power of two.
+/// Thread safety: every member is thread-safe (relaxed atomics); record() is wait-free.
+class LatencyHistogram {
+ public:
+  void record(std::chrono::nanoseconds d) noexcept {
+    const std::uint64_t v = d.count() < 0 ? 0 : static_cast<std::uint64_t>(d.count());
+    buckets_[index(v)].fetch_add(1, std::memory_order_relaxed);
+    sum_.fetch_add(v, std::memory_order_relaxed);
+    std::uint64_t prev = max_.load(std::memory_order_relaxed);
+    while (v > prev && !max_.compare_exchange_weak(prev, v, std::memory_order_relaxed)) {
+    }
+  }
+
+  LatencySummary summary() const noexcept {
+    std::array<std::uint64_t, kCount> counts;
+    std::uint64_t total = 0;
+    for (std::size_t i = 0; i < kCount; ++i)
+      total += counts[i] = buckets_[i].load(std::memory_order_relaxed);
+    LatencySummary s;
+    s.count = total;
+    if (total == 0) return s;
+    s.mean = std::chrono::nanoseconds(sum_.load(std::memory_order_relaxed) / total);
+    s.max = std::chrono::nanoseconds(max_.load(std::memory_order_relaxed));
+    auto at = [&](double q) {
+      const auto rank = static_cast<std::uint64_t>(q * static_cast<double>(total - 1));
+      std::uint64_t seen = 0;
+      for (std::size_t i = 0; i < kCount; ++i) {
+        seen += counts[i];
+        if (seen > rank) return std::min(std::chrono::nanoseconds(upper(i)), s.max);
+      }
+      return s.max;
+    };
+    s.p50 = at(0.50);
+    s.p99 = at(0.99);
+    s.p999 = at(0.999);
+    return s;
+  }
+
+  /// Bucket of a value: exact below 8; above, 8 linear sub-buckets per power of two.
+  static std::size_t index(std::uint64_t v) noexcept {
+    if (v < kSub) return static_cast<std::size_t>(v);
+    const unsigned exp = static_cast<unsigned>(std::bit_width(v)) - 1;  // >= 3
+    const std::uint64_t sub = (v >> (exp - 3)) & (kSub - 1);
+    return static_cast<std::size_t>((exp - 2) * kSub + sub);
+  }
+  /// The largest value in bucket i.
+  static std::uint64_t upper(std::size_t i) noexcept {
+    if (i < kSub) return i;
+    const unsigned exp = static_cast<unsigned>(i / kSub) + 2;
+    const std::uint64_t sub = i % kSub;
+    return ((kSub + sub + 1) << (exp - 3)) - 1;
+  }
+
+ private:
+  static constexpr std::uint64_t kSub = 8;
+  static constexpr std::size_t kCount = (64 - 2) * kSub;
+  std::array<std::atomic<std::uint64_t>, kCount> buckets_{};
+  std::atomic<std::uint64_t> sum_{0};
+  std::atomic<std::uint64_t> max_{0};
+};
+
 /// The live counters. Thread safety: every member is thread-safe (relaxed atomics).
 class StatsCounters {
  public:
   void on_submitted() noexcept { submitted_.fetch_add(1, std::memory_order_relaxed); }
   void on_rejected() noexcept { rejected_.fetch_add(1, std::memory_order_relaxed); }
-  void on_unbatched_failure() noexcept {
+  /// A request that completed before joining a batch (the model threw on it, or it expired).
+  void on_unbatched_failure(bool expired) noexcept {
     completed_.fetch_add(1, std::memory_order_relaxed);
     failed_.fetch_add(1, std::memory_order_relaxed);
     unbatched_failed_.fetch_add(1, std::memory_order_relaxed);
+    if (expired) expired_.fetch_add(1, std::memory_order_relaxed);
   }
-  void on_batch(std::size_t size, std::size_t failures) noexcept {
+  void on_batch(std::size_t size, std::size_t failures, std::size_t limit) noexcept {
     completed_.fetch_add(size, std::memory_order_relaxed);
     if (failures != 0) failed_.fetch_add(failures, std::memory_order_relaxed);
     batches_.fetch_add(1, std::memory_order_relaxed);
     syncs_.fetch_add(1, std::memory_order_relaxed);
     histogram_[bucket(size)].fetch_add(1, std::memory_order_relaxed);
+    batch_limit_.store(limit, std::memory_order_relaxed);
   }
+  LatencyHistogram& queue_delay() noexcept { return queue_delay_; }
+  LatencyHistogram& latency() noexcept { return latency_; }
 
   SubmitterStats snapshot(std::size_t queued) const noexcept {
     SubmitterStats s;
@@ -58,12 +141,16 @@ class StatsCounters {
     s.rejected = rejected_.load(std::memory_order_relaxed);
     s.completed = completed_.load(std::memory_order_relaxed);
     s.failed = failed_.load(std::memory_order_relaxed);
+    s.expired = expired_.load(std::memory_order_relaxed);
     s.unbatched_failed = unbatched_failed_.load(std::memory_order_relaxed);
     s.batches = batches_.load(std::memory_order_relaxed);
     s.syncs = syncs_.load(std::memory_order_relaxed);
+    s.batch_limit = batch_limit_.load(std::memory_order_relaxed);
     s.queued = queued;
     for (std::size_t i = 0; i < SubmitterStats::kBuckets; ++i)
       s.batch_size_histogram[i] = histogram_[i].load(std::memory_order_relaxed);
+    s.queue_delay = queue_delay_.summary();
+    s.latency = latency_.summary();
     return s;
   }
 
@@ -77,10 +164,14 @@ class StatsCounters {
   std::atomic<std::uint64_t> rejected_{0};
   std::atomic<std::uint64_t> completed_{0};
   std::atomic<std::uint64_t> failed_{0};
+  std::atomic<std::uint64_t> expired_{0};
   std::atomic<std::uint64_t> unbatched_failed_{0};
   std::atomic<std::uint64_t> batches_{0};
   std::atomic<std::uint64_t> syncs_{0};
+  std::atomic<std::uint64_t> batch_limit_{0};
   std::array<std::atomic<std::uint64_t>, SubmitterStats::kBuckets> histogram_{};
+  LatencyHistogram queue_delay_;
+  LatencyHistogram latency_;
 };
 
 }  // namespace detail

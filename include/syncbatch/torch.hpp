@@ -1,6 +1,7 @@
-// syncbatch with its LibTorch device layer: the core plus DeviceSync and TorchBackend.
-// Only c10 headers come with it; your model code includes what it needs from LibTorch.
+// syncbatch with its LibTorch layer: the core plus DeviceSync, TorchBackend and stacked mode for
+// tensor models. It brings c10 headers and ATen/core/Tensor.h, not torch/torch.h.
 #pragma once
 
 #include "syncbatch/syncbatch.hpp"
 #include "syncbatch/torch/device_sync.hpp"
+#include "syncbatch/torch/stacked.hpp"

@@ -1,0 +1,274 @@
+// Stacked mode for tensor models. See syncbatch/torch/stacked.hpp.
+#include "syncbatch/torch/stacked.hpp"
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <sstream>
+#include <utility>
+
+namespace syncbatch {
+namespace {
+
+std::string shape_string(c10::IntArrayRef sizes, bool star_first) {
+  std::ostringstream s;
+  s << '[';
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) s << ", ";
+    if (i == 0 && star_first) {
+      s << '*';
+    } else {
+      s << sizes[i];
+    }
+  }
+  s << ']';
+  return s.str();
+}
+
+// PyTorch's user-facing dtype names (torch.float32), not c10's enum names (Float).
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kLong:
+      return "int64";
+    case at::kInt:
+      return "int32";
+    case at::kShort:
+      return "int16";
+    case at::kChar:
+      return "int8";
+    case at::kByte:
+      return "uint8";
+    case at::kBool:
+      return "bool";
+    default:
+      return c10::toString(t);
+  }
+}
+
+std::string describe_spec(const InputSpec& spec) {
+  std::vector<int64_t> sizes{0};
+  sizes.insert(sizes.end(), spec.trailing_shape.begin(), spec.trailing_shape.end());
+  return dtype_name(spec.dtype) + " " + shape_string(sizes, true);
+}
+
+Error bad_request(const std::string& message) {
+  return Error(ErrorCode::kBadRequest, message);
+}
+
+// Checks one request's tensors; returns an error message, or "" when they can be stacked.
+std::string check_inputs(const Tensors& inputs, const std::vector<InputSpec>& expect) {
+  if (inputs.empty()) return "expected at least one input tensor, got none";
+  if (!expect.empty() && inputs.size() != expect.size())
+    return "expected " + std::to_string(expect.size()) + " input tensors, got " +
+           std::to_string(inputs.size());
+  for (std::size_t j = 0; j < inputs.size(); ++j) {
+    const at::Tensor& t = inputs[j];
+    const std::string which = "input " + std::to_string(j) + ": ";
+    if (!t.defined()) return which + "expected a defined tensor, got an undefined one";
+    if (t.dim() == 0)
+      return which + "expected a tensor with a batch dimension (rank >= 1), got a scalar";
+    if (t.size(0) == 0) return which + "expected at least one row, got " + describe_tensor(t);
+    if (expect.empty()) continue;
+    const InputSpec& spec = expect[j];
+    const bool same =
+        t.scalar_type() == spec.dtype &&
+        static_cast<std::size_t>(t.dim()) == spec.trailing_shape.size() + 1 &&
+        std::equal(spec.trailing_shape.begin(), spec.trailing_shape.end(), t.sizes().begin() + 1);
+    if (!same) return which + "expected " + describe_spec(spec) + ", got " + describe_tensor(t);
+  }
+  return "";
+}
+
+// Requests that can share one forward: same count, and per input the same dtype, device and
+// shape after the batch dimension.
+bool same_signature(const Tensors& a, const Tensors& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t j = 0; j < a.size(); ++j) {
+    if (a[j].scalar_type() != b[j].scalar_type() || a[j].device() != b[j].device() ||
+        a[j].dim() != b[j].dim() || a[j].sizes().slice(1) != b[j].sizes().slice(1))
+      return false;
+  }
+  return true;
+}
+
+// Concatenates one input position of a group on `target`: on the source device when it is the
+// target, else into one (pinned, for CUDA) host buffer followed by one copy.
+at::Tensor stack_inputs(const std::vector<at::Tensor>& parts,
+                        const std::optional<c10::Device>& target) {
+  const c10::Device source = parts.front().device();
+  if (!target || *target == source) return parts.size() == 1 ? parts.front() : at::cat(parts, 0);
+  if (source.is_cpu() && target->is_cuda()) {
+    int64_t rows = 0;
+    for (const auto& p : parts) rows += p.size(0);
+    std::vector<int64_t> sizes = parts.front().sizes().vec();
+    sizes[0] = rows;
+    at::Tensor host = at::empty(sizes, parts.front().options().pinned_memory(true));
+    at::cat_out(host, parts, 0);
+    return host.to(*target, /*non_blocking=*/true);
+  }
+  return (parts.size() == 1 ? parts.front() : at::cat(parts, 0)).to(*target);
+}
+
+// Moves a batch output where callers want it, asynchronously where it can (the batch's sync
+// covers the copy).
+at::Tensor place_output(const at::Tensor& out, const std::optional<c10::Device>& where) {
+  if (!where || out.device() == *where) return out;
+  if (where->is_cpu() && out.is_cuda()) {
+    at::Tensor host = at::empty(out.sizes(), out.options().device(c10::kCPU).pinned_memory(true));
+    host.copy_(out, /*non_blocking=*/true);
+    return host;
+  }
+  return out.to(*where);
+}
+
+// Runs one group (requests with one signature) in one forward; on failure, bisects.
+template <class In, class Out, class Adapter>
+class GroupRunner {
+ public:
+  GroupRunner(Batch<In, Out>& batch, const std::vector<Tensors>& inputs, const Adapter& adapter,
+              const StackingOptions& options)
+      : batch_(batch), inputs_(inputs), adapter_(adapter), options_(options) {}
+
+  void run(const std::vector<std::size_t>& group) {
+    try {
+      forward(group);
+    } catch (...) {
+      const auto error = std::current_exception();
+      if (group.size() == 1 || !options_.isolate_failures) {
+        for (std::size_t i : group) batch_.set_error(i, error);
+        return;
+      }
+      const auto mid = group.begin() + static_cast<std::ptrdiff_t>(group.size() / 2);
+      run(std::vector<std::size_t>(group.begin(), mid));
+      run(std::vector<std::size_t>(mid, group.end()));
+    }
+  }
+
+ private:
+  void forward(const std::vector<std::size_t>& group) {
+    const std::size_t positions = inputs_[group.front()].size();
+    Tensors stacked;
+    stacked.reserve(positions);
+    std::vector<int64_t> rows;
+    rows.reserve(group.size());
+    int64_t total = 0;
+    for (std::size_t i : group) {
+      rows.push_back(inputs_[i].front().size(0));
+      total += rows.back();
+    }
+    std::vector<at::Tensor> parts;
+    parts.reserve(group.size());
+    for (std::size_t j = 0; j < positions; ++j) {
+      parts.clear();
+      for (std::size_t i : group) parts.push_back(inputs_[i][j]);
+      stacked.push_back(stack_inputs(parts, options_.device));
+    }
+    Tensors outputs = adapter_.call(stacked);
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+      const at::Tensor& out = outputs[k];
+      if (!out.defined() || out.dim() == 0 || out.size(0) != total)
+        throw bad_request(
+            "the model returned " +
+            (out.defined() ? describe_tensor(out) : std::string("an undefined tensor")) +
+            " as output " + std::to_string(k) + " for " + std::to_string(total) +
+            " input rows: expected one output row per input row");
+      outputs[k] = place_output(out, options_.output_device);
+    }
+    int64_t offset = 0;
+    for (std::size_t g = 0; g < group.size(); ++g) {
+      Tensors mine;
+      mine.reserve(outputs.size());
+      for (const auto& out : outputs) mine.push_back(out.narrow(0, offset, rows[g]));
+      offset += rows[g];
+      batch_.set_value(group[g], adapter_.result(std::move(mine)));
+    }
+  }
+
+  Batch<In, Out>& batch_;
+  const std::vector<Tensors>& inputs_;
+  const Adapter& adapter_;
+  const StackingOptions& options_;
+};
+
+template <class In, class Out, class Adapter>
+void run_batch(Batch<In, Out>& batch, const Adapter& adapter, const StackingOptions& options) {
+  std::vector<Tensors> inputs;
+  inputs.reserve(batch.size());
+  for (std::size_t i = 0; i < batch.size(); ++i) inputs.push_back(adapter.tensors(batch.input(i)));
+  std::vector<std::vector<std::size_t>> groups;
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const std::string problem = check_inputs(inputs[i], options.expect);
+    if (!problem.empty()) {
+      batch.set_error(i, std::make_exception_ptr(bad_request(problem)));
+      continue;
+    }
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) {
+      return same_signature(inputs[g.front()], inputs[i]);
+    });
+    if (it == groups.end()) {
+      groups.push_back({i});
+    } else {
+      it->push_back(i);
+    }
+  }
+  GroupRunner<In, Out, Adapter> runner(batch, inputs, adapter, options);
+  for (const auto& group : groups) runner.run(group);
+}
+
+// Adapts a single-tensor model to the list-of-tensors machinery.
+struct SingleAdapter {
+  std::function<at::Tensor(const at::Tensor&)> model;
+  Tensors tensors(const at::Tensor& t) const { return {t}; }
+  Tensors call(const Tensors& stacked) const { return {model(stacked.front())}; }
+  at::Tensor result(Tensors&& mine) const { return std::move(mine.front()); }
+};
+
+struct MultiAdapter {
+  std::function<Tensors(const Tensors&)> model;
+  Tensors tensors(const Tensors& t) const { return t; }
+  Tensors call(const Tensors& stacked) const { return model(stacked); }
+  Tensors result(Tensors&& mine) const { return std::move(mine); }
+};
+
+void check_options(const StackingOptions& options) {
+  for (const auto& spec : options.expect)
+    for (int64_t d : spec.trailing_shape)
+      if (d < 0)
+        throw Error(ErrorCode::kInvalidArgument,
+                    "StackingOptions.expect: expected sizes >= 0, got " + describe_spec(spec));
+}
+
+}  // namespace
+
+std::string describe_tensor(const at::Tensor& t) {
+  if (!t.defined()) return "undefined";
+  return dtype_name(t.scalar_type()) + " " + shape_string(t.sizes(), false) +
+         (t.device().is_cpu() ? "" : " on " + t.device().str());
+}
+
+StackedModel<at::Tensor, at::Tensor> make_stacked_model(
+    std::function<at::Tensor(const at::Tensor&)> model, StackingOptions options) {
+  if (!model) throw Error(ErrorCode::kInvalidArgument, "make_stacked_model: the model is empty");
+  check_options(options);
+  return {[adapter = SingleAdapter{std::move(model)}, options = std::move(options)](
+              Batch<at::Tensor, at::Tensor>& batch) { run_batch(batch, adapter, options); }};
+}
+
+StackedModel<Tensors, Tensors> make_stacked_model_multi(
+    std::function<Tensors(const Tensors&)> model, StackingOptions options) {
+  if (!model)
+    throw Error(ErrorCode::kInvalidArgument, "make_stacked_model_multi: the model is empty");
+  check_options(options);
+  return {[adapter = MultiAdapter{std::move(model)}, options = std::move(options)](
+              Batch<Tensors, Tensors>& batch) { run_batch(batch, adapter, options); }};
+}
+
+}  // namespace syncbatch

@@ -1,0 +1,302 @@
+// Stacked mode against real LibTorch models: results equal one-at-a-time calls, shapes are
+// grouped, bad requests fail alone, deadlines, several inputs and outputs.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "syncbatch/asio.hpp"
+#include "syncbatch/torch.hpp"
+#include "torch_test_support.hpp"
+
+#include <boost/asio/use_future.hpp>
+
+namespace syncbatch {
+namespace {
+
+using testing::available_devices;
+using testing::Mlp;
+using TensorSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
+using namespace std::chrono_literals;
+
+// Holds the first batch in the model until released, so that later requests queue up and the
+// next batches are full.
+struct Gate {
+  std::atomic<bool> open{false};
+  std::atomic<bool> armed{true};
+  std::atomic<int> entered{0};
+  void pass() {
+    if (!armed.exchange(false)) return;
+    entered.fetch_add(1);
+    while (!open.load()) std::this_thread::sleep_for(100us);
+  }
+  void wait_entered() {
+    while (entered.load() < 1) std::this_thread::sleep_for(100us);
+  }
+};
+
+class StackedOnEachDevice : public ::testing::TestWithParam<c10::Device> {};
+
+TEST_P(StackedOnEachDevice, EveryBatchSizeMatchesOneAtATime) {
+  const c10::Device device = GetParam();
+  const Mlp mlp(32, 64, 8, device);
+  constexpr std::size_t kMax = 16;
+  for (std::size_t n : {1u, 2u, 3u, 7u, 15u, 16u}) {
+    Gate gate;
+    std::vector<int64_t> batch_rows;
+    TensorSubmitter s(make_stacked_model([&](const at::Tensor& x) {
+                        gate.pass();
+                        batch_rows.push_back(x.size(0));
+                        return mlp(x);
+                      }),
+                      {.policy = EveryN{kMax}}, TorchBackend(device));
+    auto warm = s.submit(at::randn({1, 32}, device));
+    gate.wait_entered();
+    std::vector<at::Tensor> inputs;
+    std::vector<Future<at::Tensor>> futures;
+    for (std::size_t i = 0; i < n; ++i) {
+      inputs.push_back(at::randn({1, 32}, device));
+      futures.push_back(s.submit(inputs.back()));
+    }
+    gate.open = true;
+    warm.get();
+    for (std::size_t i = 0; i < n; ++i) {
+      const at::Tensor got = futures[i].get();
+      ASSERT_EQ(got.sizes(), (std::vector<int64_t>{1, 8}));
+      // One row of a batched GEMM may differ from the batch-1 GEMM in the last bits.
+      EXPECT_TRUE(at::allclose(got, mlp(inputs[i]), /*rtol=*/1e-5, /*atol=*/1e-5)) << "n=" << n;
+    }
+    s.shutdown();
+    EXPECT_EQ(batch_rows, (std::vector<int64_t>{1, static_cast<int64_t>(n)})) << "n=" << n;
+  }
+}
+
+TEST_P(StackedOnEachDevice, ElementwiseModelsMatchExactly) {
+  const c10::Device device = GetParam();
+  auto model = [](const at::Tensor& x) { return at::tanh(x) * 3 + 1; };
+  TensorSubmitter s(make_stacked_model(model), {.policy = EveryN{32}}, TorchBackend(device));
+  std::vector<at::Tensor> inputs;
+  std::vector<Future<at::Tensor>> futures;
+  for (int i = 0; i < 100; ++i) {
+    inputs.push_back(at::randn({1 + i % 3, 5}, device));
+    futures.push_back(s.submit(inputs.back()));
+  }
+  for (int i = 0; i < 100; ++i) {
+    const at::Tensor got = futures[i].get();
+    EXPECT_EQ(got.size(0), 1 + i % 3) << "each caller gets exactly its rows";
+    EXPECT_TRUE(at::equal(got, model(inputs[i]))) << i;
+  }
+}
+
+TEST_P(StackedOnEachDevice, MixedShapesInOneBurstAreGroupedNotRejected) {
+  const c10::Device device = GetParam();
+  Gate gate;
+  std::vector<std::vector<int64_t>> forwards;  // shapes the model saw
+  TensorSubmitter s(make_stacked_model([&](const at::Tensor& x) {
+                      gate.pass();
+                      forwards.push_back(x.sizes().vec());
+                      return x.sum(-1, /*keepdim=*/true);
+                    }),
+                    {.policy = EveryN{64}}, TorchBackend(device));
+  auto warm = s.submit(at::ones({1, 1}, device));
+  gate.wait_entered();
+  std::vector<std::pair<at::Tensor, Future<at::Tensor>>> reqs;
+  for (int i = 0; i < 30; ++i) {
+    const int64_t width = (i % 3 == 0) ? 4 : (i % 3 == 1) ? 8 : 16;
+    auto x = at::randn({1, width}, device);
+    reqs.emplace_back(x, s.submit(x));
+  }
+  auto as_double = at::randn({2, 4}, at::TensorOptions().dtype(at::kDouble).device(device));
+  reqs.emplace_back(as_double, s.submit(as_double));
+  gate.open = true;
+  warm.get();
+  for (auto& [x, f] : reqs) EXPECT_TRUE(at::allclose(f.get(), x.sum(-1, true)));
+  s.shutdown();
+  // One batch after the warm-up one, with four groups: widths 4, 8, 16 (float) and 4 (double).
+  ASSERT_EQ(forwards.size(), 5u);
+  EXPECT_EQ(s.stats().batches, 2u);
+  EXPECT_EQ(forwards[1], (std::vector<int64_t>{10, 4}));
+  EXPECT_EQ(forwards[2], (std::vector<int64_t>{10, 8}));
+  EXPECT_EQ(forwards[3], (std::vector<int64_t>{10, 16}));
+  EXPECT_EQ(forwards[4], (std::vector<int64_t>{2, 4}));
+}
+
+TEST_P(StackedOnEachDevice, OnePoisonedRequestInABatchOf32FailsAlone) {
+  const c10::Device device = GetParam();
+  const Mlp mlp(8, 16, 4, device);
+  Gate gate;
+  std::atomic<int> forwards{0};
+  TensorSubmitter s(make_stacked_model([&](const at::Tensor& x) {
+                      gate.pass();
+                      forwards.fetch_add(1);
+                      if (at::isnan(x).any().item<bool>())
+                        throw std::invalid_argument("NaN in the batch input");
+                      return mlp(x);
+                    }),
+                    {.policy = EveryN{32}}, TorchBackend(device));
+  auto warm = s.submit(at::randn({1, 8}, device));
+  gate.wait_entered();
+  std::vector<at::Tensor> inputs;
+  std::vector<Future<at::Tensor>> futures;
+  for (int i = 0; i < 32; ++i) {
+    inputs.push_back(i == 13 ? at::full({1, 8}, NAN, device) : at::randn({1, 8}, device));
+    futures.push_back(s.submit(inputs.back()));
+  }
+  gate.open = true;
+  warm.get();
+  for (int i = 0; i < 32; ++i) {
+    if (i == 13) {
+      try {
+        futures[i].get();
+        ADD_FAILURE() << "the poisoned request succeeded";
+      } catch (const std::invalid_argument& e) {
+        EXPECT_EQ(std::string(e.what()), "NaN in the batch input");
+      }
+    } else {
+      EXPECT_TRUE(at::allclose(futures[i].get(), mlp(inputs[i]), 1e-5, 1e-5)) << i;
+    }
+  }
+  s.shutdown();
+  // Bisection: 1 full try, then 2 halves, ... down to the single bad request: 2*log2(32) + 1.
+  EXPECT_EQ(forwards.load(), 1 + 1 + 2 * 5);
+  EXPECT_EQ(s.stats().failed, 1u);
+}
+
+TEST_P(StackedOnEachDevice, RequestsThatCannotBeStackedFailWithWhatWasExpected) {
+  const c10::Device device = GetParam();
+  const Mlp mlp(32, 64, 8, device);
+  TensorSubmitter s(make_stacked_model([&](const at::Tensor& x) { return mlp(x); },
+                                       {.expect = {InputSpec{at::kFloat, {32}}}}),
+                    {.policy = EveryN{8}}, TorchBackend(device));
+  auto good = s.submit(at::randn({2, 32}, device));
+  auto wrong_width = s.submit(at::randn({1, 31}, device));
+  auto wrong_dtype =
+      s.submit(at::ones({1, 32}, at::TensorOptions().dtype(at::kLong).device(device)));
+  auto scalar = s.submit(at::scalar_tensor(1.0, device));
+  auto undefined = s.submit(at::Tensor());
+  auto message = [](Future<at::Tensor>& f) {
+    try {
+      f.get();
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kBadRequest);
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(good.get().size(0), 2);
+  EXPECT_NE(message(wrong_width).find("input 0: expected float32 [*, 32], got float32 [1, 31]"),
+            std::string::npos);
+  EXPECT_NE(message(wrong_dtype).find("input 0: expected float32 [*, 32], got int64 [1, 32]"),
+            std::string::npos);
+  EXPECT_NE(message(scalar).find("rank >= 1"), std::string::npos);
+  EXPECT_NE(message(undefined).find("undefined"), std::string::npos);
+}
+
+TEST_P(StackedOnEachDevice, AModelReturningTheWrongRowCountIsCaught) {
+  const c10::Device device = GetParam();
+  TensorSubmitter s(make_stacked_model([](const at::Tensor& x) { return x.sum(0, true); }),
+                    {.policy = EveryN{8}}, TorchBackend(device));
+  try {
+    s.submit(at::randn({3, 2}, device)).get();
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kBadRequest);
+    EXPECT_NE(std::string(e.what()).find("for 3 input rows"), std::string::npos) << e.what();
+  }
+}
+
+TEST_P(StackedOnEachDevice, SeveralInputsAndOutputs) {
+  const c10::Device device = GetParam();
+  BatchedSubmitter<Tensors, Tensors, TorchBackend> s(
+      make_stacked_model_multi([](const Tensors& in) -> Tensors {
+        return {in[0] + in[1], (in[0] * in[1]).sum(-1)};
+      }),
+      {.policy = EveryN{16}}, TorchBackend(device));
+  std::vector<Tensors> inputs;
+  std::vector<Future<Tensors>> futures;
+  for (int i = 0; i < 40; ++i) {
+    inputs.push_back({at::randn({1 + i % 2, 3}, device), at::randn({1 + i % 2, 3}, device)});
+    futures.push_back(s.submit(inputs.back()));
+  }
+  for (int i = 0; i < 40; ++i) {
+    const Tensors out = futures[i].get();
+    ASSERT_EQ(out.size(), 2u);
+    EXPECT_TRUE(at::equal(out[0], inputs[i][0] + inputs[i][1]));
+    EXPECT_TRUE(at::allclose(out[1], (inputs[i][0] * inputs[i][1]).sum(-1)));
+  }
+}
+
+TEST_P(StackedOnEachDevice, CpuInputsAreStagedAndOutputsReturnedWhereAsked) {
+  const c10::Device device = GetParam();
+  const Mlp mlp(16, 16, 4, device);
+  std::atomic<bool> ran_on_device{true};
+  TensorSubmitter s(make_stacked_model(
+                        [&](const at::Tensor& x) {
+                          if (x.device() != device) ran_on_device = false;
+                          return mlp(x);
+                        },
+                        {.device = device, .output_device = c10::Device(c10::kCPU)}),
+                    {.policy = EveryN{8}}, TorchBackend(device));
+  std::vector<at::Tensor> inputs;
+  std::vector<Future<at::Tensor>> futures;
+  for (int i = 0; i < 20; ++i) {
+    inputs.push_back(at::randn({1, 16}));  // on the CPU
+    futures.push_back(s.submit(inputs.back()));
+  }
+  for (int i = 0; i < 20; ++i) {
+    const at::Tensor got = futures[i].get();
+    EXPECT_TRUE(got.device().is_cpu());
+    EXPECT_TRUE(at::allclose(got, mlp(inputs[i].to(device)).cpu(), 1e-5, 1e-5)) << i;
+  }
+  EXPECT_TRUE(ran_on_device.load());
+}
+
+TEST_P(StackedOnEachDevice, StressThirtyTwoProducersMixingSyncAndAsync) {
+  const c10::Device device = GetParam();
+  const Mlp mlp(16, 32, 4, device);
+  TensorSubmitter s(make_stacked_model([&](const at::Tensor& x) { return mlp(x); }),
+                    {.queue_capacity = 256, .workers = 2, .policy = EveryN{32}},
+                    TorchBackend(device));
+  std::atomic<int> wrong{0}, done{0};
+  std::vector<std::thread> producers;
+  for (int p = 0; p < 32; ++p) {
+    producers.emplace_back([&, p] {
+      c10::InferenceMode guard;
+      std::vector<std::pair<at::Tensor, std::future<at::Tensor>>> async_results;
+      for (int i = 0; i < 300; ++i) {
+        at::Tensor x = at::randn({1, 16}, device);
+        if ((i + p) % 2 == 0) {
+          async_results.emplace_back(x, async_submit(s, x, boost::asio::use_future));
+        } else {
+          if (!at::allclose(s.submit(x).get(), mlp(x), 1e-5, 1e-5)) wrong.fetch_add(1);
+          done.fetch_add(1);
+        }
+      }
+      for (auto& [x, f] : async_results) {
+        if (!at::allclose(f.get(), mlp(x), 1e-5, 1e-5)) wrong.fetch_add(1);
+        done.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : producers) t.join();
+  s.shutdown();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(done.load(), 32 * 300);
+  EXPECT_EQ(s.stats().completed, 32u * 300u);
+  EXPECT_GT(s.stats().mean_batch_size(), 1.0) << "32 producers should fill batches";
+}
+
+std::string device_name(const ::testing::TestParamInfo<c10::Device>& info) {
+  std::string s = info.param.str();
+  for (char& c : s)
+    if (c == ':') c = '_';
+  return s;
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, StackedOnEachDevice, ::testing::ValuesIn(available_devices()),
+                         device_name);
+
+}  // namespace
+}  // namespace syncbatch
