@@ -13,6 +13,7 @@
 #include <boost/smart_ptr/intrusive_ptr.hpp>
 #include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
+#include "syncbatch/detail/spin.hpp"
 #include "syncbatch/error.hpp"
 
 namespace syncbatch {
@@ -39,16 +40,19 @@ class Completion
   /// everything written before happens-before any read by a waiter that observed ready().
   /// Requests completed through a callback override this (see BatchedSubmitter::submit_then).
   virtual void complete() noexcept {
-    status_.store(kReady, std::memory_order_release);
-    status_.notify_all();
+    // Only a waiter that went to sleep (kSleeping) needs the kernel to wake it.
+    if (status_.exchange(kReady, std::memory_order_acq_rel) == kSleeping) status_.notify_all();
   }
 
   bool ready() const noexcept { return status_.load(std::memory_order_acquire) == kReady; }
   void wait() const noexcept {
-    for (;;) {
-      if (status_.load(std::memory_order_acquire) == kReady) return;
-      status_.wait(kPending, std::memory_order_acquire);
-    }
+    if (spin_until([this] { return ready(); }, kSpinBudget)) return;
+    std::uint32_t s = kPending;
+    // Announce the sleep; if the result came meanwhile the exchange fails and we return.
+    if (!status_.compare_exchange_strong(s, kSleeping, std::memory_order_acq_rel) && s == kReady)
+      return;
+    while (status_.load(std::memory_order_acquire) != kReady)
+      status_.wait(kSleeping, std::memory_order_acquire);
   }
   Out take() {
     if (error_) std::rethrow_exception(error_);
@@ -63,7 +67,8 @@ class Completion
  private:
   static constexpr std::uint32_t kPending = 0;
   static constexpr std::uint32_t kReady = 1;
-  std::atomic<std::uint32_t> status_{kPending};
+  static constexpr std::uint32_t kSleeping = 2;  // pending, and a waiter blocks in the kernel
+  mutable std::atomic<std::uint32_t> status_{kPending};
   std::optional<Out> value_;  // written by the worker before complete()
   std::exception_ptr error_;  // written by the worker before complete()
 };

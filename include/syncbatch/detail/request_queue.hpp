@@ -12,6 +12,8 @@
 
 #include <boost/lockfree/queue.hpp>
 
+#include "syncbatch/detail/spin.hpp"
+
 namespace syncbatch::detail {
 
 /// Thread safety: every member is thread-safe.
@@ -95,10 +97,7 @@ class RequestQueue {
       const std::uint64_t s = state_.load(std::memory_order_acquire);
       return !queue_.empty() || ((s & kClosedBit) != 0 && (return_on_close || (s >> 1) == 0));
     };
-    for (int i = 0; i < kSpins; ++i) {
-      if (done()) return;
-      cpu_relax();
-    }
+    if (spin_until(done, kSpinBudget)) return;
     std::unique_lock lock(mutex_);
     consumer_waiters_.fetch_add(1, std::memory_order_seq_cst);
     std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -133,16 +132,6 @@ class RequestQueue {
  private:
   static constexpr std::uint64_t kClosedBit = 1;
   static constexpr std::uint64_t kOne = 2;
-  static constexpr int kSpins = 256;
-
-  static void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-  }
-
   void wake_all_consumers() {
     std::lock_guard lock(mutex_);
     consumer_cv_.notify_all();

@@ -1,0 +1,217 @@
+// Shared by the benchmark programs: flags, the MLP workloads, timing, percentiles, JSON.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <ctime>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "syncbatch/torch.hpp"
+
+namespace syncbatch::bench {
+
+using Clock = std::chrono::steady_clock;
+
+/// --name value flags with defaults; unknown flags and bad values exit with a usage message.
+class Flags {
+ public:
+  Flags(int argc, char** argv, std::string usage, std::map<std::string, std::string> defaults)
+      : usage_(std::move(usage)), values_(std::move(defaults)) {
+    for (int i = 1; i < argc; ++i) {
+      std::string flag = argv[i];
+      if (flag == "--help" || flag == "-h") fail("");
+      if (flag.rfind("--", 0) != 0 || i + 1 >= argc) fail("expected --name value, got '" + flag + "'");
+      flag = flag.substr(2);
+      if (!values_.count(flag)) fail("unknown flag --" + flag);
+      values_[flag] = argv[++i];
+    }
+  }
+  std::string str(const std::string& name) const { return values_.at(name); }
+  double num(const std::string& name) const {
+    const std::string& v = values_.at(name);
+    char* end = nullptr;
+    const double d = std::strtod(v.c_str(), &end);
+    if (v.empty() || *end != '\0' || d < 0) fail("--" + name + ": expected a number >= 0, got '" + v + "'");
+    return d;
+  }
+  std::vector<int> ints(const std::string& name) const {
+    std::vector<int> out;
+    std::stringstream s(values_.at(name));
+    for (std::string part; std::getline(s, part, ',');) {
+      char* end = nullptr;
+      const long v = std::strtol(part.c_str(), &end, 10);
+      if (part.empty() || *end != '\0' || v <= 0)
+        fail("--" + name + ": expected positive integers separated by commas, got '" +
+             values_.at(name) + "'");
+      out.push_back(static_cast<int>(v));
+    }
+    return out;
+  }
+  [[noreturn]] void fail(const std::string& problem) const {
+    if (!problem.empty()) std::fprintf(stderr, "error: %s\n", problem.c_str());
+    std::fprintf(stderr, "%s\nflags (default):\n", usage_.c_str());
+    for (const auto& [k, v] : values_) std::fprintf(stderr, "  --%s (%s)\n", k.c_str(), v.c_str());
+    std::exit(problem.empty() ? 0 : 2);
+  }
+
+ private:
+  std::string usage_;
+  std::map<std::string, std::string> values_;
+};
+
+/// The benchmark workload: `layers` Linear(width, width) with ReLU between, weights from seed 0.
+class Mlp {
+ public:
+  Mlp(int layers, int64_t width, c10::Device device) {
+    at::manual_seed(0);
+    const auto opts = at::TensorOptions().device(device);
+    for (int i = 0; i < layers; ++i) {
+      weights_.push_back(at::randn({width, width}, opts) / std::sqrt(static_cast<double>(width)));
+      biases_.push_back(at::randn({width}, opts) * 0.01);
+    }
+  }
+  at::Tensor operator()(const at::Tensor& x) const {
+    at::Tensor y = x;
+    for (std::size_t i = 0; i < weights_.size(); ++i) {
+      y = at::linear(y, weights_[i], biases_[i]);
+      if (i + 1 < weights_.size()) y = at::relu(y);
+    }
+    return y;
+  }
+
+ private:
+  std::vector<at::Tensor> weights_, biases_;
+};
+
+/// Parses --device (auto|cpu|cuda|cuda:N|mps), exiting with the library's message on error.
+inline c10::Device device_flag(const Flags& flags) {
+  try {
+    return parse_device(flags.str("device"));
+  } catch (const Error& e) {
+    flags.fail(e.what());
+  }
+}
+
+inline SyncMode sync_flag(const std::string& s) {
+  if (s == "device") return SyncMode::kDevice;
+  if (s == "event") return SyncMode::kEvent;
+  std::fprintf(stderr, "error: expected sync mode device or event, got '%s'\n", s.c_str());
+  std::exit(2);
+}
+
+/// A stream of its own for a client thread on CUDA (the thread's current stream from then on).
+class OwnStream {
+ public:
+  explicit OwnStream(c10::Device device)
+      : guard_(device.is_cuda() ? c10::impl::getDeviceGuardImpl(device.type())
+                                      ->getStreamFromGlobalPool(device, false)
+                                : c10::impl::getDeviceGuardImpl(device.type())->getStream(device)) {}
+
+ private:
+  c10::StreamGuard guard_;
+};
+
+/// Latency samples of one run; percentiles by sorting (benchmarks only, not the library).
+class Samples {
+ public:
+  void add(Clock::duration d) { ns_.push_back(std::chrono::duration<double, std::nano>(d).count()); }
+  void merge(const Samples& other) { ns_.insert(ns_.end(), other.ns_.begin(), other.ns_.end()); }
+  double percentile_us(double q) {
+    if (ns_.empty()) return 0;
+    std::sort(ns_.begin(), ns_.end());
+    const auto i = static_cast<std::size_t>(q * static_cast<double>(ns_.size() - 1));
+    return ns_[i] / 1000.0;
+  }
+  std::size_t size() const { return ns_.size(); }
+
+ private:
+  std::vector<double> ns_;
+};
+
+/// Collects result rows and writes them as a JSON array of flat objects.
+class JsonRows {
+ public:
+  JsonRows& row() {
+    rows_.emplace_back();
+    return *this;
+  }
+  JsonRows& set(const std::string& k, const std::string& v) {
+    rows_.back() += (rows_.back().empty() ? "" : ", ") + quote(k) + ": " + quote(v);
+    return *this;
+  }
+  JsonRows& set(const std::string& k, double v) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.6g", v);
+    rows_.back() += (rows_.back().empty() ? "" : ", ") + quote(k) + ": " + buf;
+    return *this;
+  }
+  void write(const std::string& path, const std::string& meta) const {
+    if (path.empty()) return;
+    std::ofstream out(path);
+    out << "{\"meta\": {" << meta << "},\n \"rows\": [\n";
+    for (std::size_t i = 0; i < rows_.size(); ++i)
+      out << "  {" << rows_[i] << "}" << (i + 1 < rows_.size() ? ",\n" : "\n");
+    out << "]}\n";
+    if (!out) {
+      std::fprintf(stderr, "error: could not write %s\n", path.c_str());
+      std::exit(1);
+    }
+  }
+  static std::string quote(const std::string& s) { return "\"" + s + "\""; }
+
+ private:
+  std::vector<std::string> rows_;
+};
+
+/// "device": ..., "torch": ..., "date": ... for the JSON meta block and the table header.
+inline std::string meta_json(c10::Device device, const std::string& extra) {
+  char date[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%MZ", std::gmtime(&now));
+  return "\"device\": \"" + device.str() + "\", \"torch\": \"" TORCH_VERSION "\", \"date\": \"" +
+         date + "\"" + (extra.empty() ? "" : ", " + extra);
+}
+
+/// Pins LibTorch to one intra-op thread, and warns when OpenBLAS may use more.
+inline void pin_threads() {
+  at::set_num_threads(1);
+  const char* ob = std::getenv("OPENBLAS_NUM_THREADS");
+  if (ob == nullptr || std::string(ob) != "1")
+    std::fprintf(stderr, "note: set OPENBLAS_NUM_THREADS=1 for comparable CPU numbers\n");
+}
+
+/// Runs `fn` on `threads` threads that start together; returns wall seconds.
+template <class Fn>
+double run_threads(int threads, Fn fn) {
+  std::vector<std::thread> pool;
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  Clock::time_point start;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      ready.fetch_add(1);
+      while (!go.load()) std::this_thread::yield();
+      fn(t);
+    });
+  while (ready.load() < threads) std::this_thread::yield();
+  start = Clock::now();
+  go = true;
+  for (auto& th : pool) th.join();
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+}  // namespace syncbatch::bench

@@ -1,0 +1,121 @@
+// sync_frequency: the seed table (ops/s when syncing every N ops) for the 1-layer and 3-layer
+// MLP, device and event sync, measured three ways side by side: a hand-written loop, SyncScope,
+// and BatchedSubmitter in per-call mode. Each cell is the median of --reps interleaved runs.
+#include <cstdio>
+
+#include "bench_common.hpp"
+
+using namespace syncbatch;
+using namespace syncbatch::bench;
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Flags flags(argc, argv,
+                    "sync_frequency: ops/s syncing every N ops: raw loop vs SyncScope vs "
+                    "BatchedSubmitter (per-call)",
+                    {{"device", "auto"},
+                     {"every", "1,2,4,8,16,32,64,128,256"},
+                     {"layers", "1,3"},
+                     {"sync", "device,event"},
+                     {"ops", "4096"},
+                     {"reps", "3"},
+                     {"width", "256"},
+                     {"json", ""}});
+  pin_threads();
+  const c10::Device device = device_flag(flags);
+  const int ops = static_cast<int>(flags.num("ops"));
+  const int reps = std::max(1, static_cast<int>(flags.num("reps")));
+  const int width = static_cast<int>(flags.num("width"));
+  std::vector<std::string> modes;
+  {
+    std::stringstream s(flags.str("sync"));
+    for (std::string m; std::getline(s, m, ',');) modes.push_back(m);
+  }
+  c10::InferenceMode inference;
+  JsonRows json;
+  std::printf("sync_frequency: MLP width %d, batch 1, %d ops per run, median of %d, %s, LibTorch %s\n",
+              width, ops, reps, device.str().c_str(), TORCH_VERSION);
+  for (int layers : flags.ints("layers")) {
+    const Mlp mlp(layers, width, device);
+    const at::Tensor x = at::randn({1, width}, at::TensorOptions().device(device));
+    for (const std::string& mode_name : modes) {
+      const SyncMode mode = sync_flag(mode_name);
+      BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>* submitter = nullptr;
+      auto time_ops = [&](auto&& body) {
+        const auto start = Clock::now();
+        body();
+        return ops / std::chrono::duration<double>(Clock::now() - start).count();
+      };
+      auto raw = [&](std::size_t n) {
+        DeviceSync sync(device, mode);
+        return time_ops([&] {
+          for (int i = 0; i < ops; ++i) {
+            mlp(x);
+            if ((i + 1) % n == 0) sync();
+          }
+          sync();
+        });
+      };
+      auto scope = [&](std::size_t n) {
+        return time_ops([&] {
+          SyncScope s(EveryN{n}, DeviceSync(device, mode));
+          for (int i = 0; i < ops; ++i) {
+            mlp(x);
+            s.tick();
+          }
+          s.flush();
+        });
+      };
+      auto submit = [&](std::size_t) {
+        std::vector<Future<at::Tensor>> futures;
+        futures.reserve(ops);
+        return time_ops([&] {
+          for (int i = 0; i < ops; ++i) futures.push_back(submitter->submit(x));
+          for (auto& f : futures) f.get();
+        });
+      };
+      std::printf("\n%d-layer, %s sync\n\n", layers, mode_name.c_str());
+      std::printf("| sync every | raw ops/s | speedup | SyncScope ops/s | scope/raw | submitter ops/s "
+                  "| submitter/raw |\n|--:|--:|--:|--:|--:|--:|--:|\n");
+      double base = 0;
+      for (int n : flags.ints("every")) {
+        const auto every = static_cast<std::size_t>(n);
+        BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend> s(
+            [&](at::Tensor& in) { return mlp(in); },
+            {.queue_capacity = static_cast<std::size_t>(ops), .policy = EveryN{every}},
+            TorchBackend(device, {.mode = mode}));
+        submitter = &s;
+        raw(every), scope(every), submit(every);  // warm-up
+        std::vector<double> r, sc, su;
+        for (int k = 0; k < reps; ++k) {
+          r.push_back(raw(every));
+          sc.push_back(scope(every));
+          su.push_back(submit(every));
+        }
+        const double raw_ops = median(r), scope_ops = median(sc), sub_ops = median(su);
+        if (base == 0) base = raw_ops;
+        std::printf("| %d | %.0f | %.2fx | %.0f | %.3f | %.0f | %.3f |\n", n, raw_ops, raw_ops / base,
+                    scope_ops, scope_ops / raw_ops, sub_ops, sub_ops / raw_ops);
+        std::fflush(stdout);
+        json.row()
+            .set("layers", layers)
+            .set("sync", mode_name)
+            .set("every", n)
+            .set("raw_ops", raw_ops)
+            .set("scope_ops", scope_ops)
+            .set("submitter_ops", sub_ops);
+      }
+    }
+  }
+  json.write(flags.str("json"), meta_json(device, "\"bench\": \"sync_frequency\", \"width\": " +
+                                                      flags.str("width")));
+  return 0;
+}

@@ -1,0 +1,161 @@
+// threads_vs_batching: T client threads, each submitting batch-1 requests to an MLP, served four
+// ways side by side in one run:
+//   per-op   each client thread forwards on its own stream and syncs after every op
+//   per-call BatchedSubmitter, per-call mode: one forward per request, one sync per batch
+//   stacked  BatchedSubmitter, stacked mode: one forward per batch of requests
+//   ideal    one thread forwarding pre-stacked batches of T rows (no queue, no clients)
+// Closed loop: each client waits for its result before sending the next. Prints throughput,
+// client-side p50/p99 latency and the ratios stacked/per-op and stacked/ideal.
+#include <cstdio>
+
+#include "bench_common.hpp"
+
+using namespace syncbatch;
+using namespace syncbatch::bench;
+
+namespace {
+
+struct Cell {
+  double ops_per_s = 0;
+  double p50_us = 0;
+  double p99_us = 0;
+  double mean_batch = 0;
+};
+
+// Runs `op(thread)` in a closed loop on `threads` threads for `seconds` (after a warm-up of
+// `warmup` seconds); one op is one request (or, for the ideal row, `rows_per_op` requests).
+template <class Op>
+Cell closed_loop(int threads, double warmup, double seconds, Op op, int rows_per_op = 1) {
+  auto loop = [&](double duration, bool record) {
+    std::vector<Samples> samples(threads);
+    std::vector<long> counts(threads, 0);
+    const double wall = run_threads(threads, [&](int t) {
+      const auto end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                          std::chrono::duration<double>(duration));
+      for (auto now = Clock::now(); now < end;) {
+        op(t);
+        const auto after = Clock::now();
+        if (record) samples[t].add(after - now);
+        ++counts[t];
+        now = after;
+      }
+    });
+    Cell c;
+    long total = 0;
+    for (long n : counts) total += n;
+    c.ops_per_s = static_cast<double>(total) * rows_per_op / wall;
+    Samples all;
+    for (auto& s : samples) all.merge(s);
+    c.p50_us = all.percentile_us(0.50);
+    c.p99_us = all.percentile_us(0.99);
+    return c;
+  };
+  loop(warmup, false);
+  return loop(seconds, true);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Flags flags(argc, argv,
+                    "threads_vs_batching: per-op sync vs BatchedSubmitter (per-call, stacked) vs "
+                    "pre-stacked ideal, T client threads",
+                    {{"device", "auto"},
+                     {"threads", "1,2,4,8,16,32,64"},
+                     {"seconds", "1"},
+                     {"warmup", "0.3"},
+                     {"layers", "3"},
+                     {"width", "256"},
+                     {"sync", "event"},
+                     {"max-batch", "256"},
+                     {"workers", "1"},
+                     {"json", ""}});
+  pin_threads();
+  const c10::Device device = device_flag(flags);
+  const SyncMode mode = sync_flag(flags.str("sync"));
+  const int width = static_cast<int>(flags.num("width"));
+  const double seconds = flags.num("seconds"), warmup = flags.num("warmup");
+  const auto max_batch = static_cast<std::size_t>(flags.num("max-batch"));
+  const auto workers = static_cast<std::size_t>(flags.num("workers"));
+  c10::InferenceMode inference;
+  const Mlp mlp(static_cast<int>(flags.num("layers")), width, device);
+  const auto opts = at::TensorOptions().device(device);
+
+  using Submitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
+  Submitter per_call([&](at::Tensor& x) { return mlp(x); },
+                     {.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
+                     TorchBackend(device, {.mode = mode}));
+  Submitter stacked(make_stacked_model([&](const at::Tensor& x) { return mlp(x); }),
+                    {.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
+                    TorchBackend(device, {.mode = mode}));
+
+  std::printf("threads_vs_batching: %d-layer MLP width %d, batch-1 requests, %s, %s sync, "
+              "LibTorch %s, %zu worker(s), max batch %zu, %.1f s per cell\n\n",
+              static_cast<int>(flags.num("layers")), width, device.str().c_str(),
+              flags.str("sync").c_str(), TORCH_VERSION, workers, max_batch, seconds);
+  std::printf("| T | per-op ops/s | p50 us | p99 us | per-call ops/s | p50 us | p99 us | stacked "
+              "ops/s | p50 us | p99 us | mean batch | ideal ops/s | stacked/per-op | "
+              "stacked/ideal |\n");
+  std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+  JsonRows json;
+  for (int threads : flags.ints("threads")) {
+    std::vector<at::Tensor> inputs;
+    for (int t = 0; t < threads; ++t) inputs.push_back(at::randn({1, width}, opts));
+
+    // Per-op: each client thread on its own stream, syncing after every op.
+    std::vector<std::unique_ptr<DeviceSync>> syncs(threads);
+    const Cell per_op = closed_loop(threads, warmup, seconds, [&](int t) {
+      thread_local std::unique_ptr<OwnStream> stream;
+      thread_local c10::InferenceMode guard;
+      if (!stream) stream = std::make_unique<OwnStream>(device);
+      if (!syncs[t]) syncs[t] = std::make_unique<DeviceSync>(device, mode);
+      mlp(inputs[t]);
+      (*syncs[t])();
+    });
+    const auto before_pc = per_call.stats();
+    Cell pc = closed_loop(threads, warmup, seconds, [&](int t) { per_call.submit(inputs[t]).get(); });
+    const auto after_pc = per_call.stats();
+    pc.mean_batch = static_cast<double>(after_pc.completed - before_pc.completed) /
+                    static_cast<double>(std::max<std::uint64_t>(1, after_pc.batches - before_pc.batches));
+    const auto before_st = stacked.stats();
+    Cell st = closed_loop(threads, warmup, seconds, [&](int t) { stacked.submit(inputs[t]).get(); });
+    const auto after_st = stacked.stats();
+    st.mean_batch = static_cast<double>(after_st.completed - before_st.completed) /
+                    static_cast<double>(std::max<std::uint64_t>(1, after_st.batches - before_st.batches));
+    // Ideal: one thread, batches of T rows already stacked, one sync per batch.
+    const at::Tensor batch = at::randn({threads, width}, opts);
+    DeviceSync ideal_sync(device, mode);
+    const Cell ideal = closed_loop(
+        1, warmup, seconds,
+        [&](int) {
+          mlp(batch);
+          ideal_sync();
+        },
+        threads);
+    std::printf("| %d | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %.0f | "
+                "%.2fx | %.2f |\n",
+                threads, per_op.ops_per_s, per_op.p50_us, per_op.p99_us, pc.ops_per_s, pc.p50_us,
+                pc.p99_us, st.ops_per_s, st.p50_us, st.p99_us, st.mean_batch, ideal.ops_per_s,
+                st.ops_per_s / per_op.ops_per_s, st.ops_per_s / ideal.ops_per_s);
+    std::fflush(stdout);
+    json.row()
+        .set("threads", threads)
+        .set("per_op_ops", per_op.ops_per_s)
+        .set("per_op_p50_us", per_op.p50_us)
+        .set("per_op_p99_us", per_op.p99_us)
+        .set("per_call_ops", pc.ops_per_s)
+        .set("per_call_p50_us", pc.p50_us)
+        .set("per_call_p99_us", pc.p99_us)
+        .set("per_call_mean_batch", pc.mean_batch)
+        .set("stacked_ops", st.ops_per_s)
+        .set("stacked_p50_us", st.p50_us)
+        .set("stacked_p99_us", st.p99_us)
+        .set("stacked_mean_batch", st.mean_batch)
+        .set("ideal_ops", ideal.ops_per_s);
+  }
+  json.write(flags.str("json"),
+             meta_json(device, "\"bench\": \"threads_vs_batching\", \"layers\": " +
+                                   flags.str("layers") + ", \"width\": " + flags.str("width") +
+                                   ", \"sync\": \"" + flags.str("sync") + "\""));
+  return 0;
+}
