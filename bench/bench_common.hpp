@@ -7,11 +7,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <ctime>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -34,7 +34,8 @@ class Flags {
     for (int i = 1; i < argc; ++i) {
       std::string flag = argv[i];
       if (flag == "--help" || flag == "-h") fail("");
-      if (flag.rfind("--", 0) != 0 || i + 1 >= argc) fail("expected --name value, got '" + flag + "'");
+      if (flag.rfind("--", 0) != 0 || i + 1 >= argc)
+        fail("expected --name value, got '" + flag + "'");
       flag = flag.substr(2);
       if (!values_.count(flag)) fail("unknown flag --" + flag);
       values_[flag] = argv[++i];
@@ -45,7 +46,8 @@ class Flags {
     const std::string& v = values_.at(name);
     char* end = nullptr;
     const double d = std::strtod(v.c_str(), &end);
-    if (v.empty() || *end != '\0' || d < 0) fail("--" + name + ": expected a number >= 0, got '" + v + "'");
+    if (v.empty() || *end != '\0' || d < 0)
+      fail("--" + name + ": expected a number >= 0, got '" + v + "'");
     return d;
   }
   std::vector<int> ints(const std::string& name) const {
@@ -119,7 +121,8 @@ class OwnStream {
   explicit OwnStream(c10::Device device)
       : guard_(device.is_cuda() ? c10::impl::getDeviceGuardImpl(device.type())
                                       ->getStreamFromGlobalPool(device, false)
-                                : c10::impl::getDeviceGuardImpl(device.type())->getStream(device)) {}
+                                : c10::impl::getDeviceGuardImpl(device.type())->getStream(device)) {
+  }
 
  private:
   c10::StreamGuard guard_;
@@ -128,7 +131,9 @@ class OwnStream {
 /// Latency samples of one run; percentiles by sorting (benchmarks only, not the library).
 class Samples {
  public:
-  void add(Clock::duration d) { ns_.push_back(std::chrono::duration<double, std::nano>(d).count()); }
+  void add(Clock::duration d) {
+    ns_.push_back(std::chrono::duration<double, std::nano>(d).count());
+  }
   void merge(const Samples& other) { ns_.insert(ns_.end(), other.ns_.begin(), other.ns_.end()); }
   double percentile_us(double q) {
     if (ns_.empty()) return 0;

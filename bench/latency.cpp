@@ -11,16 +11,17 @@ using namespace syncbatch;
 using namespace syncbatch::bench;
 
 int main(int argc, char** argv) {
-  const Flags flags(argc, argv, "latency: open-loop Poisson arrivals, each policy",
-                    {{"device", "auto"},
-                     {"rates", "1000,10000,50000"},
-                     {"seconds", "1"},
-                     {"policies", "every:1,every:16,every:256,time:200us:256,time:1ms:256,adaptive:2ms"},
-                     {"mode", "stacked"},
-                     {"layers", "3"},
-                     {"width", "256"},
-                     {"sync", "event"},
-                     {"json", ""}});
+  const Flags flags(
+      argc, argv, "latency: open-loop Poisson arrivals, each policy",
+      {{"device", "auto"},
+       {"rates", "1000,10000,50000"},
+       {"seconds", "1"},
+       {"policies", "every:1,every:16,every:256,time:200us:256,time:1ms:256,adaptive:2ms"},
+       {"mode", "stacked"},
+       {"layers", "3"},
+       {"width", "256"},
+       {"sync", "event"},
+       {"json", ""}});
   pin_threads();
   const c10::Device device = device_flag(flags);
   const SyncMode mode = sync_flag(flags.str("sync"));
@@ -42,19 +43,22 @@ int main(int argc, char** argv) {
   c10::InferenceMode inference;
   const Mlp mlp(static_cast<int>(flags.num("layers")), width, device);
   const at::Tensor x = at::randn({1, width}, at::TensorOptions().device(device));
-  std::printf("latency: open-loop Poisson arrivals, %d-layer MLP width %d, %s mode, %s, %s sync, "
-              "LibTorch %s, %.1f s per cell\n\n",
-              static_cast<int>(flags.num("layers")), width, flags.str("mode").c_str(),
-              device.str().c_str(), flags.str("sync").c_str(), TORCH_VERSION, flags.num("seconds"));
-  std::printf("| policy | offered req/s | achieved req/s | p50 us | p99 us | p999 us | mean batch |\n"
-              "|---|--:|--:|--:|--:|--:|--:|\n");
+  std::printf(
+      "latency: open-loop Poisson arrivals, %d-layer MLP width %d, %s mode, %s, %s sync, "
+      "LibTorch %s, %.1f s per cell\n\n",
+      static_cast<int>(flags.num("layers")), width, flags.str("mode").c_str(), device.str().c_str(),
+      flags.str("sync").c_str(), TORCH_VERSION, flags.num("seconds"));
+  std::printf(
+      "| policy | offered req/s | achieved req/s | p50 us | p99 us | p999 us | mean batch |\n"
+      "|---|--:|--:|--:|--:|--:|--:|\n");
   JsonRows json;
   for (const SyncPolicy& policy : policies) {
     using Submitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
     const SubmitterOptions options{.queue_capacity = 1 << 16, .policy = policy};
     auto submitter =
-        stacked ? std::make_unique<Submitter>(make_stacked_model([&](const at::Tensor& in) { return mlp(in); }),
-                                              options, TorchBackend(device, {.mode = mode}))
+        stacked ? std::make_unique<Submitter>(
+                      make_stacked_model([&](const at::Tensor& in) { return mlp(in); }), options,
+                      TorchBackend(device, {.mode = mode}))
                 : std::make_unique<Submitter>([&](at::Tensor& in) { return mlp(in); }, options,
                                               TorchBackend(device, {.mode = mode}));
     for (int i = 0; i < 200; ++i) submitter->submit(x).get();  // warm-up
@@ -89,8 +93,8 @@ int main(int argc, char** argv) {
                                 std::max<std::uint64_t>(1, after.batches - before.batches);
       const double p50 = lat.percentile_us(0.5), p99 = lat.percentile_us(0.99),
                    p999 = lat.percentile_us(0.999);
-      std::printf("| %s | %d | %.0f | %.0f | %.0f | %.0f | %.1f |\n", policy.describe().c_str(), rate,
-                  n / span, p50, p99, p999, mean_batch);
+      std::printf("| %s | %d | %.0f | %.0f | %.0f | %.0f | %.1f |\n", policy.describe().c_str(),
+                  rate, n / span, p50, p99, p999, mean_batch);
       std::fflush(stdout);
       json.row()
           .set("policy", policy.describe())
@@ -102,7 +106,7 @@ int main(int argc, char** argv) {
           .set("mean_batch", mean_batch);
     }
   }
-  json.write(flags.str("json"), meta_json(device, "\"bench\": \"latency\", \"mode\": \"" +
-                                                      flags.str("mode") + "\""));
+  json.write(flags.str("json"),
+             meta_json(device, "\"bench\": \"latency\", \"mode\": \"" + flags.str("mode") + "\""));
   return 0;
 }

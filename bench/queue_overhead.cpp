@@ -22,7 +22,8 @@ constexpr std::size_t kWindow = 64;
 
 syncbatch::BatchedSubmitter<int, int>& submitter() {
   static auto* s = new syncbatch::BatchedSubmitter<int, int>(
-      [](int& x) { return x + 1; }, {.queue_capacity = 8 * kWindow * 2, .policy = syncbatch::EveryN{64}});
+      [](int& x) { return x + 1; },
+      {.queue_capacity = 8 * kWindow * 2, .policy = syncbatch::EveryN{64}});
   return *s;
 }
 
@@ -117,8 +118,9 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
   void print_ratios() const {
     std::printf("\n(median of the repetitions when --benchmark_repetitions is given)\n");
-    std::printf("\n| producers | syncbatch ns/request | mutex+condvar+promise ns/request | "
-                "baseline/syncbatch |\n|--:|--:|--:|--:|\n");
+    std::printf(
+        "\n| producers | syncbatch ns/request | mutex+condvar+promise ns/request | "
+        "baseline/syncbatch |\n|--:|--:|--:|--:|\n");
     for (const auto& [threads, r] : rates_) {
       if (r[0] <= 0 || r[1] <= 0) continue;
       std::printf("| %d | %.0f | %.0f | %.2fx |\n", threads, 1e9 / r[0], 1e9 / r[1], r[0] / r[1]);

@@ -41,8 +41,9 @@ int main(int argc, char** argv) {
   }
   c10::InferenceMode inference;
   JsonRows json;
-  std::printf("sync_frequency: MLP width %d, batch 1, %d ops per run, median of %d, %s, LibTorch %s\n",
-              width, ops, reps, device.str().c_str(), TORCH_VERSION);
+  std::printf(
+      "sync_frequency: MLP width %d, batch 1, %d ops per run, median of %d, %s, LibTorch %s\n",
+      width, ops, reps, device.str().c_str(), TORCH_VERSION);
   for (int layers : flags.ints("layers")) {
     const Mlp mlp(layers, width, device);
     const at::Tensor x = at::randn({1, width}, at::TensorOptions().device(device));
@@ -83,8 +84,9 @@ int main(int argc, char** argv) {
         });
       };
       std::printf("\n%d-layer, %s sync\n\n", layers, mode_name.c_str());
-      std::printf("| sync every | raw ops/s | speedup | SyncScope ops/s | scope/raw | submitter ops/s "
-                  "| submitter/raw |\n|--:|--:|--:|--:|--:|--:|--:|\n");
+      std::printf(
+          "| sync every | raw ops/s | speedup | SyncScope ops/s | scope/raw | submitter ops/s "
+          "| submitter/raw |\n|--:|--:|--:|--:|--:|--:|--:|\n");
       double base = 0;
       for (int n : flags.ints("every")) {
         const auto every = static_cast<std::size_t>(n);
@@ -102,8 +104,8 @@ int main(int argc, char** argv) {
         }
         const double raw_ops = median(r), scope_ops = median(sc), sub_ops = median(su);
         if (base == 0) base = raw_ops;
-        std::printf("| %d | %.0f | %.2fx | %.0f | %.3f | %.0f | %.3f |\n", n, raw_ops, raw_ops / base,
-                    scope_ops, scope_ops / raw_ops, sub_ops, sub_ops / raw_ops);
+        std::printf("| %d | %.0f | %.2fx | %.0f | %.3f | %.0f | %.3f |\n", n, raw_ops,
+                    raw_ops / base, scope_ops, scope_ops / raw_ops, sub_ops, sub_ops / raw_ops);
         std::fflush(stdout);
         json.row()
             .set("layers", layers)
@@ -115,7 +117,7 @@ int main(int argc, char** argv) {
       }
     }
   }
-  json.write(flags.str("json"), meta_json(device, "\"bench\": \"sync_frequency\", \"width\": " +
-                                                      flags.str("width")));
+  json.write(flags.str("json"),
+             meta_json(device, "\"bench\": \"sync_frequency\", \"width\": " + flags.str("width")));
   return 0;
 }

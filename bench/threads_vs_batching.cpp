@@ -22,18 +22,22 @@ struct Cell {
   double mean_batch = 0;
 };
 
-// Runs `op(thread)` in a closed loop on `threads` threads for `seconds` (after a warm-up of
-// `warmup` seconds); one op is one request (or, for the ideal row, `rows_per_op` requests).
-template <class Op>
-Cell closed_loop(int threads, double warmup, double seconds, Op op, int rows_per_op = 1) {
+// Runs a closed loop on `threads` threads for `seconds` (after a warm-up of `warmup` seconds):
+// each thread makes its client with `make_client(thread)` (on that thread) and calls it once per
+// request (for the ideal row, once per `rows_per_op` requests).
+template <class MakeClient>
+Cell closed_loop(int threads, double warmup, double seconds, MakeClient make_client,
+                 int rows_per_op = 1) {
   auto loop = [&](double duration, bool record) {
     std::vector<Samples> samples(threads);
     std::vector<long> counts(threads, 0);
     const double wall = run_threads(threads, [&](int t) {
+      c10::InferenceMode inference;
+      auto client = make_client(t);
       const auto end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                           std::chrono::duration<double>(duration));
       for (auto now = Clock::now(); now < end;) {
-        op(t);
+        client();
         const auto after = Clock::now();
         if (record) samples[t].add(after - now);
         ++counts[t];
@@ -53,6 +57,18 @@ Cell closed_loop(int threads, double warmup, double seconds, Op op, int rows_per
   loop(warmup, false);
   return loop(seconds, true);
 }
+
+// A client that forwards and syncs after every op, on a stream of its own.
+struct PerOpClient {
+  const Mlp& mlp;
+  const at::Tensor& input;
+  OwnStream stream;
+  DeviceSync sync;
+  void operator()() {
+    mlp(input);
+    sync();
+  }
+};
 
 }  // namespace
 
@@ -89,13 +105,15 @@ int main(int argc, char** argv) {
                     {.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
                     TorchBackend(device, {.mode = mode}));
 
-  std::printf("threads_vs_batching: %d-layer MLP width %d, batch-1 requests, %s, %s sync, "
-              "LibTorch %s, %zu worker(s), max batch %zu, %.1f s per cell\n\n",
-              static_cast<int>(flags.num("layers")), width, device.str().c_str(),
-              flags.str("sync").c_str(), TORCH_VERSION, workers, max_batch, seconds);
-  std::printf("| T | per-op ops/s | p50 us | p99 us | per-call ops/s | p50 us | p99 us | stacked "
-              "ops/s | p50 us | p99 us | mean batch | ideal ops/s | stacked/per-op | "
-              "stacked/ideal |\n");
+  std::printf(
+      "threads_vs_batching: %d-layer MLP width %d, batch-1 requests, %s, %s sync, "
+      "LibTorch %s, %zu worker(s), max batch %zu, %.1f s per cell\n\n",
+      static_cast<int>(flags.num("layers")), width, device.str().c_str(), flags.str("sync").c_str(),
+      TORCH_VERSION, workers, max_batch, seconds);
+  std::printf(
+      "| T | per-op ops/s | p50 us | p99 us | per-call ops/s | p50 us | p99 us | stacked "
+      "ops/s | p50 us | p99 us | mean batch | ideal ops/s | stacked/per-op | "
+      "stacked/ideal |\n");
   std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
   JsonRows json;
   for (int threads : flags.ints("threads")) {
@@ -103,40 +121,40 @@ int main(int argc, char** argv) {
     for (int t = 0; t < threads; ++t) inputs.push_back(at::randn({1, width}, opts));
 
     // Per-op: each client thread on its own stream, syncing after every op.
-    std::vector<std::unique_ptr<DeviceSync>> syncs(threads);
     const Cell per_op = closed_loop(threads, warmup, seconds, [&](int t) {
-      thread_local std::unique_ptr<OwnStream> stream;
-      thread_local c10::InferenceMode guard;
-      if (!stream) stream = std::make_unique<OwnStream>(device);
-      if (!syncs[t]) syncs[t] = std::make_unique<DeviceSync>(device, mode);
-      mlp(inputs[t]);
-      (*syncs[t])();
+      return PerOpClient{mlp, inputs[t], OwnStream(device), DeviceSync(device, mode)};
     });
     const auto before_pc = per_call.stats();
-    Cell pc = closed_loop(threads, warmup, seconds, [&](int t) { per_call.submit(inputs[t]).get(); });
+    Cell pc = closed_loop(threads, warmup, seconds,
+                          [&](int t) { return [&, t] { per_call.submit(inputs[t]).get(); }; });
     const auto after_pc = per_call.stats();
-    pc.mean_batch = static_cast<double>(after_pc.completed - before_pc.completed) /
-                    static_cast<double>(std::max<std::uint64_t>(1, after_pc.batches - before_pc.batches));
+    pc.mean_batch =
+        static_cast<double>(after_pc.completed - before_pc.completed) /
+        static_cast<double>(std::max<std::uint64_t>(1, after_pc.batches - before_pc.batches));
     const auto before_st = stacked.stats();
-    Cell st = closed_loop(threads, warmup, seconds, [&](int t) { stacked.submit(inputs[t]).get(); });
+    Cell st = closed_loop(threads, warmup, seconds,
+                          [&](int t) { return [&, t] { stacked.submit(inputs[t]).get(); }; });
     const auto after_st = stacked.stats();
-    st.mean_batch = static_cast<double>(after_st.completed - before_st.completed) /
-                    static_cast<double>(std::max<std::uint64_t>(1, after_st.batches - before_st.batches));
+    st.mean_batch =
+        static_cast<double>(after_st.completed - before_st.completed) /
+        static_cast<double>(std::max<std::uint64_t>(1, after_st.batches - before_st.batches));
     // Ideal: one thread, batches of T rows already stacked, one sync per batch.
     const at::Tensor batch = at::randn({threads, width}, opts);
-    DeviceSync ideal_sync(device, mode);
     const Cell ideal = closed_loop(
         1, warmup, seconds,
         [&](int) {
-          mlp(batch);
-          ideal_sync();
+          return [&, sync = DeviceSync(device, mode)]() mutable {
+            mlp(batch);
+            sync();
+          };
         },
         threads);
-    std::printf("| %d | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %.0f | "
-                "%.2fx | %.2f |\n",
-                threads, per_op.ops_per_s, per_op.p50_us, per_op.p99_us, pc.ops_per_s, pc.p50_us,
-                pc.p99_us, st.ops_per_s, st.p50_us, st.p99_us, st.mean_batch, ideal.ops_per_s,
-                st.ops_per_s / per_op.ops_per_s, st.ops_per_s / ideal.ops_per_s);
+    std::printf(
+        "| %d | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %.0f | "
+        "%.2fx | %.2f |\n",
+        threads, per_op.ops_per_s, per_op.p50_us, per_op.p99_us, pc.ops_per_s, pc.p50_us, pc.p99_us,
+        st.ops_per_s, st.p50_us, st.p99_us, st.mean_batch, ideal.ops_per_s,
+        st.ops_per_s / per_op.ops_per_s, st.ops_per_s / ideal.ops_per_s);
     std::fflush(stdout);
     json.row()
         .set("threads", threads)

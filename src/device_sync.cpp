@@ -140,6 +140,17 @@ TorchBackend::Worker::Worker(c10::Device device, c10::Stream stream,
       stream_guard_(stream),
       sync_(device, options.mode, stream, options.fallback_to_device) {
   if (options.inference_mode) inference_mode_.emplace();
+  if (options.wait_for_default_stream && !device.is_cpu() &&
+      stream != guard_impl(device.type())->getDefaultStream(device))
+    inputs_ready_.emplace(device.type());
+}
+
+void TorchBackend::Worker::before_run(std::chrono::steady_clock::time_point arrived) {
+  if (!inputs_ready_ || arrived < covered_until_) return;
+  // Everything submitted before now had its inputs enqueued before now.
+  covered_until_ = std::chrono::steady_clock::now();
+  inputs_ready_->record(guard_impl(stream_.device_type())->getDefaultStream(stream_.device()));
+  inputs_ready_->block(stream_);
 }
 
 TorchBackend::Worker TorchBackend::make_worker(std::size_t) const {

@@ -46,6 +46,11 @@ struct SubmitterOptions {
 
 /// A backend gives each worker thread a context, created on that thread, whose sync() waits
 /// until all work the worker issued since the last sync has completed on the device.
+///
+/// A context may also have `before_run(Clock::time_point arrived)`: called before a request (or
+/// stacked batch) whose latest arrival was `arrived` runs, so that the worker can order its
+/// stream after the work that produced the inputs (TorchBackend makes its stream wait for the
+/// device's default stream).
 template <class B>
 concept SubmitterBackend = requires(const B& b, std::size_t worker_index) {
   {b.make_worker(worker_index)};
@@ -352,7 +357,10 @@ class BatchedSubmitter {
         continue;
       }
       stats_.queue_delay().record(started - request->arrived());
-      if (per_call_ && !run_request(*request)) continue;
+      if (per_call_) {
+        before_run(ctx, request->arrived());
+        if (!run_request(*request)) continue;
+      }
       if (batch.empty()) work.oldest = request->arrived();
       batch.push_back(request);
       work.ops = batch.size();
@@ -365,16 +373,16 @@ class BatchedSubmitter {
   bool run_request(RequestT& request) {
     try {
       request.set_value(per_call_(request.input()));
-      request.drop_input();
-      return true;
+      return true;  // the input lives until the batch's sync: the device may still read it
     } catch (...) {
       fail_alone(request, std::current_exception(), /*expired=*/false);
       return false;
     }
   }
 
+  // Completes a request that never joined a batch. Its input stays with the request (the model
+  // may have issued device work that reads it before throwing).
   void fail_alone(RequestT& request, std::exception_ptr error, bool expired) {
-    request.drop_input();
     request.set_error(std::move(error));
     const auto now = Clock::now();
     request.complete();
@@ -384,9 +392,19 @@ class BatchedSubmitter {
   }
 
   template <class Ctx>
+  static void before_run(Ctx& ctx, Clock::time_point arrived) {
+    if constexpr (requires { ctx.before_run(arrived); }) ctx.before_run(arrived);
+  }
+
+  template <class Ctx>
   void finish_batch(Ctx& ctx, SyncPolicy& policy, std::vector<RequestPtr>& batch,
                     PendingWork& work) {
-    if (stacked_) run_stacked(batch);
+    if (stacked_) {
+      Clock::time_point latest = work.oldest;
+      for (RequestPtr r : batch) latest = std::max(latest, r->arrived());
+      before_run(ctx, latest);
+      run_stacked(batch);
+    }
     const auto before = Clock::now();
     std::exception_ptr sync_error;
     try {
@@ -400,6 +418,7 @@ class BatchedSubmitter {
     const std::size_t size = batch.size();
     std::size_t failures = 0;
     for (RequestPtr r : batch) {
+      r->drop_input();
       if (sync_error) r->set_error(sync_error);
       failures += r->has_error() ? 1 : 0;
       r->complete();
@@ -424,7 +443,6 @@ class BatchedSubmitter {
         if (!r->has_value() && !r->has_error()) r->set_error(error);
     }
     for (RequestPtr r : batch) {
-      r->drop_input();
       if (!r->has_value() && !r->has_error())
         r->set_error(std::make_exception_ptr(
             Error(ErrorCode::kBadRequest, "the stacked model gave this request no result")));

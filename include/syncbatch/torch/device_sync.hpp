@@ -2,12 +2,14 @@
 // backend that registers a c10 DeviceGuardImpl). Only c10 headers here: no ATen, no torch.h.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <optional>
 #include <string>
 
 #include <c10/core/Device.h>
+#include <c10/core/Event.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
@@ -77,11 +79,22 @@ struct TorchBackendOptions {
   bool inference_mode = true;
   /// See DeviceSync: fall back from event to device sync if events throw.
   bool fallback_to_device = false;
+  /// When a worker has a stream of its own: before running requests, make that stream wait for
+  /// the work already enqueued on the device's default stream, where callers that set no stream
+  /// produced their input tensors. One event per burst of requests, not per request. Inputs
+  /// produced on other streams must be complete (or on the CPU) when they are submitted.
+  bool wait_for_default_stream = true;
 };
 
 /// The BatchedSubmitter backend for a LibTorch device. Each worker thread gets a context that
 /// makes the worker's stream and device current on that thread for its lifetime (so the model's
-/// ops go to that stream), enters inference mode if asked, and syncs as the mode says.
+/// ops go to that stream), enters inference mode if asked, orders its stream after the default
+/// stream's work before running requests (where it has a stream of its own), and syncs as the
+/// mode says.
+///
+/// Outputs are allocated on the worker's stream and complete when the Future is ready. A caller
+/// that uses an output on a stream of its own and frees it before that work completes should
+/// call recordStream on it, as with any tensor crossing streams.
 ///
 /// MPS: several threads encoding MPS work at once have crashed LibTorch; keep one worker per
 /// MPS device (SubmitterOptions::workers = 1, the default). make_worker does not enforce this.
@@ -98,6 +111,9 @@ class TorchBackend {
     Worker(const Worker&) = delete;
     Worker& operator=(const Worker&) = delete;
     void sync() { sync_(); }
+    /// Orders this worker's stream after the default stream's work enqueued before requests
+    /// that arrived at `arrived` (see TorchBackendOptions::wait_for_default_stream).
+    void before_run(std::chrono::steady_clock::time_point arrived);
     c10::Stream stream() const noexcept { return stream_; }
 
    private:
@@ -105,6 +121,8 @@ class TorchBackend {
     c10::StreamGuard stream_guard_;
     std::optional<c10::InferenceMode> inference_mode_;
     DeviceSync sync_;
+    std::optional<c10::Event> inputs_ready_;  // set when the stream is not the default stream
+    std::chrono::steady_clock::time_point covered_until_{};  // arrivals before it are ordered
   };
 
   /// Makes the context of worker `index`; call it on the worker thread.
