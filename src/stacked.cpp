@@ -182,12 +182,14 @@ class GroupRunner {
             " input rows: expected one output row per input row");
       outputs[k] = place_output(out, options_.output_device);
     }
-    int64_t offset = 0;
+    // One split per output (a single dispatcher call) rather than a narrow per request.
+    std::vector<std::vector<at::Tensor>> pieces;
+    pieces.reserve(outputs.size());
+    for (const auto& out : outputs) pieces.push_back(out.split_with_sizes(rows, 0));
     for (std::size_t g = 0; g < group.size(); ++g) {
       Tensors mine;
       mine.reserve(outputs.size());
-      for (const auto& out : outputs) mine.push_back(out.narrow(0, offset, rows[g]));
-      offset += rows[g];
+      for (auto& p : pieces) mine.push_back(std::move(p[g]));
       batch_.set_value(group[g], adapter_.result(std::move(mine)));
     }
   }

@@ -2,8 +2,10 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <functional>
 #include <latch>
@@ -73,8 +75,12 @@ namespace detail {
 template <class In, class Out>
 class Request : public Completion<Out> {
  public:
-  Request(In&& input, Clock::time_point arrived, Clock::time_point deadline)
-      : input_(std::move(input)), arrived_(arrived), deadline_(deadline) {}
+  Request(std::atomic<std::uint32_t>* wakeups, In&& input, Clock::time_point arrived,
+          Clock::time_point deadline)
+      : Completion<Out>(wakeups),
+        input_(std::move(input)),
+        arrived_(arrived),
+        deadline_(deadline) {}
   In& input() noexcept { return *input_; }
   void drop_input() noexcept { input_.reset(); }
   Clock::time_point arrived() const noexcept { return arrived_; }
@@ -90,8 +96,9 @@ class Request : public Completion<Out> {
 template <class In, class Out, class F>
 class CallbackRequest final : public Request<In, Out> {
  public:
-  CallbackRequest(In&& input, Clock::time_point arrived, Clock::time_point deadline, F&& f)
-      : Request<In, Out>(std::move(input), arrived, deadline), f_(std::move(f)) {}
+  CallbackRequest(std::atomic<std::uint32_t>* wakeups, In&& input, Clock::time_point arrived,
+                  Clock::time_point deadline, F&& f)
+      : Request<In, Out>(wakeups, std::move(input), arrived, deadline), f_(std::move(f)) {}
   void complete() noexcept override {
     try {
       auto [error, value] = this->take_pair();
@@ -217,7 +224,8 @@ class BatchedSubmitter {
   /// Errors: throws Error(kShutDown) after shutdown() began, Error(kQueueFull) when the queue is
   /// full and the policy is kReject. The input is consumed either way.
   Future<Out> submit(In input, Clock::time_point deadline = Clock::time_point::max()) {
-    auto* request = new detail::Request<In, Out>(std::move(input), Clock::now(), deadline);
+    auto* request =
+        new detail::Request<In, Out>(&wakeups_, std::move(input), Clock::now(), deadline);
     boost::intrusive_ptr<detail::Completion<Out>> handle(request);  // the Future's reference
     enqueue(request);
     return Future<Out>(std::move(handle));
@@ -233,7 +241,7 @@ class BatchedSubmitter {
   requires std::invocable<F&, std::exception_ptr, Out>
   void submit_then(In input, F on_done, Clock::time_point deadline = Clock::time_point::max()) {
     auto* request = new detail::CallbackRequest<In, Out, std::decay_t<F>>(
-        std::move(input), Clock::now(), deadline, std::move(on_done));
+        &wakeups_, std::move(input), Clock::now(), deadline, std::move(on_done));
     boost::intrusive_ptr<detail::Completion<Out>> guard(request);
     try {
       enqueue(request);
@@ -386,6 +394,7 @@ class BatchedSubmitter {
     request.set_error(std::move(error));
     const auto now = Clock::now();
     request.complete();
+    detail::Completion<Out>::wake_all(wakeups_);
     stats_.latency().record(now - request.arrived());
     intrusive_ptr_release(&request);
     stats_.on_unbatched_failure(expired);
@@ -425,6 +434,7 @@ class BatchedSubmitter {
       stats_.latency().record(after - r->arrived());
       intrusive_ptr_release(r);
     }
+    detail::Completion<Out>::wake_all(wakeups_);
     policy.observe(
         BatchObservation{size, after - before, after - work.oldest, after - work.oldest});
     stats_.on_batch(size, failures, policy.batch_limit());
@@ -454,6 +464,7 @@ class BatchedSubmitter {
   const SubmitterOptions options_;
   const Backend backend_;
   Queue queue_;
+  std::atomic<std::uint32_t> wakeups_{0};  // sleeping Futures wait here; bumped per batch
   detail::StatsCounters stats_;
   std::mutex shutdown_mutex_;  // serializes shutdown(); guards joining workers_
   std::vector<std::thread> workers_;

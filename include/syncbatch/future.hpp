@@ -27,6 +27,10 @@ template <class Out>
 class Completion
     : public boost::intrusive_ref_counter<Completion<Out>, boost::thread_safe_counter> {
  public:
+  /// `wakeups`: the word sleeping waiters wait on, shared by every request of one submitter and
+  /// bumped once per completed batch (one kernel wake per batch, not per request). It must
+  /// outlive every wait() that finds the request not ready: the submitter that completes it.
+  explicit Completion(std::atomic<std::uint32_t>* wakeups) noexcept : wakeups_(wakeups) {}
   virtual ~Completion() = default;
 
   /// Worker side: stores the value. Must be followed by complete().
@@ -37,22 +41,27 @@ class Completion
   bool has_value() const noexcept { return value_.has_value(); }
 
   /// Worker side: delivers the result. By default it makes the result visible to the Future:
-  /// everything written before happens-before any read by a waiter that observed ready().
-  /// Requests completed through a callback override this (see BatchedSubmitter::submit_then).
-  virtual void complete() noexcept {
-    // Only a waiter that went to sleep (kSleeping) needs the kernel to wake it.
-    if (status_.exchange(kReady, std::memory_order_acq_rel) == kSleeping) status_.notify_all();
+  /// everything written before happens-before any read by a waiter that observed ready(). A
+  /// waiter that sleeps is woken by the next wake_all() on the shared word. Requests completed
+  /// through a callback override this (see BatchedSubmitter::submit_then).
+  virtual void complete() noexcept { ready_.store(true, std::memory_order_release); }
+
+  /// Worker side: wakes every sleeping waiter of the submitter, after complete() of a batch.
+  static void wake_all(std::atomic<std::uint32_t>& wakeups) noexcept {
+    wakeups.fetch_add(1, std::memory_order_acq_rel);
+    wakeups.notify_all();
   }
 
-  bool ready() const noexcept { return status_.load(std::memory_order_acquire) == kReady; }
+  bool ready() const noexcept { return ready_.load(std::memory_order_acquire); }
   void wait() const noexcept {
     if (spin_until([this] { return ready(); }, kSpinBudget)) return;
-    std::uint32_t s = kPending;
-    // Announce the sleep; if the result came meanwhile the exchange fails and we return.
-    if (!status_.compare_exchange_strong(s, kSleeping, std::memory_order_acq_rel) && s == kReady)
-      return;
-    while (status_.load(std::memory_order_acquire) != kReady)
-      status_.wait(kSleeping, std::memory_order_acquire);
+    for (;;) {
+      // Read the word before checking: a completion after the check bumps it, so the wait
+      // below returns at once instead of missing the wake-up.
+      const std::uint32_t seen = wakeups_->load(std::memory_order_acquire);
+      if (ready()) return;
+      wakeups_->wait(seen, std::memory_order_acquire);
+    }
   }
   Out take() {
     if (error_) std::rethrow_exception(error_);
@@ -65,10 +74,8 @@ class Completion
   }
 
  private:
-  static constexpr std::uint32_t kPending = 0;
-  static constexpr std::uint32_t kReady = 1;
-  static constexpr std::uint32_t kSleeping = 2;  // pending, and a waiter blocks in the kernel
-  mutable std::atomic<std::uint32_t> status_{kPending};
+  std::atomic<bool> ready_{false};
+  std::atomic<std::uint32_t>* wakeups_;
   std::optional<Out> value_;  // written by the worker before complete()
   std::exception_ptr error_;  // written by the worker before complete()
 };
