@@ -569,3 +569,43 @@ TEST(Stats, HistogramBucketsBoundTheirValues) {
 
 }  // namespace
 }  // namespace syncbatch
+
+namespace syncbatch {
+namespace {
+
+// Regression: a producer that won the wake-up flag late (after the worker had already seen its
+// item) sent a stale notify; the worker went back to sleep without re-arming the flag, and the
+// next pushes did not wake it. Windowed producers with a no-op model hit it within seconds.
+TEST(RequestQueue, WindowedProducersNeverStall) {
+  BatchedSubmitter<int, int> s([](int& x) { return x + 1; },
+                               {.queue_capacity = 1024, .policy = EveryN{64}});
+  std::atomic<bool> stop{false};
+  std::atomic<int> stalls{0};
+  std::vector<std::thread> producers;
+  for (int p = 0; p < 4; ++p) {
+    producers.emplace_back([&] {
+      std::vector<Future<int>> window;
+      for (int i = 0; !stop.load(); ++i) {
+        window.push_back(s.submit(i));
+        if (window.size() < 64) continue;
+        for (auto& f : window) {
+          if (!f.wait_for(std::chrono::seconds(10))) {
+            stalls.fetch_add(1);
+            stop = true;
+            return;
+          }
+          f.get();
+        }
+        window.clear();
+      }
+      for (auto& f : window) f.get();
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  stop = true;
+  for (auto& t : producers) t.join();
+  EXPECT_EQ(stalls.load(), 0) << "a request waited 10 s in the queue: a lost wake-up";
+}
+
+}  // namespace
+}  // namespace syncbatch

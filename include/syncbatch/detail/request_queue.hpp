@@ -23,9 +23,10 @@ namespace syncbatch::detail {
 /// slot with one fetch_add, so close() followed by "count reached zero" means that every item
 /// admitted before close() has been pushed and popped: nothing admitted is ever lost.
 ///
-/// Sleeping uses an eventcount: a waiter announces itself in `*_waiters_` and re-checks before
-/// it sleeps; a notifier checks the waiter count after a sequentially consistent fence and takes
-/// the mutex only when someone sleeps. The fast path of push and pop takes no lock.
+/// Sleeping: a waiter sets a "sleeping" flag and re-checks before it sleeps; a notifier checks
+/// the flag after a sequentially consistent fence, and the one notifier that clears it (exchange)
+/// takes the mutex and wakes the sleepers: one kernel wake per sleep, however many pushes come
+/// while the sleeper wakes up. The fast path of push and pop takes no lock.
 template <class T>
 class RequestQueue {
   static_assert(std::is_pointer_v<T>,
@@ -54,9 +55,11 @@ class RequestQueue {
     // capacity_ + 1 preallocated nodes.
     queue_.push(item);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (consumer_waiters_.load(std::memory_order_relaxed) != 0) {
+    // One producer per sleep wakes the consumers; the others see the flag already cleared.
+    if (consumers_sleeping_.load(std::memory_order_relaxed) &&
+        consumers_sleeping_.exchange(false, std::memory_order_acq_rel)) {
       std::lock_guard lock(mutex_);
-      consumer_cv_.notify_one();
+      consumer_cv_.notify_all();
     }
     return PushResult::kOk;
   }
@@ -67,13 +70,10 @@ class RequestQueue {
       const PushResult r = try_push(item);
       if (r != PushResult::kFull) return r;
       std::unique_lock lock(mutex_);
-      producer_waiters_.fetch_add(1, std::memory_order_seq_cst);
-      std::atomic_thread_fence(std::memory_order_seq_cst);
-      producer_cv_.wait(lock, [&] {
+      sleep_until(lock, producer_cv_, producers_sleeping_, kNoDeadline, [&] {
         const std::uint64_t s = state_.load(std::memory_order_acquire);
         return (s & kClosedBit) != 0 || (s >> 1) < capacity_;
       });
-      producer_waiters_.fetch_sub(1, std::memory_order_relaxed);
     }
   }
 
@@ -83,9 +83,10 @@ class RequestQueue {
     if (!queue_.pop(item)) return nullptr;
     state_.fetch_sub(kOne, std::memory_order_acq_rel);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (producer_waiters_.load(std::memory_order_relaxed) != 0) {
+    if (producers_sleeping_.load(std::memory_order_relaxed) &&
+        producers_sleeping_.exchange(false, std::memory_order_acq_rel)) {
       std::lock_guard lock(mutex_);
-      producer_cv_.notify_one();
+      producer_cv_.notify_all();
     }
     return item;
   }
@@ -99,14 +100,7 @@ class RequestQueue {
     };
     if (spin_until(done, kSpinBudget)) return;
     std::unique_lock lock(mutex_);
-    consumer_waiters_.fetch_add(1, std::memory_order_seq_cst);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (deadline == std::chrono::steady_clock::time_point::max()) {
-      consumer_cv_.wait(lock, done);
-    } else {
-      consumer_cv_.wait_until(lock, deadline, done);
-    }
-    consumer_waiters_.fetch_sub(1, std::memory_order_relaxed);
+    sleep_until(lock, consumer_cv_, consumers_sleeping_, deadline, done);
   }
 
   /// Refuses every later push; items already admitted stay and are popped as usual.
@@ -132,6 +126,30 @@ class RequestQueue {
  private:
   static constexpr std::uint64_t kClosedBit = 1;
   static constexpr std::uint64_t kOne = 2;
+  static constexpr auto kNoDeadline = std::chrono::steady_clock::time_point::max();
+
+  // Sleeps on `cv` until `done()` or `deadline`. Before each sleep, including a return to sleep
+  // after a wake-up that found nothing, it sets `sleeping` and re-checks `done()`: a notifier
+  // either sees the flag (and wakes us under the mutex) or made its change before the check.
+  // Setting the flag again matters: the notifier that cleared it may have been a stale one,
+  // whose change we had already consumed. A waiter never clears the flag itself: another
+  // waiter may still sleep behind it.
+  template <class Done>
+  static void sleep_until(std::unique_lock<std::mutex>& lock, std::condition_variable& cv,
+                          std::atomic<bool>& sleeping,
+                          std::chrono::steady_clock::time_point deadline, Done&& done) {
+    for (;;) {
+      sleeping.store(true, std::memory_order_seq_cst);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      if (done()) return;
+      if (deadline == kNoDeadline) {
+        cv.wait(lock);
+      } else if (cv.wait_until(lock, deadline) == std::cv_status::timeout) {
+        return;
+      }
+    }
+  }
+
   void wake_all_consumers() {
     std::lock_guard lock(mutex_);
     consumer_cv_.notify_all();
@@ -140,8 +158,8 @@ class RequestQueue {
   boost::lockfree::queue<T> queue_;
   const std::size_t capacity_;
   std::atomic<std::uint64_t> state_{0};
-  std::atomic<std::uint32_t> consumer_waiters_{0};
-  std::atomic<std::uint32_t> producer_waiters_{0};
+  std::atomic<bool> consumers_sleeping_{false};  // set by a consumer before it sleeps
+  std::atomic<bool> producers_sleeping_{false};  // set by a producer blocked on a full queue
   std::mutex mutex_;  // guards nothing but the sleeping: the condition variables need it
   std::condition_variable consumer_cv_;
   std::condition_variable producer_cv_;
