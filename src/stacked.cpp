@@ -129,6 +129,13 @@ at::Tensor place_output(const at::Tensor& out, const std::optional<c10::Device>&
   return out.to(*where);
 }
 
+// A group's outputs, shared by its requests; request g owns rows [offsets[g], +rows[g]).
+struct BatchOutputs {
+  Tensors outputs;
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> rows;
+};
+
 // Runs one group (requests with one signature) in one forward; on failure, bisects.
 template <class In, class Out, class Adapter>
 class GroupRunner {
@@ -182,16 +189,19 @@ class GroupRunner {
             " input rows: expected one output row per input row");
       outputs[k] = place_output(out, options_.output_device);
     }
-    // One split per output (a single dispatcher call) rather than a narrow per request.
-    std::vector<std::vector<at::Tensor>> pieces;
-    pieces.reserve(outputs.size());
-    for (const auto& out : outputs) pieces.push_back(out.split_with_sizes(rows, 0));
-    for (std::size_t g = 0; g < group.size(); ++g) {
-      Tensors mine;
-      mine.reserve(outputs.size());
-      for (auto& p : pieces) mine.push_back(std::move(p[g]));
-      batch_.set_value(group[g], adapter_.result(std::move(mine)));
+    // Each caller cuts its rows from the shared outputs on its own thread (Future::get), so the
+    // worker does not create one view per request.
+    auto shared = std::make_shared<BatchOutputs>();
+    shared->outputs = std::move(outputs);
+    shared->offsets.reserve(group.size());
+    shared->rows = std::move(rows);
+    int64_t offset = 0;
+    for (int64_t r : shared->rows) {
+      shared->offsets.push_back(offset);
+      offset += r;
     }
+    for (std::size_t g = 0; g < group.size(); ++g)
+      batch_.template set_shared<BatchOutputs, &Adapter::cut>(group[g], shared, g);
   }
 
   Batch<In, Out>& batch_;
@@ -230,14 +240,21 @@ struct SingleAdapter {
   std::function<at::Tensor(const at::Tensor&)> model;
   Tensors tensors(const at::Tensor& t) const { return {t}; }
   Tensors call(const Tensors& stacked) const { return {model(stacked.front())}; }
-  at::Tensor result(Tensors&& mine) const { return std::move(mine.front()); }
+  static at::Tensor cut(const BatchOutputs& b, std::size_t g) {
+    return b.outputs.front().narrow(0, b.offsets[g], b.rows[g]);
+  }
 };
 
 struct MultiAdapter {
   std::function<Tensors(const Tensors&)> model;
   Tensors tensors(const Tensors& t) const { return t; }
   Tensors call(const Tensors& stacked) const { return model(stacked); }
-  Tensors result(Tensors&& mine) const { return std::move(mine); }
+  static Tensors cut(const BatchOutputs& b, std::size_t g) {
+    Tensors mine;
+    mine.reserve(b.outputs.size());
+    for (const auto& out : b.outputs) mine.push_back(out.narrow(0, b.offsets[g], b.rows[g]));
+    return mine;
+  }
 };
 
 void check_options(const StackingOptions& options) {

@@ -609,3 +609,42 @@ TEST(RequestQueue, WindowedProducersNeverStall) {
 
 }  // namespace
 }  // namespace syncbatch
+
+namespace syncbatch {
+namespace {
+
+struct SharedSums {
+  std::vector<int> values;
+  std::thread::id made_on;
+};
+std::atomic<int> cuts_on_worker{0};
+int cut_sum(const SharedSums& s, std::size_t i) {
+  if (std::this_thread::get_id() == s.made_on) cuts_on_worker.fetch_add(1);
+  return s.values[i];
+}
+
+TEST(StackedMode, SharedResultsAreMadeOnTheReadersThread) {
+  BatchedSubmitter<int, int> s(StackedModel<int, int>{[](Batch<int, int>& b) {
+                                 auto shared = std::make_shared<SharedSums>();
+                                 shared->made_on = std::this_thread::get_id();
+                                 for (std::size_t i = 0; i < b.size(); ++i)
+                                   shared->values.push_back(b.input(i) * 7);
+                                 for (std::size_t i = 0; i < b.size(); ++i)
+                                   b.set_shared<SharedSums, &cut_sum>(i, shared, i);
+                               }},
+                               {.policy = EveryN{16}});
+  std::vector<Future<int>> futures;
+  for (int i = 0; i < 100; ++i) futures.push_back(s.submit(i));
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(futures[i].get(), 7 * i);
+  EXPECT_EQ(cuts_on_worker.load(), 0) << "Future results are made on the reader's thread";
+  std::atomic<int> via_callback{0};
+  s.submit_then(3, [&](std::exception_ptr e, int v) {
+    if (!e && v == 21) via_callback.fetch_add(1);
+  });
+  s.shutdown();
+  EXPECT_EQ(via_callback.load(), 1);
+  EXPECT_EQ(cuts_on_worker.load(), 1) << "a callback's result is made on the worker";
+}
+
+}  // namespace
+}  // namespace syncbatch

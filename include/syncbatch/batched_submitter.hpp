@@ -133,6 +133,12 @@ class Batch {
   std::size_t size() const noexcept { return requests_.size(); }
   In& input(std::size_t i) noexcept { return requests_[i]->input(); }
   void set_value(std::size_t i, Out value) { requests_[i]->set_value(std::move(value)); }
+  /// Gives request i the value `Make(*shared, index)`, made later on the thread that reads the
+  /// result (Future::get) rather than here on the worker: for results cut from one batch output.
+  template <class Shared, Out (*Make)(const Shared&, std::size_t)>
+  void set_shared(std::size_t i, std::shared_ptr<const Shared> shared, std::size_t index) {
+    requests_[i]->template set_shared<Shared, Make>(std::move(shared), index);
+  }
   void set_error(std::size_t i, std::exception_ptr error) noexcept {
     requests_[i]->set_error(std::move(error));
   }

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <thread>
 #include <utility>
@@ -35,10 +36,16 @@ class Completion
 
   /// Worker side: stores the value. Must be followed by complete().
   void set_value(Out&& v) { value_.emplace(std::move(v)); }
+  /// Worker side: stores a value to be made on the reader's thread, by `make(*shared, index)`,
+  /// from a result several requests share (a batch output each reader takes its rows of).
+  template <class Shared, Out (*Make)(const Shared&, std::size_t)>
+  void set_shared(std::shared_ptr<const Shared> shared, std::size_t index) {
+    shared_.emplace(SharedValue{std::move(shared), index, &make_from<Shared, Make>});
+  }
   /// Worker side: stores the error (it wins over a value). Must be followed by complete().
   void set_error(std::exception_ptr e) noexcept { error_ = std::move(e); }
   bool has_error() const noexcept { return error_ != nullptr; }
-  bool has_value() const noexcept { return value_.has_value(); }
+  bool has_value() const noexcept { return value_.has_value() || shared_.has_value(); }
 
   /// Worker side: delivers the result. By default it makes the result visible to the Future:
   /// everything written before happens-before any read by a waiter that observed ready(). A
@@ -65,19 +72,36 @@ class Completion
   }
   Out take() {
     if (error_) std::rethrow_exception(error_);
-    return std::move(*value_);
+    return take_value();
   }
   /// Moves the result out as (error, value); value is default-constructed on error.
   std::pair<std::exception_ptr, Out> take_pair() {
     if (error_) return {error_, Out{}};
-    return {nullptr, std::move(*value_)};
+    return {nullptr, take_value()};
   }
 
  private:
+  struct SharedValue {
+    std::shared_ptr<const void> shared;
+    std::size_t index;
+    Out (*make)(const void*, std::size_t);
+  };
+  template <class Shared, Out (*Make)(const Shared&, std::size_t)>
+  static Out make_from(const void* shared, std::size_t index) {
+    return Make(*static_cast<const Shared*>(shared), index);
+  }
+  Out take_value() {
+    if (!shared_) return std::move(*value_);
+    Out v = shared_->make(shared_->shared.get(), shared_->index);
+    shared_.reset();
+    return v;
+  }
+
   std::atomic<bool> ready_{false};
   std::atomic<std::uint32_t>* wakeups_;
-  std::optional<Out> value_;  // written by the worker before complete()
-  std::exception_ptr error_;  // written by the worker before complete()
+  std::optional<Out> value_;           // written by the worker before complete()
+  std::optional<SharedValue> shared_;  // or this, written by the worker before complete()
+  std::exception_ptr error_;           // written by the worker before complete()
 };
 
 }  // namespace detail
