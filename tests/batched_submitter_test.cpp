@@ -648,3 +648,31 @@ TEST(StackedMode, SharedResultsAreMadeOnTheReadersThread) {
 
 }  // namespace
 }  // namespace syncbatch
+
+namespace syncbatch {
+namespace {
+
+// Regression: TimeBased timed batches from each request's arrival, so a backlog older than
+// max_delay was synced one request at a time and never caught up.
+TEST(TimeBasedPolicy, ABacklogOlderThanMaxDelayIsStillBatchedUpToMaxOps) {
+  SummingModel m;
+  Gate gate;
+  std::atomic<bool> first{true};
+  IntSubmitter s(StackedModel<int, int>{[&, inner = m.model()](Batch<int, int>& b) {
+                   if (first.exchange(false)) gate.pass();
+                   inner.run(b);
+                 }},
+                 {.policy = TimeBased{1ms, 8}});
+  std::vector<Future<int>> futures;
+  futures.push_back(s.submit(0));
+  gate.wait_entered(1);
+  for (int i = 1; i <= 40; ++i) futures.push_back(s.submit(i));
+  std::this_thread::sleep_for(10ms);  // the backlog is now 10x older than max_delay
+  gate.open = true;
+  for (int i = 0; i <= 40; ++i) EXPECT_EQ(futures[i].get(), i * 10);
+  s.shutdown();
+  EXPECT_EQ(m.sizes->seen, (std::vector<std::size_t>{1, 8, 8, 8, 8, 8}));
+}
+
+}  // namespace
+}  // namespace syncbatch

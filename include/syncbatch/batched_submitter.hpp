@@ -345,6 +345,7 @@ class BatchedSubmitter {
     std::vector<RequestPtr> batch;
     batch.reserve(std::min<std::size_t>(policy.batch_limit(), 1024));
     PendingWork work;
+    Clock::time_point oldest_arrival{};
     for (;;) {
       RequestPtr request = queue_.try_pop();
       if (request == nullptr) {
@@ -354,7 +355,7 @@ class BatchedSubmitter {
             queue_.wait(hold, /*return_on_close=*/true);
             continue;
           }
-          finish_batch(ctx, policy, batch, work);
+          finish_batch(ctx, policy, batch, work, oldest_arrival);
           continue;
         }
         if (queue_.drained()) return;
@@ -375,10 +376,16 @@ class BatchedSubmitter {
         before_run(ctx, request->arrived());
         if (!run_request(*request)) continue;
       }
-      if (batch.empty()) work.oldest = request->arrived();
+      // The batch's clock starts when the worker takes its first request, not when that request
+      // arrived: under a backlog, requests that already waited must still be batched together
+      // (timing from arrival would sync each one alone, and the backlog would only grow).
+      if (batch.empty()) {
+        work.oldest = started;
+        oldest_arrival = request->arrived();
+      }
       batch.push_back(request);
       work.ops = batch.size();
-      if (policy.should_sync(work, started)) finish_batch(ctx, policy, batch, work);
+      if (policy.should_sync(work, started)) finish_batch(ctx, policy, batch, work, oldest_arrival);
     }
   }
 
@@ -412,10 +419,10 @@ class BatchedSubmitter {
   }
 
   template <class Ctx>
-  void finish_batch(Ctx& ctx, SyncPolicy& policy, std::vector<RequestPtr>& batch,
-                    PendingWork& work) {
+  void finish_batch(Ctx& ctx, SyncPolicy& policy, std::vector<RequestPtr>& batch, PendingWork& work,
+                    Clock::time_point oldest_arrival) {
     if (stacked_) {
-      Clock::time_point latest = work.oldest;
+      Clock::time_point latest = oldest_arrival;
       for (RequestPtr r : batch) latest = std::max(latest, r->arrived());
       before_run(ctx, latest);
       run_stacked(batch);

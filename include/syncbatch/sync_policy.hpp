@@ -30,8 +30,10 @@ using Clock = std::chrono::steady_clock;
 
 /// The unsynced work a policy decides about.
 struct PendingWork {
-  std::size_t ops = 0;         ///< Ops issued since the last sync.
-  Clock::time_point oldest{};  ///< When the oldest of them arrived. Meaningful when ops > 0.
+  std::size_t ops = 0;  ///< Ops issued since the last sync.
+  /// When the first of them was issued (SyncScope: the first tick; BatchedSubmitter: when a
+  /// worker took the batch's first request). Meaningful when ops > 0.
+  Clock::time_point oldest{};
 };
 
 /// What one sync covered, reported to the policy after it completes.
@@ -80,7 +82,8 @@ struct EveryN {
 /// Sync when the oldest unsynced op is `max_delay` old or `max_ops` are pending, whichever comes
 /// first. While fewer than `max_ops` are pending and no more work is available, the caller may
 /// wait for more until the oldest op is `max_delay` old (Triton's max_queue_delay_microseconds,
-/// TF Serving's batch_timeout_micros).
+/// TF Serving's batch_timeout_micros). In a BatchedSubmitter the age counts from when a worker
+/// took the batch's first request, so a backlog is still batched up to `max_ops`.
 struct TimeBased {
   Clock::duration max_delay = std::chrono::microseconds(100);
   std::size_t max_ops = 64;
