@@ -64,13 +64,14 @@ MutexPromiseQueue& baseline() {
   return *q;
 }
 
-void BM_Syncbatch(benchmark::State& state) {
-  auto& s = submitter();
-  std::vector<syncbatch::Future<int>> window;
+// Each iteration submits one request; every kWindow requests the producer waits for them all.
+template <class Queue, class Future>
+void windowed(benchmark::State& state, Queue& queue) {
+  std::vector<Future> window;
   window.reserve(kWindow);
   int i = 0;
   for (auto _ : state) {
-    window.push_back(s.submit(i++));
+    window.push_back(queue.submit(i++));
     if (window.size() == kWindow) {
       for (auto& f : window) benchmark::DoNotOptimize(f.get());
       window.clear();
@@ -80,20 +81,12 @@ void BM_Syncbatch(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 
+void BM_Syncbatch(benchmark::State& state) {
+  windowed<syncbatch::BatchedSubmitter<int, int>, syncbatch::Future<int>>(state, submitter());
+}
+
 void BM_MutexCondvarPromise(benchmark::State& state) {
-  auto& q = baseline();
-  std::vector<std::future<int>> window;
-  window.reserve(kWindow);
-  int i = 0;
-  for (auto _ : state) {
-    window.push_back(q.submit(i++));
-    if (window.size() == kWindow) {
-      for (auto& f : window) benchmark::DoNotOptimize(f.get());
-      window.clear();
-    }
-  }
-  for (auto& f : window) f.get();
-  state.SetItemsProcessed(state.iterations());
+  windowed<MutexPromiseQueue, std::future<int>>(state, baseline());
 }
 
 BENCHMARK(BM_Syncbatch)->ThreadRange(1, 8)->UseRealTime();

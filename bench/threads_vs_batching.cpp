@@ -58,6 +58,20 @@ Cell closed_loop(int threads, double warmup, double seconds, MakeClient make_cli
   return loop(seconds, true);
 }
 
+// Closed-loop clients submitting their input and waiting for the result; the mean batch size
+// comes from the submitter's counters over the measured run.
+template <class Submitter>
+Cell submitter_cell(Submitter& submitter, const std::vector<at::Tensor>& inputs, int threads,
+                    double warmup, double seconds) {
+  const auto before = submitter.stats();
+  Cell c = closed_loop(threads, warmup, seconds,
+                       [&](int t) { return [&, t] { submitter.submit(inputs[t]).get(); }; });
+  const auto after = submitter.stats();
+  c.mean_batch = static_cast<double>(after.completed - before.completed) /
+                 static_cast<double>(std::max<std::uint64_t>(1, after.batches - before.batches));
+  return c;
+}
+
 // A client that forwards and syncs after every op, on a stream of its own.
 struct PerOpClient {
   const Mlp& mlp;
@@ -124,20 +138,8 @@ int main(int argc, char** argv) {
     const Cell per_op = closed_loop(threads, warmup, seconds, [&](int t) {
       return PerOpClient{mlp, inputs[t], OwnStream(device), DeviceSync(device, mode)};
     });
-    const auto before_pc = per_call.stats();
-    Cell pc = closed_loop(threads, warmup, seconds,
-                          [&](int t) { return [&, t] { per_call.submit(inputs[t]).get(); }; });
-    const auto after_pc = per_call.stats();
-    pc.mean_batch =
-        static_cast<double>(after_pc.completed - before_pc.completed) /
-        static_cast<double>(std::max<std::uint64_t>(1, after_pc.batches - before_pc.batches));
-    const auto before_st = stacked.stats();
-    Cell st = closed_loop(threads, warmup, seconds,
-                          [&](int t) { return [&, t] { stacked.submit(inputs[t]).get(); }; });
-    const auto after_st = stacked.stats();
-    st.mean_batch =
-        static_cast<double>(after_st.completed - before_st.completed) /
-        static_cast<double>(std::max<std::uint64_t>(1, after_st.batches - before_st.batches));
+    const Cell pc = submitter_cell(per_call, inputs, threads, warmup, seconds);
+    const Cell st = submitter_cell(stacked, inputs, threads, warmup, seconds);
     // Ideal: one thread, batches of T rows already stacked, one sync per batch.
     const at::Tensor batch = at::randn({threads, width}, opts);
     const Cell ideal = closed_loop(

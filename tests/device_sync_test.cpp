@@ -11,6 +11,7 @@ namespace syncbatch {
 namespace {
 
 using testing::available_devices;
+using testing::device_name;
 using testing::Mlp;
 
 TEST(ParseDevice, AcceptsTorchNamesAndRejectsOthersClearly) {
@@ -90,13 +91,6 @@ TEST_P(OnEachDevice, TorchBackendWorkerOwnsItsStream) {
   }
   EXPECT_EQ(impl->getStream(device), before) << "the stream is restored when the worker ends";
   EXPECT_FALSE(c10::InferenceMode::is_enabled());
-}
-
-std::string device_name(const ::testing::TestParamInfo<c10::Device>& info) {
-  std::string s = info.param.str();
-  for (char& c : s)
-    if (c == ':') c = '_';
-  return s;
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, OnEachDevice, ::testing::ValuesIn(available_devices()),

@@ -17,6 +17,7 @@ namespace syncbatch {
 namespace {
 
 using testing::available_devices;
+using testing::device_name;
 using testing::Mlp;
 using TensorSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
 using namespace std::chrono_literals;
@@ -286,13 +287,6 @@ TEST_P(StackedOnEachDevice, StressThirtyTwoProducersMixingSyncAndAsync) {
   EXPECT_EQ(done.load(), 32 * 300);
   EXPECT_EQ(s.stats().completed, 32u * 300u);
   EXPECT_GT(s.stats().mean_batch_size(), 1.0) << "32 producers should fill batches";
-}
-
-std::string device_name(const ::testing::TestParamInfo<c10::Device>& info) {
-  std::string s = info.param.str();
-  for (char& c : s)
-    if (c == ':') c = '_';
-  return s;
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, StackedOnEachDevice, ::testing::ValuesIn(available_devices()),

@@ -13,6 +13,7 @@ namespace syncbatch {
 namespace {
 
 using testing::available_devices;
+using testing::device_name;
 using testing::Mlp;
 using TensorSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
 
@@ -127,13 +128,6 @@ TEST_P(PerCallOnEachDevice, ShutdownMidFlightCompletesEveryAcceptedRequest) {
     }
   }
   EXPECT_EQ(mismatches, 0);
-}
-
-std::string device_name(const ::testing::TestParamInfo<c10::Device>& info) {
-  std::string s = info.param.str();
-  for (char& c : s)
-    if (c == ':') c = '_';
-  return s;
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, PerCallOnEachDevice, ::testing::ValuesIn(available_devices()),

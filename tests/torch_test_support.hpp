@@ -4,7 +4,10 @@
 #include <ATen/ATen.h>
 #include <torch/cuda.h>
 
+#include <string>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include "syncbatch/torch/device_sync.hpp"
 
@@ -35,6 +38,14 @@ inline std::vector<c10::Device> available_devices() {
   for (int i = 0; i < static_cast<int>(torch::cuda::device_count()); ++i)
     devices.emplace_back(c10::kCUDA, static_cast<c10::DeviceIndex>(i));
   return devices;
+}
+
+/// Test-name suffix for a device parameter: "cpu", "cuda_0".
+inline std::string device_name(const ::testing::TestParamInfo<c10::Device>& info) {
+  std::string s = info.param.str();
+  for (char& c : s)
+    if (c == ':') c = '_';
+  return s;
 }
 
 }  // namespace syncbatch::testing
