@@ -15,49 +15,6 @@ using namespace syncbatch::bench;
 
 namespace {
 
-struct Cell {
-  double ops_per_s = 0;
-  double p50_us = 0;
-  double p99_us = 0;
-  double mean_batch = 0;
-};
-
-// Runs a closed loop on `threads` threads for `seconds` (after a warm-up of `warmup` seconds):
-// each thread makes its client with `make_client(thread)` (on that thread) and calls it once per
-// request (for the ideal row, once per `rows_per_op` requests).
-template <class MakeClient>
-Cell closed_loop(int threads, double warmup, double seconds, MakeClient make_client,
-                 int rows_per_op = 1) {
-  auto loop = [&](double duration, bool record) {
-    std::vector<Samples> samples(threads);
-    std::vector<long> counts(threads, 0);
-    const double wall = run_threads(threads, [&](int t) {
-      c10::InferenceMode inference;
-      auto client = make_client(t);
-      const auto end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                          std::chrono::duration<double>(duration));
-      for (auto now = Clock::now(); now < end;) {
-        client();
-        const auto after = Clock::now();
-        if (record) samples[t].add(after - now);
-        ++counts[t];
-        now = after;
-      }
-    });
-    Cell c;
-    long total = 0;
-    for (long n : counts) total += n;
-    c.ops_per_s = static_cast<double>(total) * rows_per_op / wall;
-    Samples all;
-    for (auto& s : samples) all.merge(s);
-    c.p50_us = all.percentile_us(0.50);
-    c.p99_us = all.percentile_us(0.99);
-    return c;
-  };
-  loop(warmup, false);
-  return loop(seconds, true);
-}
-
 // Closed-loop clients submitting their input and waiting for the result; the mean batch size
 // comes from the submitter's counters over the measured run.
 template <class Submitter>

@@ -269,6 +269,10 @@ class BatchedSubmitter {
   /// A snapshot of the counters. Thread-safe; exact once shutdown() has returned.
   SubmitterStats stats() const noexcept { return stats_.snapshot(queue_.size()); }
 
+  /// Requests accepted and not yet taken by a worker: one relaxed load, for routing.
+  /// Thread-safe.
+  std::size_t queue_depth() const noexcept { return queue_.size(); }
+
   const SubmitterOptions& options() const noexcept { return options_; }
 
   /// True in stacked mode.

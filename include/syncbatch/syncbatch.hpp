@@ -5,6 +5,7 @@
 #include "syncbatch/batched_submitter.hpp"
 #include "syncbatch/error.hpp"
 #include "syncbatch/future.hpp"
+#include "syncbatch/multi_device.hpp"
 #include "syncbatch/stats.hpp"
 #include "syncbatch/sync_policy.hpp"
 #include "syncbatch/sync_scope.hpp"

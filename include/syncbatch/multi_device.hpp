@@ -1,0 +1,121 @@
+// MultiDeviceSubmitter: one submitter over several devices (or model replicas), routing each
+// request to the least-loaded one.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "syncbatch/batched_submitter.hpp"
+
+namespace syncbatch {
+
+/// One device's share of a MultiDeviceSubmitter: its own model replica (per-call or stacked)
+/// and its own backend (on CUDA: TorchBackend(cuda:i), whose workers own streams of that device).
+template <class In, class Out, class Backend>
+struct Replica {
+  std::variant<PerCallModel<In, Out>, StackedModel<In, Out>> model;
+  Backend backend;
+};
+
+/// Spans several devices: one BatchedSubmitter (worker group, streams, model replica) per
+/// device, each syncing once per batch on its own device. Each request goes to the replica
+/// with the fewest requests waiting in its queue (ties broken round-robin), so a slow or busy
+/// device receives less. With one replica it behaves as that replica's BatchedSubmitter.
+///
+/// Inputs must be usable by whichever replica runs them: CPU tensors with stacked mode staging
+/// them to the device (StackingOptions::device), or plain values.
+///
+/// Thread safety: submit(), submit_then(), stats() and shutdown() are thread-safe.
+template <class In, class Out, SubmitterBackend Backend = NoSyncBackend>
+class MultiDeviceSubmitter {
+ public:
+  using Submitter = BatchedSubmitter<In, Out, Backend>;
+
+  /// Starts every replica with `options` (each gets its own queue of options.queue_capacity).
+  /// Errors: Error(kInvalidArgument) for no replicas; otherwise what BatchedSubmitter's
+  /// constructor throws for any replica (replicas already started are shut down).
+  MultiDeviceSubmitter(std::vector<Replica<In, Out, Backend>> replicas,
+                       SubmitterOptions options = {}) {
+    if (replicas.empty())
+      throw Error(ErrorCode::kInvalidArgument,
+                  "MultiDeviceSubmitter: expected at least one replica, got none");
+    submitters_.reserve(replicas.size());
+    for (auto& r : replicas) {
+      submitters_.push_back(std::visit(
+          [&](auto& model) {
+            return std::make_unique<Submitter>(std::move(model), options, std::move(r.backend));
+          },
+          r.model));
+    }
+  }
+
+  /// Routes one request (see the class comment) and returns its Future.
+  /// Errors: as BatchedSubmitter::submit() of the chosen replica.
+  Future<Out> submit(In input, Clock::time_point deadline = Clock::time_point::max()) {
+    return pick().submit(std::move(input), deadline);
+  }
+
+  /// As BatchedSubmitter::submit_then(), on the chosen replica.
+  template <class F>
+  void submit_then(In input, F on_done, Clock::time_point deadline = Clock::time_point::max()) {
+    pick().submit_then(std::move(input), std::move(on_done), deadline);
+  }
+
+  /// Shuts every replica down, draining each. Idempotent.
+  void shutdown() {
+    for (auto& s : submitters_) s->shutdown();
+  }
+
+  std::size_t replicas() const noexcept { return submitters_.size(); }
+  /// One replica's submitter (for its stats, or to reach one device directly).
+  Submitter& replica(std::size_t i) { return *submitters_.at(i); }
+
+  /// The replicas' counters added up (histograms and latency percentiles are per replica: see
+  /// replica(i).stats()).
+  SubmitterStats stats() const noexcept {
+    SubmitterStats total;
+    for (const auto& s : submitters_) {
+      const SubmitterStats r = s->stats();
+      total.submitted += r.submitted;
+      total.rejected += r.rejected;
+      total.completed += r.completed;
+      total.failed += r.failed;
+      total.expired += r.expired;
+      total.batches += r.batches;
+      total.syncs += r.syncs;
+      total.queued += r.queued;
+      total.unbatched_failed += r.unbatched_failed;
+      for (std::size_t b = 0; b < SubmitterStats::kBuckets; ++b)
+        total.batch_size_histogram[b] += r.batch_size_histogram[b];
+    }
+    return total;
+  }
+
+ private:
+  // Join the shortest queue, scanning from a rotating start so ties spread evenly.
+  Submitter& pick() noexcept {
+    const std::size_t n = submitters_.size();
+    const std::size_t start = next_.fetch_add(1, std::memory_order_relaxed) % n;
+    std::size_t best = start;
+    std::size_t best_depth = submitters_[start]->queue_depth();
+    for (std::size_t k = 1; k < n && best_depth != 0; ++k) {
+      const std::size_t i = (start + k) % n;
+      const std::size_t d = submitters_[i]->queue_depth();
+      if (d < best_depth) {
+        best = i;
+        best_depth = d;
+      }
+    }
+    return *submitters_[best];
+  }
+
+  std::vector<std::unique_ptr<Submitter>> submitters_;
+  std::atomic<std::size_t> next_{0};
+};
+
+}  // namespace syncbatch
