@@ -80,14 +80,29 @@ TEST(SyncPolicy, AdaptiveGrowsWhileUnderTargetAndBacksOff) {
   // Latency near the target (within 20%): hold.
   a.observe({3, 10us, 100us, 9ms});
   EXPECT_EQ(a.batch_limit(), 3u);
-  // Overshoot: halve, never below min.
+  // Overshoot by a slow batch: halve, never below min.
   a = Adaptive(10ms, 2, 64);
   for (int i = 0; i < 20; ++i) a.observe({a.batch_limit(), 10us, 100us, 1ms});
   EXPECT_EQ(a.batch_limit(), 22u);
-  a.observe({22, 10us, 100us, 11ms});
+  a.observe({22, 10us, 6ms, 11ms});  // the batch itself took 6 ms: too slow
   EXPECT_EQ(a.batch_limit(), 11u);
   for (int i = 0; i < 10; ++i) a.observe({1, 10us, 100us, 50ms});
   EXPECT_EQ(a.batch_limit(), 2u);
+}
+
+TEST(SyncPolicy, AdaptiveSplitsAnOvershootIntoQueueingAndService) {
+  Adaptive a(1ms, 1, 256);
+  for (int i = 0; i < 15; ++i) a.observe({a.batch_limit(), 10us, 100us, 200us});
+  ASSERT_EQ(a.batch_limit(), 16u);
+  // Full batch, fast (0.1 ms), but its oldest request queued 1.4 ms: falling behind, batch more.
+  a.observe({16, 10us, 100us, 1500us});
+  EXPECT_EQ(a.batch_limit(), 32u);
+  // Full batch that itself took 0.8 ms (over half the target): too slow, batch less.
+  a.observe({32, 10us, 800us, 1200us});
+  EXPECT_EQ(a.batch_limit(), 16u);
+  // A partial batch over the target is too slow whatever queued: batch less.
+  a.observe({4, 10us, 100us, 1500us});
+  EXPECT_EQ(a.batch_limit(), 8u);
 }
 
 TEST(SyncPolicy, ValidationNamesTheProblem) {

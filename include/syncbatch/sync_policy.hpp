@@ -111,10 +111,13 @@ struct TimeBased {
   }
 };
 
-/// Picks the batch size online: additive increase while batches fill up and the slowest request
-/// of each batch stays under `latency_target` with headroom, multiplicative decrease when it
-/// overshoots (Clipper's AIMD). Never holds an op longer than `latency_target` to gather more,
-/// and syncs at once when no more work is available.
+/// Picks the batch size online from each batch's size, duration and worst latency: additive
+/// increase while batches fill up and the slowest request stays under `latency_target` with
+/// headroom; on overshoot, multiplicative decrease when the batch itself is too slow (Clipper's
+/// AIMD), but multiplicative *increase* when full batches overshoot because requests queued
+/// (the worker is falling behind and bigger batches raise throughput), which plain AIMD gets
+/// backwards. Never holds an op longer than `latency_target` to gather more, and syncs at once
+/// when no more work is available.
 class Adaptive {
  public:
   /// Errors: none here; validate() reports bad arguments.
@@ -132,10 +135,21 @@ class Adaptive {
   std::size_t batch_limit() const noexcept { return static_cast<std::size_t>(limit_); }
   bool uses_clock() const noexcept { return true; }
 
+  /// Over the target, the latency is split into the batch's own time (`batch_time`) and the
+  /// time its oldest request queued before it (the rest). Full batches that mostly queued while
+  /// the batch itself took under half the target mean the worker is falling behind: batching
+  /// more raises throughput, so the limit doubles. Otherwise the batch itself is too slow and
+  /// the limit halves. Under the target with 20% headroom, full batches grow the limit by one.
   void observe(const BatchObservation& o) noexcept {
+    const bool full = o.ops >= batch_limit();
     if (o.max_latency > latency_target_) {
-      limit_ = std::max(static_cast<double>(min_batch_), limit_ * kDecrease);
-    } else if (o.ops >= batch_limit() && o.max_latency * 10 < latency_target_ * 8) {
+      const auto queued = o.max_latency - o.batch_time;
+      if (full && queued > o.batch_time && o.batch_time * 2 < latency_target_) {
+        limit_ = std::min(static_cast<double>(max_batch_), limit_ * kIncreaseBehind);
+      } else {
+        limit_ = std::max(static_cast<double>(min_batch_), limit_ * kDecrease);
+      }
+    } else if (full && o.max_latency * 10 < latency_target_ * 8) {
       limit_ = std::min(static_cast<double>(max_batch_), limit_ + 1.0);
     }
   }
@@ -162,6 +176,7 @@ class Adaptive {
 
  private:
   static constexpr double kDecrease = 0.5;
+  static constexpr double kIncreaseBehind = 2.0;
   Clock::duration latency_target_;
   std::size_t min_batch_;
   std::size_t max_batch_;

@@ -1,0 +1,143 @@
+// The Adaptive policy against a simulated device, on a fake clock: deterministic tests of the
+// controller (convergence, back-off on overshoot, re-convergence after a load step, bounded
+// oscillation). The worker model is the submitter's: take what has arrived, up to the policy's
+// batch limit; run the batch; observe arrival-to-completion latency.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <vector>
+
+#include "syncbatch/sync_policy.hpp"
+
+namespace syncbatch {
+namespace {
+
+using namespace std::chrono_literals;
+using ns = std::chrono::nanoseconds;
+
+struct SimDevice {
+  ns fixed;     // per batch (launch, sync)
+  ns per_item;  // per request in the batch
+  ns batch_time(std::size_t n) const { return fixed + per_item * static_cast<long>(n); }
+};
+
+// A batch is timed by the device of the phase in which it starts.
+struct Phase {
+  double rate_per_s;  // arrivals, evenly spaced
+  ns length;
+  SimDevice device;
+};
+
+struct Trace {
+  std::vector<std::pair<ns, std::size_t>> limits;  // (time, batch limit after the batch)
+  std::vector<std::pair<ns, ns>> latencies;        // (completion time, latency)
+  double served = 0;
+  ns end{0};
+  // p99 of the latencies of requests completed in [from, to).
+  ns p99(ns from, ns to) const {
+    std::vector<ns> v;
+    for (auto& [t, l] : latencies)
+      if (t >= from && t < to) v.push_back(l);
+    if (v.empty()) return ns(0);
+    std::sort(v.begin(), v.end());
+    return v[static_cast<std::size_t>(0.99 * (v.size() - 1))];
+  }
+  std::pair<std::size_t, std::size_t> limit_range(ns from, ns to) const {
+    std::size_t lo = SIZE_MAX, hi = 0;
+    for (auto& [t, l] : limits)
+      if (t >= from && t < to) lo = std::min(lo, l), hi = std::max(hi, l);
+    return {lo, hi};
+  }
+};
+
+Trace simulate(Adaptive policy, const std::vector<Phase>& phases) {
+  std::deque<ns> arrivals;
+  ns t{0}, phase_start{0};
+  for (const auto& p : phases) {
+    const ns gap(static_cast<long>(1e9 / p.rate_per_s));
+    for (ns a = phase_start; a < phase_start + p.length; a += gap) arrivals.push_back(a);
+    phase_start += p.length;
+  }
+  Trace trace;
+  std::deque<ns> queue;
+  while (!arrivals.empty() || !queue.empty()) {
+    while (!arrivals.empty() && arrivals.front() <= t) {
+      queue.push_back(arrivals.front());
+      arrivals.pop_front();
+    }
+    if (queue.empty()) {
+      t = arrivals.front();
+      continue;
+    }
+    ns phase_end{0};
+    const SimDevice* dev = &phases.back().device;
+    for (const auto& p : phases) {
+      phase_end += p.length;
+      if (t < phase_end) {
+        dev = &p.device;
+        break;
+      }
+    }
+    const SimDevice& device = *dev;
+    const std::size_t n = std::min(queue.size(), policy.batch_limit());
+    const ns oldest = queue.front();
+    const ns done = t + device.batch_time(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      trace.latencies.emplace_back(done, done - queue.front());
+      queue.pop_front();
+    }
+    policy.observe(BatchObservation{n, device.batch_time(n), device.batch_time(n), done - oldest});
+    trace.limits.emplace_back(done, policy.batch_limit());
+    trace.served += static_cast<double>(n);
+    t = done;
+  }
+  trace.end = t;
+  return trace;
+}
+
+// A GPU-like device: 80 us per batch plus 1 us per request (batch of 64: 144 us).
+const SimDevice kGpuLike{80us, 1us};
+
+TEST(AdaptiveSim, ConvergesUnderTargetAtSteadyLoad) {
+  const auto trace = simulate(Adaptive(2ms, 1, 256), {{200000, 2s, kGpuLike}});
+  EXPECT_LT(trace.p99(1s, 2s), 2ms) << "p99 over the target at steady load";
+  EXPECT_NEAR(trace.served / 2.0, 200000, 2000) << "keeps up with the load";
+}
+
+// Plain latency-AIMD reads queueing as "batches too big" and shrinks them, which lowers
+// throughput and lengthens the queue: at 200K req/s with a 1 ms target it stays at batch 1 and
+// its p99 grows to seconds. Adaptive doubles the limit when full batches overshoot by queueing.
+TEST(AdaptiveSim, KeepsUpUnderATightTargetWherePlainAimdSpirals) {
+  const auto trace = simulate(Adaptive(1ms, 1, 256), {{200000, 2s, kGpuLike}});
+  EXPECT_NEAR(trace.served / 2.0, 200000, 2000) << "keeps up with the load";
+  EXPECT_LT(trace.p99(500ms, 2s), 1ms);
+}
+
+// When the device becomes slower per request (a heavier model, contention), the controller
+// stays under the target once the backlog of the change has drained.
+TEST(AdaptiveSim, StaysUnderTargetWhenTheDeviceSlowsDown) {
+  const SimDevice heavier{10us, 50us};
+  const auto trace =
+      simulate(Adaptive(1ms, 1, 256), {{200000, 1s, kGpuLike}, {15000, 1s, heavier}});
+  EXPECT_LT(trace.p99(1s + 100ms, 2s), 1ms);
+}
+
+TEST(AdaptiveSim, ReconvergesWithinASecondAfterALoadStep) {
+  const auto trace =
+      simulate(Adaptive(2ms, 1, 256),
+               {{20000, 1s, kGpuLike}, {200000, 2s, kGpuLike}, {20000, 2s, kGpuLike}});
+  EXPECT_LT(trace.p99(2s, 3s), 2ms) << "10x load: settled within 1 s";
+  EXPECT_LT(trace.p99(4s, 5s), 2ms) << "10x less load: settled within 1 s";
+}
+
+TEST(AdaptiveSim, OscillationIsBounded) {
+  const auto trace = simulate(Adaptive(2ms, 1, 256), {{200000, 2s, kGpuLike}});
+  const auto [lo, hi] = trace.limit_range(1s, 2s);
+  std::printf("steady limit range: %zu..%zu\n", lo, hi);
+  EXPECT_LE(hi - lo, std::max<std::size_t>(8, lo)) << "the limit swings more than 2x";
+}
+
+}  // namespace
+}  // namespace syncbatch
