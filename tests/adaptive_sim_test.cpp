@@ -124,6 +124,15 @@ TEST(AdaptiveSim, StaysUnderTargetWhenTheDeviceSlowsDown) {
   EXPECT_LT(trace.p99(1s + 100ms, 2s), 1ms);
 }
 
+// A target no batch can meet (one request alone takes 10 ms, the target is 2 ms): throughput is
+// what is left to win. Shrinking to batch 1 would serve 100 req/s of the 500 offered forever.
+TEST(AdaptiveSim, AnUnreachableTargetStillKeepsUpWithTheLoad) {
+  const SimDevice heavy{10ms, 100us};
+  const auto trace = simulate(Adaptive(2ms, 1, 256), {{500, 2s, heavy}});
+  EXPECT_NEAR(trace.served / 2.0, 500, 10) << "fell behind the load";
+  EXPECT_LT(trace.p99(1s, 2s), 40ms) << "the queue kept growing";
+}
+
 TEST(AdaptiveSim, ReconvergesWithinASecondAfterALoadStep) {
   const auto trace =
       simulate(Adaptive(2ms, 1, 256),

@@ -136,15 +136,16 @@ class Adaptive {
   bool uses_clock() const noexcept { return true; }
 
   /// Over the target, the latency is split into the batch's own time (`batch_time`) and the
-  /// time its oldest request queued before it (the rest). Full batches that mostly queued while
-  /// the batch itself took under half the target mean the worker is falling behind: batching
-  /// more raises throughput, so the limit doubles. Otherwise the batch itself is too slow and
-  /// the limit halves. Under the target with 20% headroom, full batches grow the limit by one.
+  /// time its oldest request queued before it (the rest). Full batches that mostly queued mean
+  /// the worker is falling behind: batching more raises throughput and drains the queue, so the
+  /// limit doubles (also when the target cannot be met at all: then throughput is what is left
+  /// to win). Otherwise the batch itself is too slow and the limit halves. Under the target with
+  /// 20% headroom, full batches grow the limit by one.
   void observe(const BatchObservation& o) noexcept {
     const bool full = o.ops >= batch_limit();
     if (o.max_latency > latency_target_) {
       const auto queued = o.max_latency - o.batch_time;
-      if (full && queued > o.batch_time && o.batch_time * 2 < latency_target_) {
+      if (full && queued > o.batch_time) {
         limit_ = std::min(static_cast<double>(max_batch_), limit_ * kIncreaseBehind);
       } else {
         limit_ = std::max(static_cast<double>(min_batch_), limit_ * kDecrease);

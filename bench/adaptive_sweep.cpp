@@ -1,0 +1,126 @@
+// adaptive_sweep: Adaptive against fixed EveryN and TimeBased settings, stacked mode, on several
+// workloads and loads. For each cell it reports the best fixed setting whose p99 meets the
+// target, and Adaptive's throughput relative to it (the bar: within 10%) and its p99.
+//   closed-loop: C clients each waiting for its result; open-loop: Poisson arrivals at R req/s.
+#include <cstdio>
+#include <random>
+
+#include "bench_common.hpp"
+
+using namespace syncbatch;
+using namespace syncbatch::bench;
+
+namespace {
+
+struct Result {
+  double rate = 0;  // requests/s achieved
+  double p99_us = 0;
+};
+
+using Submitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
+
+Result closed(Submitter& s, const at::Tensor& x, int clients, double seconds) {
+  const Cell c =
+      closed_loop(clients, 0.2, seconds, [&](int) { return [&] { s.submit(x).get(); }; });
+  return {c.ops_per_s, c.p99_us};
+}
+
+Result open(Submitter& s, const at::Tensor& x, double rate, double seconds) {
+  const auto n = static_cast<std::size_t>(rate * seconds);
+  std::vector<Clock::time_point> scheduled(n), finished(n);
+  std::atomic<std::size_t> done{0};
+  std::mt19937_64 rng(7);
+  std::exponential_distribution<double> gap(rate);
+  auto t = Clock::now();
+  for (std::size_t i = 0; i < n; ++i) {
+    t += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(gap(rng)));
+    scheduled[i] = t;
+    while (Clock::now() < t) {
+    }
+    s.submit_then(at::Tensor(x), [&, i](std::exception_ptr, at::Tensor) {
+      finished[i] = Clock::now();
+      done.fetch_add(1, std::memory_order_release);
+    });
+  }
+  while (done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  Samples lat;
+  for (std::size_t i = 0; i < n; ++i) lat.add(finished[i] - scheduled[i]);
+  const double span = std::chrono::duration<double>(
+                          *std::max_element(finished.begin(), finished.end()) - scheduled.front())
+                          .count();
+  return {n / span, lat.percentile_us(0.99)};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Flags flags(argc, argv, "adaptive_sweep: Adaptive vs fixed policies, stacked mode",
+                    {{"device", "auto"},
+                     {"workloads", "1x256,3x256,3x2048"},
+                     {"clients", "1,8,64"},
+                     {"rates", "2000,20000"},
+                     {"target-us", "2000"},
+                     {"fixed", "every:1,every:8,every:64,every:256,time:100us:64,time:500us:256"},
+                     {"seconds", "0.5"},
+                     {"json", ""}});
+  pin_threads();
+  const c10::Device device = device_flag(flags);
+  const double target_us = flags.num("target-us");
+  std::vector<SyncPolicy> fixed;
+  {
+    std::stringstream s(flags.str("fixed"));
+    for (std::string p; std::getline(s, p, ',');) fixed.push_back(SyncPolicy::parse(p));
+  }
+  const SyncPolicy adaptive = Adaptive(std::chrono::microseconds(static_cast<long>(target_us)));
+  c10::InferenceMode inference;
+  std::printf(
+      "adaptive_sweep: stacked mode, %s, LibTorch %s, p99 target %.0f us, %.1f s per cell\n\n"
+      "| workload | load | best fixed meeting target | its req/s | adaptive req/s | ratio | "
+      "adaptive p99 us | meets target |\n|---|---|---|--:|--:|--:|--:|---|\n",
+      device.str().c_str(), TORCH_VERSION, target_us, flags.num("seconds"));
+  JsonRows json;
+  std::stringstream ws(flags.str("workloads"));
+  for (std::string w; std::getline(ws, w, ',');) {
+    const auto xpos = w.find('x');
+    if (xpos == std::string::npos)
+      flags.fail("--workloads: expected LAYERSxWIDTH, got '" + w + "'");
+    const int layers = std::stoi(w.substr(0, xpos)), width = std::stoi(w.substr(xpos + 1));
+    const Mlp mlp(layers, width, device);
+    const at::Tensor x = at::randn({1, width}, at::TensorOptions().device(device));
+    auto run = [&](const SyncPolicy& policy, const std::string& load, double amount) {
+      Submitter s(make_stacked_model([&](const at::Tensor& in) { return mlp(in); }),
+                  {.queue_capacity = 1 << 16, .policy = policy}, TorchBackend(device));
+      return load == "closed" ? closed(s, x, static_cast<int>(amount), flags.num("seconds"))
+                              : open(s, x, amount, flags.num("seconds"));
+    };
+    std::vector<std::pair<std::string, double>> loads;
+    for (int c : flags.ints("clients")) loads.emplace_back("closed", c);
+    for (int r : flags.ints("rates")) loads.emplace_back("open", r);
+    for (const auto& [kind, amount] : loads) {
+      std::string best_name = "none";
+      Result best;
+      for (const auto& p : fixed) {
+        const Result r = run(p, kind, amount);
+        if (r.p99_us <= target_us && r.rate > best.rate) best = r, best_name = p.describe();
+      }
+      const Result a = run(adaptive, kind, amount);
+      const std::string load = kind == "closed"
+                                   ? std::to_string(static_cast<int>(amount)) + " clients"
+                                   : std::to_string(static_cast<int>(amount)) + " req/s";
+      const double ratio = best.rate > 0 ? a.rate / best.rate : 0;
+      std::printf("| %s | %s | %s | %.0f | %.0f | %.2f | %.0f | %s |\n", w.c_str(), load.c_str(),
+                  best_name.c_str(), best.rate, a.rate, ratio, a.p99_us,
+                  a.p99_us <= target_us ? "yes" : "no");
+      std::fflush(stdout);
+      json.row()
+          .set("workload", w)
+          .set("load", load)
+          .set("best_fixed", best_name)
+          .set("best_fixed_rate", best.rate)
+          .set("adaptive_rate", a.rate)
+          .set("adaptive_p99_us", a.p99_us);
+    }
+  }
+  json.write(flags.str("json"), meta_json(device, "\"bench\": \"adaptive_sweep\""));
+  return 0;
+}
