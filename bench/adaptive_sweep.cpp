@@ -3,7 +3,6 @@
 // target, and Adaptive's throughput relative to it (the bar: within 10%) and its p99.
 //   closed-loop: C clients each waiting for its result; open-loop: Poisson arrivals at R req/s.
 #include <cstdio>
-#include <random>
 
 #include "bench_common.hpp"
 
@@ -26,29 +25,8 @@ Result closed(Submitter& s, const at::Tensor& x, int clients, double seconds) {
 }
 
 Result open(Submitter& s, const at::Tensor& x, double rate, double seconds) {
-  const auto n = static_cast<std::size_t>(rate * seconds);
-  std::vector<Clock::time_point> scheduled(n), finished(n);
-  std::atomic<std::size_t> done{0};
-  std::mt19937_64 rng(7);
-  std::exponential_distribution<double> gap(rate);
-  auto t = Clock::now();
-  for (std::size_t i = 0; i < n; ++i) {
-    t += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(gap(rng)));
-    scheduled[i] = t;
-    while (Clock::now() < t) {
-    }
-    s.submit_then(at::Tensor(x), [&, i](std::exception_ptr, at::Tensor) {
-      finished[i] = Clock::now();
-      done.fetch_add(1, std::memory_order_release);
-    });
-  }
-  while (done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-  Samples lat;
-  for (std::size_t i = 0; i < n; ++i) lat.add(finished[i] - scheduled[i]);
-  const double span = std::chrono::duration<double>(
-                          *std::max_element(finished.begin(), finished.end()) - scheduled.front())
-                          .count();
-  return {n / span, lat.percentile_us(0.99)};
+  OpenLoop run = open_loop(s, x, rate, seconds, 7);
+  return {run.achieved, run.latencies.percentile_us(0.99)};
 }
 
 }  // namespace
@@ -67,9 +45,12 @@ int main(int argc, char** argv) {
   const c10::Device device = device_flag(flags);
   const double target_us = flags.num("target-us");
   std::vector<SyncPolicy> fixed;
-  {
-    std::stringstream s(flags.str("fixed"));
-    for (std::string p; std::getline(s, p, ',');) fixed.push_back(SyncPolicy::parse(p));
+  for (const std::string& p : flags.list("fixed")) {
+    try {
+      fixed.push_back(SyncPolicy::parse(p));
+    } catch (const Error& e) {
+      flags.fail(e.what());
+    }
   }
   const SyncPolicy adaptive = Adaptive(std::chrono::microseconds(static_cast<long>(target_us)));
   c10::InferenceMode inference;
@@ -79,8 +60,7 @@ int main(int argc, char** argv) {
       "adaptive p99 us | meets target |\n|---|---|---|--:|--:|--:|--:|---|\n",
       device.str().c_str(), TORCH_VERSION, target_us, flags.num("seconds"));
   JsonRows json;
-  std::stringstream ws(flags.str("workloads"));
-  for (std::string w; std::getline(ws, w, ',');) {
+  for (const std::string& w : flags.list("workloads")) {
     const auto xpos = w.find('x');
     if (xpos == std::string::npos)
       flags.fail("--workloads: expected LAYERSxWIDTH, got '" + w + "'");

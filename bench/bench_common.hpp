@@ -15,6 +15,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -50,10 +51,16 @@ class Flags {
       fail("--" + name + ": expected a number >= 0, got '" + v + "'");
     return d;
   }
+  /// A comma-separated flag, split ("a,b,c" -> {"a", "b", "c"}).
+  std::vector<std::string> list(const std::string& name) const {
+    std::vector<std::string> out;
+    std::stringstream s(values_.at(name));
+    for (std::string part; std::getline(s, part, ',');) out.push_back(part);
+    return out;
+  }
   std::vector<int> ints(const std::string& name) const {
     std::vector<int> out;
-    std::stringstream s(values_.at(name));
-    for (std::string part; std::getline(s, part, ',');) {
+    for (const std::string& part : list(name)) {
       char* end = nullptr;
       const long v = std::strtol(part.c_str(), &end, 10);
       if (part.empty() || *end != '\0' || v <= 0)
@@ -260,6 +267,49 @@ Cell closed_loop(int threads, double warmup, double seconds, MakeClient make_cli
   };
   loop(warmup, false);
   return loop(seconds, true);
+}
+
+/// What an open-loop run measured.
+struct OpenLoop {
+  double achieved = 0;     ///< requests/s, from the first arrival to the last completion
+  Samples latencies;       ///< scheduled arrival to completion
+  std::size_t errors = 0;  ///< requests that completed with an error
+};
+
+/// Sends `rate * seconds` copies of `x` to `submitter` at Poisson arrival times (seeded), each
+/// at its scheduled time whether or not earlier ones are done, and measures from the scheduled
+/// arrival to completion, so a submitter that falls behind is charged for the backlog (no
+/// coordinated omission).
+template <class Submitter>
+OpenLoop open_loop(Submitter& submitter, const at::Tensor& x, double rate, double seconds,
+                   std::uint64_t seed) {
+  const auto n = static_cast<std::size_t>(rate * seconds);
+  OpenLoop result;
+  if (n == 0) return result;
+  std::vector<Clock::time_point> scheduled(n), finished(n);
+  std::atomic<std::size_t> done{0}, errors{0};
+  std::mt19937_64 rng(seed);
+  std::exponential_distribution<double> gap(rate);
+  auto t = Clock::now();
+  for (std::size_t i = 0; i < n; ++i) {
+    t += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(gap(rng)));
+    scheduled[i] = t;
+    while (Clock::now() < t) {
+    }
+    submitter.submit_then(at::Tensor(x), [&, i](std::exception_ptr e, at::Tensor) {
+      if (e) errors.fetch_add(1, std::memory_order_relaxed);
+      finished[i] = Clock::now();
+      done.fetch_add(1, std::memory_order_release);
+    });
+  }
+  while (done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  for (std::size_t i = 0; i < n; ++i) result.latencies.add(finished[i] - scheduled[i]);
+  result.achieved = static_cast<double>(n) /
+                    std::chrono::duration<double>(
+                        *std::max_element(finished.begin(), finished.end()) - scheduled.front())
+                        .count();
+  result.errors = errors.load();
+  return result;
 }
 
 }  // namespace syncbatch::bench

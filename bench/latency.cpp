@@ -3,7 +3,6 @@
 // that falls behind is charged for the backlog (no coordinated omission). Prints p50/p99/p999,
 // the achieved throughput and the mean batch size.
 #include <cstdio>
-#include <random>
 
 #include "bench_common.hpp"
 
@@ -30,14 +29,11 @@ int main(int argc, char** argv) {
   if (!stacked && flags.str("mode") != "per-call")
     flags.fail("--mode: expected stacked or per-call, got '" + flags.str("mode") + "'");
   std::vector<SyncPolicy> policies;
-  {
-    std::stringstream s(flags.str("policies"));
-    for (std::string p; std::getline(s, p, ',');) {
-      try {
-        policies.push_back(SyncPolicy::parse(p));
-      } catch (const Error& e) {
-        flags.fail(e.what());
-      }
+  for (const std::string& p : flags.list("policies")) {
+    try {
+      policies.push_back(SyncPolicy::parse(p));
+    } catch (const Error& e) {
+      flags.fail(e.what());
     }
   }
   c10::InferenceMode inference;
@@ -63,43 +59,26 @@ int main(int argc, char** argv) {
                                               TorchBackend(device, {.mode = mode}));
     for (int i = 0; i < 200; ++i) submitter->submit(x).get();  // warm-up
     for (int rate : flags.ints("rates")) {
-      const auto n = static_cast<std::size_t>(rate * flags.num("seconds"));
-      std::vector<Clock::time_point> scheduled(n), finished(n);
-      std::atomic<std::size_t> done{0};
-      std::mt19937_64 rng(42);
-      std::exponential_distribution<double> gap(rate);
       const auto before = submitter->stats();
-      auto t = Clock::now();
-      for (std::size_t i = 0; i < n; ++i) {
-        t += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(gap(rng)));
-        scheduled[i] = t;
-        while (Clock::now() < t) {
-        }
-        submitter->submit_then(at::Tensor(x), [&, i](std::exception_ptr e, at::Tensor) {
-          if (e) std::abort();
-          finished[i] = Clock::now();
-          done.fetch_add(1, std::memory_order_release);
-        });
+      OpenLoop run = open_loop(*submitter, x, rate, flags.num("seconds"), 42);
+      if (run.errors != 0) {
+        std::fprintf(stderr, "error: %zu requests failed at %d req/s\n", run.errors, rate);
+        return 1;
       }
-      while (done.load(std::memory_order_acquire) < n) std::this_thread::yield();
       const auto after = submitter->stats();
-      Samples lat;
-      for (std::size_t i = 0; i < n; ++i) lat.add(finished[i] - scheduled[i]);
-      const double span =
-          std::chrono::duration<double>(*std::max_element(finished.begin(), finished.end()) -
-                                        scheduled.front())
-              .count();
+      Samples& lat = run.latencies;
+      const double achieved = run.achieved;
       const double mean_batch = static_cast<double>(after.completed - before.completed) /
                                 std::max<std::uint64_t>(1, after.batches - before.batches);
       const double p50 = lat.percentile_us(0.5), p99 = lat.percentile_us(0.99),
                    p999 = lat.percentile_us(0.999);
       std::printf("| %s | %d | %.0f | %.0f | %.0f | %.0f | %.1f |\n", policy.describe().c_str(),
-                  rate, n / span, p50, p99, p999, mean_batch);
+                  rate, achieved, p50, p99, p999, mean_batch);
       std::fflush(stdout);
       json.row()
           .set("policy", policy.describe())
           .set("offered", rate)
-          .set("achieved", n / span)
+          .set("achieved", achieved)
           .set("p50_us", p50)
           .set("p99_us", p99)
           .set("p999_us", p999)

@@ -34,11 +34,7 @@ int main(int argc, char** argv) {
   const int ops = static_cast<int>(flags.num("ops"));
   const int reps = std::max(1, static_cast<int>(flags.num("reps")));
   const int width = static_cast<int>(flags.num("width"));
-  std::vector<std::string> modes;
-  {
-    std::stringstream s(flags.str("sync"));
-    for (std::string m; std::getline(s, m, ',');) modes.push_back(m);
-  }
+  const std::vector<std::string> modes = flags.list("sync");
   c10::InferenceMode inference;
   JsonRows json;
   std::printf(

@@ -43,6 +43,22 @@ struct SubmitterStats {
   LatencySummary queue_delay;  ///< Arrival to the start of the request's run.
   LatencySummary latency;      ///< Arrival to completion (end to end inside the submitter).
 
+  /// Adds another submitter's counters (MultiDeviceSubmitter's totals). Latency summaries and
+  /// batch_limit are per submitter and are left as they are.
+  SubmitterStats& operator+=(const SubmitterStats& o) noexcept {
+    submitted += o.submitted;
+    rejected += o.rejected;
+    completed += o.completed;
+    failed += o.failed;
+    expired += o.expired;
+    batches += o.batches;
+    syncs += o.syncs;
+    queued += o.queued;
+    unbatched_failed += o.unbatched_failed;
+    for (std::size_t b = 0; b < kBuckets; ++b) batch_size_histogram[b] += o.batch_size_histogram[b];
+    return *this;
+  }
+
   /// Mean requests per batch, 0 when no batch ran.
   double mean_batch_size() const noexcept {
     return batches == 0 ? 0.0 : static_cast<double>(completed - unbatched_failed) / batches;
@@ -131,6 +147,13 @@ class StatsCounters {
     syncs_.fetch_add(1, std::memory_order_relaxed);
     histogram_[bucket(size)].fetch_add(1, std::memory_order_relaxed);
     batch_limit_.store(limit, std::memory_order_relaxed);
+  }
+  /// Accepted and not yet completed (queued or running). A completion can be counted just
+  /// before its submission is, so the difference is clamped at zero.
+  std::uint64_t outstanding() const noexcept {
+    const std::uint64_t completed = completed_.load(std::memory_order_relaxed);
+    const std::uint64_t submitted = submitted_.load(std::memory_order_relaxed);
+    return submitted > completed ? submitted - completed : 0;
   }
   LatencyHistogram& queue_delay() noexcept { return queue_delay_; }
   LatencyHistogram& latency() noexcept { return latency_; }
