@@ -269,9 +269,11 @@ class BatchedSubmitter {
   /// A snapshot of the counters. Thread-safe; exact once shutdown() has returned.
   SubmitterStats stats() const noexcept { return stats_.snapshot(queue_.size()); }
 
-  /// Requests accepted and not yet taken by a worker: one relaxed load, for routing.
-  /// Thread-safe.
-  std::size_t queue_depth() const noexcept { return queue_.size(); }
+  /// Requests accepted and not yet completed, queued or running: two relaxed loads, for
+  /// routing. Thread-safe.
+  std::size_t outstanding() const noexcept {
+    return static_cast<std::size_t>(stats_.outstanding());
+  }
 
   const SubmitterOptions& options() const noexcept { return options_; }
 

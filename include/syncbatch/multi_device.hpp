@@ -24,8 +24,8 @@ struct Replica {
 
 /// Spans several devices: one BatchedSubmitter (worker group, streams, model replica) per
 /// device, each syncing once per batch on its own device. Each request goes to the replica
-/// with the fewest requests waiting in its queue (ties broken round-robin), so a slow or busy
-/// device receives less. With one replica it behaves as that replica's BatchedSubmitter.
+/// with the fewest outstanding requests, queued or running (ties broken round-robin), so a slow
+/// or busy device receives less. With one replica it behaves as that replica's BatchedSubmitter.
 ///
 /// Inputs must be usable by whichever replica runs them: CPU tensors with stacked mode staging
 /// them to the device (StackingOptions::device), or plain values.
@@ -79,33 +79,20 @@ class MultiDeviceSubmitter {
   /// replica(i).stats()).
   SubmitterStats stats() const noexcept {
     SubmitterStats total;
-    for (const auto& s : submitters_) {
-      const SubmitterStats r = s->stats();
-      total.submitted += r.submitted;
-      total.rejected += r.rejected;
-      total.completed += r.completed;
-      total.failed += r.failed;
-      total.expired += r.expired;
-      total.batches += r.batches;
-      total.syncs += r.syncs;
-      total.queued += r.queued;
-      total.unbatched_failed += r.unbatched_failed;
-      for (std::size_t b = 0; b < SubmitterStats::kBuckets; ++b)
-        total.batch_size_histogram[b] += r.batch_size_histogram[b];
-    }
+    for (const auto& s : submitters_) total += s->stats();
     return total;
   }
 
  private:
-  // Join the shortest queue, scanning from a rotating start so ties spread evenly.
+  // Fewest outstanding requests wins, scanning from a rotating start so ties spread evenly.
   Submitter& pick() noexcept {
     const std::size_t n = submitters_.size();
     const std::size_t start = next_.fetch_add(1, std::memory_order_relaxed) % n;
     std::size_t best = start;
-    std::size_t best_depth = submitters_[start]->queue_depth();
+    std::size_t best_depth = submitters_[start]->outstanding();
     for (std::size_t k = 1; k < n && best_depth != 0; ++k) {
       const std::size_t i = (start + k) % n;
-      const std::size_t d = submitters_[i]->queue_depth();
+      const std::size_t d = submitters_[i]->outstanding();
       if (d < best_depth) {
         best = i;
         best_depth = d;
