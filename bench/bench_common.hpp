@@ -135,6 +135,45 @@ class OwnStream {
   c10::StreamGuard guard_;
 };
 
+/// Whether graph columns are measured: --graphs auto (where CUDA graphs can run), on, off.
+inline bool graphs_flag(const Flags& flags, c10::Device device) {
+  const std::string v = flags.str("graphs");
+  if (v == "on") return true;
+  if (v == "off") return false;
+  if (v != "auto") flags.fail("--graphs: expected auto, on or off, got '" + v + "'");
+  return graphs_unavailable_reason(device).empty();
+}
+
+/// The GPU's own limit for batch-1 forwards: `per_graph` forwards captured in one graph and
+/// replayed, one sync per replay; returns forwards per second. (Inputs go in and outputs come out
+/// with one copy each per replay, amortized over the forwards.)
+inline double graph_limit(const Mlp& mlp, int64_t width, c10::Device device, double seconds,
+                          int per_graph = 64) {
+  GraphedModel many(
+      [&](const at::Tensor& x) {
+        std::vector<at::Tensor> outs;
+        outs.reserve(static_cast<std::size_t>(per_graph));
+        for (int64_t i = 0; i < per_graph; ++i) outs.push_back(mlp(x.narrow(0, i, 1)));
+        return at::cat(outs, 0);
+      },
+      device, {.buckets = {per_graph}});
+  const at::Tensor x = at::randn({per_graph, width}, at::TensorOptions().device(device));
+  OwnStream stream(device);
+  DeviceSync sync(device);
+  for (int i = 0; i < 3; ++i) many(x), sync();
+  long replays = 0;
+  const auto start = Clock::now();
+  const auto end =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  while (Clock::now() < end) {
+    many(x);
+    sync();
+    ++replays;
+  }
+  const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+  return static_cast<double>(replays) * per_graph / wall;
+}
+
 /// Latency samples of one run; percentiles by sorting (benchmarks only, not the library).
 class Samples {
  public:

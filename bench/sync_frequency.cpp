@@ -1,7 +1,10 @@
 // sync_frequency: the seed table (ops/s when syncing every N ops) for the 1-layer and 3-layer
 // MLP, device and event sync, measured three ways side by side: a hand-written loop, SyncScope,
-// and BatchedSubmitter in per-call mode. Each cell is the median of --reps interleaved runs.
+// and BatchedSubmitter in per-call mode; where CUDA graphs run, also per-call mode replaying a
+// graph per request (GraphedModel), against the GPU's own limit (64 forwards in one graph).
+// Each cell is the median of --reps interleaved runs.
 #include <cstdio>
+#include <optional>
 
 #include "bench_common.hpp"
 
@@ -28,6 +31,7 @@ int main(int argc, char** argv) {
                      {"ops", "4096"},
                      {"reps", "3"},
                      {"width", "256"},
+                     {"graphs", "auto"},
                      {"json", ""}});
   pin_threads();
   const c10::Device device = device_flag(flags);
@@ -35,6 +39,7 @@ int main(int argc, char** argv) {
   const int reps = std::max(1, static_cast<int>(flags.num("reps")));
   const int width = static_cast<int>(flags.num("width"));
   const std::vector<std::string> modes = flags.list("sync");
+  const bool graphs = graphs_flag(flags, device);
   c10::InferenceMode inference;
   JsonRows json;
   std::printf(
@@ -43,6 +48,12 @@ int main(int argc, char** argv) {
   for (int layers : flags.ints("layers")) {
     const Mlp mlp(layers, width, device);
     const at::Tensor x = at::randn({1, width}, at::TensorOptions().device(device));
+    const GraphedModel graphed([&](const at::Tensor& in) { return mlp(in); }, device,
+                               {.buckets = {1}});
+    const double limit = graphs ? graph_limit(mlp, width, device, 1.0) : 0.0;
+    if (graphs)
+      std::printf("\n%d-layer: GPU limit, 64 batch-1 forwards in one graph: %.0f ops/s\n", layers,
+                  limit);
     for (const std::string& mode_name : modes) {
       const SyncMode mode = sync_flag(mode_name);
       BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>* submitter = nullptr;
@@ -82,7 +93,9 @@ int main(int argc, char** argv) {
       std::printf("\n%d-layer, %s sync\n\n", layers, mode_name.c_str());
       std::printf(
           "| sync every | raw ops/s | speedup | SyncScope ops/s | scope/raw | submitter ops/s "
-          "| submitter/raw |\n|--:|--:|--:|--:|--:|--:|--:|\n");
+          "| submitter/raw |%s\n|--:|--:|--:|--:|--:|--:|--:|%s\n",
+          graphs ? " graph ops/s | graph/submitter | graph/limit |" : "",
+          graphs ? "--:|--:|--:|" : "");
       double base = 0;
       for (int n : flags.ints("every")) {
         const auto every = static_cast<std::size_t>(n);
@@ -90,18 +103,34 @@ int main(int argc, char** argv) {
             [&](at::Tensor& in) { return mlp(in); },
             {.queue_capacity = static_cast<std::size_t>(ops), .policy = EveryN{every}},
             TorchBackend(device, {.mode = mode}));
+        std::optional<BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>> g;
+        if (graphs)
+          g.emplace(
+              [&](at::Tensor& in) { return graphed(in); },
+              SubmitterOptions{.queue_capacity = static_cast<std::size_t>(ops),
+                               .policy = EveryN{every}},
+              TorchBackend(device, {.mode = mode, .on_worker_start = [&] { graphed.warm_up(x); }}));
         submitter = &s;
         raw(every), scope(every), submit(every);  // warm-up
-        std::vector<double> r, sc, su;
+        std::vector<double> r, sc, su, gr;
         for (int k = 0; k < reps; ++k) {
           r.push_back(raw(every));
           sc.push_back(scope(every));
+          submitter = &s;
           su.push_back(submit(every));
+          if (g) {
+            submitter = &*g;
+            gr.push_back(submit(every));
+          }
         }
         const double raw_ops = median(r), scope_ops = median(sc), sub_ops = median(su);
+        const double graph_ops = g ? median(gr) : 0.0;
         if (base == 0) base = raw_ops;
-        std::printf("| %d | %.0f | %.2fx | %.0f | %.3f | %.0f | %.3f |\n", n, raw_ops,
-                    raw_ops / base, scope_ops, scope_ops / raw_ops, sub_ops, sub_ops / raw_ops);
+        std::printf("| %d | %.0f | %.2fx | %.0f | %.3f | %.0f | %.3f |", n, raw_ops, raw_ops / base,
+                    scope_ops, scope_ops / raw_ops, sub_ops, sub_ops / raw_ops);
+        if (g)
+          std::printf(" %.0f | %.2fx | %.2f |", graph_ops, graph_ops / sub_ops, graph_ops / limit);
+        std::printf("\n");
         std::fflush(stdout);
         json.row()
             .set("layers", layers)
@@ -109,7 +138,9 @@ int main(int argc, char** argv) {
             .set("every", n)
             .set("raw_ops", raw_ops)
             .set("scope_ops", scope_ops)
-            .set("submitter_ops", sub_ops);
+            .set("submitter_ops", sub_ops)
+            .set("graph_ops", graph_ops)
+            .set("graph_limit_ops", limit);
       }
     }
   }

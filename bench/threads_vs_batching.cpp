@@ -4,9 +4,11 @@
 //   per-call BatchedSubmitter, per-call mode: one forward per request, one sync per batch
 //   stacked  BatchedSubmitter, stacked mode: one forward per batch of requests
 //   ideal    one thread forwarding pre-stacked batches of T rows (no queue, no clients)
+// and, where CUDA graphs run, per-call and stacked mode again replaying graphs (GraphedModel).
 // Closed loop: each client waits for its result before sending the next. Prints throughput,
 // client-side p50/p99 latency and the ratios stacked/per-op and stacked/ideal.
 #include <cstdio>
+#include <optional>
 
 #include "bench_common.hpp"
 
@@ -56,6 +58,7 @@ int main(int argc, char** argv) {
                      {"sync", "event"},
                      {"max-batch", "256"},
                      {"workers", "1"},
+                     {"graphs", "auto"},
                      {"json", ""}});
   pin_threads();
   const c10::Device device = device_flag(flags);
@@ -67,6 +70,8 @@ int main(int argc, char** argv) {
   c10::InferenceMode inference;
   const Mlp mlp(static_cast<int>(flags.num("layers")), width, device);
   const auto opts = at::TensorOptions().device(device);
+  const bool graphs = graphs_flag(flags, device);
+  const at::Tensor example = at::randn({1, width}, opts);
 
   using Submitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
   Submitter per_call([&](at::Tensor& x) { return mlp(x); },
@@ -75,6 +80,25 @@ int main(int argc, char** argv) {
   Submitter stacked(make_stacked_model([&](const at::Tensor& x) { return mlp(x); }),
                     {.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
                     TorchBackend(device, {.mode = mode}));
+  // Graph replay: per-call mode replays the batch-1 graph per request; stacked mode pads each
+  // batch to its bucket (powers of two up to --max-batch). Workers capture before serving.
+  const GraphedModel graphed_one([&](const at::Tensor& x) { return mlp(x); }, device,
+                                 {.buckets = {1}});
+  const GraphedModel graphed_batch([&](const at::Tensor& x) { return mlp(x); }, device,
+                                   {.max_rows = static_cast<int64_t>(max_batch)});
+  std::optional<Submitter> per_call_graph, stacked_graph;
+  if (graphs) {
+    per_call_graph.emplace(
+        [&](at::Tensor& x) { return graphed_one(x); },
+        SubmitterOptions{.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
+        TorchBackend(device,
+                     {.mode = mode, .on_worker_start = [&] { graphed_one.warm_up(example); }}));
+    stacked_graph.emplace(
+        make_stacked_model(graphed_batch),
+        SubmitterOptions{.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
+        TorchBackend(device,
+                     {.mode = mode, .on_worker_start = [&] { graphed_batch.warm_up(example); }}));
+  }
 
   std::printf(
       "threads_vs_batching: %d-layer MLP width %d, batch-1 requests, %s, %s sync, "
@@ -84,8 +108,13 @@ int main(int argc, char** argv) {
   std::printf(
       "| T | per-op ops/s | p50 us | p99 us | per-call ops/s | p50 us | p99 us | stacked "
       "ops/s | p50 us | p99 us | mean batch | ideal ops/s | stacked/per-op | "
-      "stacked/ideal |\n");
-  std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+      "stacked/ideal |%s\n",
+      graphs ? " per-call graph ops/s | p99 us | stacked graph ops/s | p50 us | p99 us | "
+               "per-call graph/eager | stacked graph/eager | stacked graph/per-op | "
+               "stacked graph/ideal |"
+             : "");
+  std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|%s\n",
+              graphs ? "--:|--:|--:|--:|--:|--:|--:|--:|--:|" : "");
   JsonRows json;
   for (int threads : flags.ints("threads")) {
     std::vector<at::Tensor> inputs;
@@ -97,6 +126,11 @@ int main(int argc, char** argv) {
     });
     const Cell pc = submitter_cell(per_call, inputs, threads, warmup, seconds);
     const Cell st = submitter_cell(stacked, inputs, threads, warmup, seconds);
+    Cell pcg, stg;
+    if (graphs) {
+      pcg = submitter_cell(*per_call_graph, inputs, threads, warmup, seconds);
+      stg = submitter_cell(*stacked_graph, inputs, threads, warmup, seconds);
+    }
     // Ideal: one thread, batches of T rows already stacked, one sync per batch.
     const at::Tensor batch = at::randn({threads, width}, opts);
     const Cell ideal = closed_loop(
@@ -110,10 +144,16 @@ int main(int argc, char** argv) {
         threads);
     std::printf(
         "| %d | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %.0f | "
-        "%.2fx | %.2f |\n",
+        "%.2fx | %.2f |",
         threads, per_op.ops_per_s, per_op.p50_us, per_op.p99_us, pc.ops_per_s, pc.p50_us, pc.p99_us,
         st.ops_per_s, st.p50_us, st.p99_us, st.mean_batch, ideal.ops_per_s,
         st.ops_per_s / per_op.ops_per_s, st.ops_per_s / ideal.ops_per_s);
+    if (graphs)
+      std::printf(" %.0f | %.0f | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx | %.2f |",
+                  pcg.ops_per_s, pcg.p99_us, stg.ops_per_s, stg.p50_us, stg.p99_us,
+                  pcg.ops_per_s / pc.ops_per_s, stg.ops_per_s / st.ops_per_s,
+                  stg.ops_per_s / per_op.ops_per_s, stg.ops_per_s / ideal.ops_per_s);
+    std::printf("\n");
     std::fflush(stdout);
     json.row()
         .set("threads", threads)
@@ -128,7 +168,13 @@ int main(int argc, char** argv) {
         .set("stacked_p50_us", st.p50_us)
         .set("stacked_p99_us", st.p99_us)
         .set("stacked_mean_batch", st.mean_batch)
-        .set("ideal_ops", ideal.ops_per_s);
+        .set("ideal_ops", ideal.ops_per_s)
+        .set("per_call_graph_ops", pcg.ops_per_s)
+        .set("per_call_graph_p99_us", pcg.p99_us)
+        .set("stacked_graph_ops", stg.ops_per_s)
+        .set("stacked_graph_p50_us", stg.p50_us)
+        .set("stacked_graph_p99_us", stg.p99_us)
+        .set("stacked_graph_mean_batch", stg.mean_batch);
   }
   json.write(flags.str("json"),
              meta_json(device, "\"bench\": \"threads_vs_batching\", \"layers\": " +

@@ -143,6 +143,7 @@ TorchBackend::Worker::Worker(c10::Device device, c10::Stream stream,
   if (options.wait_for_default_stream && !device.is_cpu() &&
       stream != guard_impl(device.type())->getDefaultStream(device))
     inputs_ready_.emplace(device.type());
+  if (options.on_worker_start) options.on_worker_start();
 }
 
 void TorchBackend::Worker::before_run(std::chrono::steady_clock::time_point arrived) {

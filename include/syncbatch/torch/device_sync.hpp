@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -84,6 +85,10 @@ struct TorchBackendOptions {
   /// produced their input tensors. One event per burst of requests, not per request. Inputs
   /// produced on other streams must be complete (or on the CPU) when they are submitted.
   bool wait_for_default_stream = true;
+  /// Called on each worker thread once its context is set up (its stream current, inference
+  /// mode on), before it takes any request: e.g. to capture graphs (GraphedModel::warm_up) or
+  /// load per-worker state. The submitter's constructor rethrows what it throws.
+  std::function<void()> on_worker_start{};
 };
 
 /// The BatchedSubmitter backend for a LibTorch device. Each worker thread gets a context that

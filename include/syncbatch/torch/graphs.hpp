@@ -1,0 +1,134 @@
+// Graph replay for launch-bound models: capture a model's forward once per input signature and
+// row bucket as a CUDA graph, then replay it with each call's data copied into the graph's
+// static input. Works with BatchedSubmitter (per-call or stacked mode) and with SyncScope.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace syncbatch {
+
+/// Options of GraphedModel.
+struct GraphOptions {
+  /// Row counts (dim 0) to capture a graph for. A call with r rows replays the graph of the
+  /// smallest bucket >= r, its input padded with the rows of the previous call (or zeros) and
+  /// the padded rows' outputs dropped; a call with more rows than the largest bucket runs
+  /// eagerly. Empty: 1, 2, 4, ... up to max_rows, and max_rows itself.
+  std::vector<int64_t> buckets{};
+  /// The largest bucket when `buckets` is empty. At least 1.
+  int64_t max_rows = 64;
+  /// true: the first call that needs a graph captures it (that call pays the capture, about a
+  /// millisecond). false: only warm_up() captures, and calls with no graph warmed up run
+  /// eagerly, so no request ever waits for a capture.
+  bool capture_on_first_use = true;
+  /// Eager runs of the model before each capture (lazy initialization such as cuBLAS handles
+  /// must not happen inside a capture). At least 1.
+  int warmup_runs = 2;
+  /// Most graphs held at once. Each has its own static input and output and its own memory pool
+  /// (on CUDA at least one 2 MiB segment); calls that would need more run eagerly.
+  std::size_t max_graphs = 64;
+  /// Receives each reason for running eagerly, once per distinct reason. Unset: stderr.
+  std::function<void(const std::string&)> log{};
+};
+
+/// Counters of a GraphedModel, all callers together.
+struct GraphStats {
+  std::uint64_t captured = 0;          ///< Graphs captured so far.
+  std::uint64_t graphs = 0;            ///< Graphs held now.
+  std::uint64_t replays = 0;           ///< Calls served by a graph replay.
+  std::uint64_t eager_runs = 0;        ///< Calls run eagerly (no graph for them, or none here).
+  std::uint64_t capture_failures = 0;  ///< Captures that failed (the model then runs eagerly).
+  std::uint64_t padded_rows = 0;       ///< Rows of padding replayed and dropped.
+  /// Why graphs cannot run at all here ("" when they can): e.g. not a CUDA device.
+  std::string unavailable_reason{};
+  /// The latest reason a call ran eagerly although graphs are available ("" if none).
+  std::string last_fallback{};
+};
+
+namespace detail {
+class GraphEngine;
+}
+
+/// A model `y = model(x)` (rows of y match rows of x, each row computed from its own row) that
+/// replays CUDA graphs instead of launching its kernels one by one.
+///
+///   GraphedModel graphed([&](const at::Tensor& x) { return module.forward({x}).toTensor(); },
+///                        device, {.max_rows = 64});
+///   BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend> submitter(
+///       make_stacked_model(graphed, {.device = device}),       // or per-call: graphed
+///       {.policy = EveryN{64}},
+///       TorchBackend(device, {.on_worker_start = [&] { graphed.warm_up(example); }}));
+///   // with SyncScope, on the thread's own stream:  y = graphed(x); scope.tick();
+///
+/// Semantics are eager's: a call enqueues its work on the current stream and returns an output
+/// tensor of its own (copied out of the graph's static output, so later replays do not touch
+/// it), complete once that stream is synced. One sync per batch stays the caller's business.
+///
+/// Where graphs cannot run (CPU, MPS, a LibTorch without CUDA) every call runs eagerly and
+/// stats().unavailable_reason says why. A model that cannot be captured (e.g. it reads a
+/// value back to the host) falls back to eager for good, with the reason logged and counted.
+/// Graphs need a model whose output has one row per input row; others run eagerly.
+///
+/// Streams and threads: graphs belong to the stream they replay on (the caller's current
+/// stream), so each submitter worker, with its stream, captures and replays its own; graphs of
+/// one stream run one after another on the device and never share a workspace concurrently.
+/// Callable from several threads: each graph serves one call at a time, and a concurrent call
+/// on the same stream and bucket gets a graph of its own (bounded by max_graphs). Capture
+/// happens on the caller's stream, or on a side stream when that is the default stream (which
+/// CUDA cannot capture).
+///
+/// A GraphedModel is a handle: copies share the graphs. They are freed by release() or when
+/// the last copy goes (e.g. the BatchedSubmitter that holds it is destroyed).
+class GraphedModel {
+ public:
+  using Forward = std::function<at::Tensor(const at::Tensor&)>;
+
+  /// Errors: throws Error(kInvalidArgument) for an empty model or a bad option.
+  GraphedModel(Forward model, c10::Device device, GraphOptions options = {});
+
+  /// Runs the model on `x`: a graph replay where possible, else eagerly.
+  /// Errors: what the model throws on `x` (no graph is kept for a call that fails).
+  at::Tensor operator()(const at::Tensor& x) const;
+
+  /// Captures, for the calling thread's current stream, the graph of every bucket for inputs
+  /// shaped like `example` (its rows do not matter; its first rows are the warm-up data), so no
+  /// later call on that stream pays a capture. For a submitter, call it from
+  /// TorchBackendOptions::on_worker_start. A no-op where graphs are unavailable.
+  /// Errors: Error(kInvalidArgument) for an example without rows; what the model throws.
+  void warm_up(const at::Tensor& example) const;
+
+  /// Waits for the graphs' pending replays and frees all graphs not in use by a call right now.
+  /// Later calls capture again (or run eagerly, per capture_on_first_use).
+  void release() const;
+
+  GraphStats stats() const;
+  /// The buckets in use, ascending.
+  const std::vector<int64_t>& buckets() const;
+  c10::Device device() const;
+
+  struct Impl;
+
+ private:
+  friend GraphedModel make_graphed_model_with_engine(Forward, c10::Device, GraphOptions,
+                                                     std::shared_ptr<detail::GraphEngine>);
+  explicit GraphedModel(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+  std::shared_ptr<Impl> impl_;
+};
+
+/// The buckets `options` describes, ascending and distinct. Errors: Error(kInvalidArgument).
+std::vector<int64_t> graph_buckets(const GraphOptions& options);
+
+/// The smallest bucket >= rows, or 0 when rows exceeds them all. `buckets` ascending.
+int64_t bucket_for(int64_t rows, const std::vector<int64_t>& buckets);
+
+/// "" when this build can capture CUDA graphs on `device`, else why not.
+std::string graphs_unavailable_reason(c10::Device device);
+
+}  // namespace syncbatch

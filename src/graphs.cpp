@@ -1,0 +1,385 @@
+// GraphedModel: buckets, static buffers, graph checkout and the fallbacks to eager. The CUDA
+// specifics live in cuda_graphs.cpp (built only where LibTorch has CUDA).
+#include "syncbatch/torch/graphs.hpp"
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <unordered_map>
+#include <utility>
+
+#include "syncbatch/error.hpp"
+#include "syncbatch/torch/detail/graph_engine.hpp"
+#include "syncbatch/torch/stacked.hpp"
+
+namespace syncbatch {
+namespace detail {
+namespace {
+
+class NoGraphEngine final : public GraphEngine {
+ public:
+  std::string unavailable_reason(c10::Device device) const override {
+    if (!device.is_cuda())
+      return "CUDA graphs need a CUDA device, got " + device.str() + "; calls run eagerly";
+    return "this LibTorch was built without CUDA graphs; calls run eagerly";
+  }
+  std::unique_ptr<CapturedGraph> capture(const GraphedModel::Forward&, const at::Tensor&,
+                                         at::Tensor&, int) override {
+    throw CaptureError(unavailable_reason(c10::Device(c10::kCUDA)));
+  }
+};
+
+}  // namespace
+
+#if SYNCBATCH_WITH_CUDA_GRAPHS
+std::shared_ptr<GraphEngine> make_cuda_graph_engine();  // cuda_graphs.cpp
+#endif
+
+std::shared_ptr<GraphEngine> default_graph_engine() {
+#if SYNCBATCH_WITH_CUDA_GRAPHS
+  static const std::shared_ptr<GraphEngine> engine = make_cuda_graph_engine();
+#else
+  static const std::shared_ptr<GraphEngine> engine = std::make_shared<NoGraphEngine>();
+#endif
+  return engine;
+}
+
+}  // namespace detail
+
+std::vector<int64_t> graph_buckets(const GraphOptions& options) {
+  std::vector<int64_t> buckets = options.buckets;
+  if (buckets.empty()) {
+    if (options.max_rows < 1)
+      throw Error(ErrorCode::kInvalidArgument, "GraphOptions.max_rows: expected at least 1, got " +
+                                                   std::to_string(options.max_rows));
+    for (int64_t b = 1; b < options.max_rows; b *= 2) buckets.push_back(b);
+    buckets.push_back(options.max_rows);
+  }
+  for (int64_t b : buckets)
+    if (b < 1)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "GraphOptions.buckets: expected row counts >= 1, got " + std::to_string(b));
+  std::sort(buckets.begin(), buckets.end());
+  buckets.erase(std::unique(buckets.begin(), buckets.end()), buckets.end());
+  return buckets;
+}
+
+int64_t bucket_for(int64_t rows, const std::vector<int64_t>& buckets) {
+  const auto it = std::lower_bound(buckets.begin(), buckets.end(), rows);
+  return it == buckets.end() ? 0 : *it;
+}
+
+std::string graphs_unavailable_reason(c10::Device device) {
+  return detail::default_graph_engine()->unavailable_reason(device);
+}
+
+struct GraphedModel::Impl {
+  // One graph with its static buffers; used by one call at a time.
+  struct Replica {
+    std::unique_ptr<detail::CapturedGraph> graph;
+    at::Tensor input, output;
+    bool busy = true;
+  };
+  // The stream a graph replays on, the input signature and the bucket. Graphs are never shared
+  // between streams: graphs replayed on one stream run one after another on the device, so
+  // workspaces they share (cuBLAS keeps one per stream it ran on) are never used at once.
+  struct Key {
+    c10::Stream stream;
+    at::ScalarType dtype;
+    std::vector<int64_t> trailing;
+    int64_t bucket;
+    bool operator==(const Key&) const = default;
+  };
+  struct KeyHash {
+    std::size_t operator()(const Key& k) const noexcept {
+      std::size_t h = std::hash<c10::Stream>()(k.stream);
+      auto mix = [&](std::size_t v) { h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); };
+      mix(static_cast<std::size_t>(k.dtype));
+      mix(static_cast<std::size_t>(k.bucket));
+      for (int64_t d : k.trailing) mix(static_cast<std::size_t>(d));
+      return h;
+    }
+  };
+
+  Impl(Forward m, c10::Device d, GraphOptions o, std::shared_ptr<detail::GraphEngine> e)
+      : model(std::move(m)),
+        device(d),
+        options(std::move(o)),
+        buckets(graph_buckets(options)),
+        engine(std::move(e)),
+        unavailable(engine->unavailable_reason(device)) {
+    if (!model) throw Error(ErrorCode::kInvalidArgument, "GraphedModel: the model is empty");
+    if (options.warmup_runs < 1)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "GraphOptions.warmup_runs: expected at least 1, got " +
+                      std::to_string(options.warmup_runs));
+    if (options.max_graphs < 1)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "GraphOptions.max_graphs: expected at least 1, got 0");
+  }
+
+  ~Impl() {
+    try {
+      release();
+    } catch (...) {  // NOLINT(bugprone-empty-catch): a destructor must not throw
+    }
+  }
+
+  at::Tensor call(const at::Tensor& x) {
+    if (!unavailable.empty() || failed.load(std::memory_order_acquire) || !x.defined() ||
+        x.dim() == 0 || x.size(0) == 0)
+      return eager(x);
+    const int64_t rows = x.size(0);
+    const int64_t bucket = bucket_for(rows, buckets);
+    if (bucket == 0) {
+      fallback("calls with more rows than the largest bucket (" + std::to_string(buckets.back()) +
+               ") run eagerly");
+      return eager(x);
+    }
+    Key key{current_stream(), x.scalar_type(), x.sizes().slice(1).vec(), bucket};
+    Replica* replica = checkout(key, options.capture_on_first_use);
+    if (replica == nullptr) return eager(x);
+    if (!replica->graph) {
+      try {
+        if (!capture(*replica, key, x)) return eager(x);  // not capturable: fell back for good
+      } catch (...) {
+        discard(key, replica);  // the model threw in a warm-up run: the call's own error
+        throw;
+      }
+    }
+    try {
+      at::Tensor out = replay(*replica, x, rows);
+      checkin(replica);
+      padded_rows.fetch_add(static_cast<std::uint64_t>(bucket - rows), std::memory_order_relaxed);
+      replays.fetch_add(1, std::memory_order_relaxed);
+      return out;
+    } catch (...) {
+      checkin(replica);
+      throw;
+    }
+  }
+
+  void warm_up(const at::Tensor& example) {
+    if (!unavailable.empty() || failed.load()) return;
+    if (!example.defined() || example.dim() == 0 || example.size(0) == 0)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "GraphedModel::warm_up: expected an example with a batch dimension and at "
+                  "least one row, got " +
+                      describe_tensor(example));
+    const c10::Stream stream = current_stream();
+    for (int64_t bucket : buckets) {
+      Key key{stream, example.scalar_type(), example.sizes().slice(1).vec(), bucket};
+      {
+        std::lock_guard lock(mu);
+        if (!graphs[key].empty()) continue;
+      }
+      Replica* r = checkout(key, /*may_capture=*/true);
+      if (r == nullptr) return;  // max_graphs reached (reported)
+      if (r->graph) {            // another thread captured it meanwhile
+        checkin(r);
+        continue;
+      }
+      try {
+        if (!capture(*r, key, example.narrow(0, 0, std::min(bucket, example.size(0))))) return;
+      } catch (...) {
+        discard(key, r);
+        throw;
+      }
+      checkin(r);
+    }
+  }
+
+  void release() {
+    std::vector<std::unique_ptr<Replica>> freed;
+    std::vector<c10::Stream> streams;
+    {
+      std::lock_guard lock(mu);
+      for (auto& [key, replicas] : graphs) {
+        auto keep = std::stable_partition(replicas.begin(), replicas.end(),
+                                          [](const auto& r) { return r->busy; });
+        if (keep != replicas.end() &&
+            std::find(streams.begin(), streams.end(), key.stream) == streams.end())
+          streams.push_back(key.stream);
+        std::move(keep, replicas.end(), std::back_inserter(freed));
+        replicas.erase(keep, replicas.end());
+      }
+      held -= freed.size();
+    }
+    // Replays may still be running on the device: wait before their memory goes back.
+    for (const c10::Stream& s : streams) s.synchronize();
+  }
+
+  GraphStats stats() const {
+    GraphStats s;
+    s.captured = captured.load();
+    s.replays = replays.load();
+    s.eager_runs = eager_runs.load();
+    s.capture_failures = capture_failures.load();
+    s.padded_rows = padded_rows.load();
+    s.unavailable_reason = unavailable;
+    std::lock_guard lock(mu);
+    s.graphs = held;
+    s.last_fallback = last_fallback;
+    return s;
+  }
+
+ private:
+  at::Tensor eager(const at::Tensor& x) {
+    eager_runs.fetch_add(1, std::memory_order_relaxed);
+    return model(x);
+  }
+
+  void fallback(const std::string& reason) {
+    bool first = false;
+    {
+      std::lock_guard lock(mu);
+      last_fallback = reason;
+      first = logged.insert(reason).second;
+    }
+    if (!first) return;
+    if (options.log) {
+      options.log(reason);
+    } else {
+      std::fprintf(stderr, "syncbatch: GraphedModel: %s\n", reason.c_str());
+    }
+  }
+
+  // A free replica of `key`, marked busy; a new, uncaptured one (graph unset) when none is free
+  // and `may_capture` and max_graphs allow; nullptr otherwise.
+  Replica* checkout(const Key& key, bool may_capture) {
+    std::string why;
+    {
+      std::lock_guard lock(mu);
+      auto& replicas = graphs[key];
+      for (auto& r : replicas)
+        if (!r->busy) {
+          r->busy = true;
+          return r.get();
+        }
+      if (may_capture && held < options.max_graphs) {
+        ++held;
+        replicas.push_back(std::make_unique<Replica>());
+        return replicas.back().get();
+      }
+      if (!may_capture) return nullptr;  // counted as eager; nothing to report per call
+      why = "max_graphs (" + std::to_string(options.max_graphs) +
+            ") graphs are held; calls that need another run eagerly";
+    }
+    fallback(why);
+    return nullptr;
+  }
+
+  void checkin(Replica* r) {
+    std::lock_guard lock(mu);
+    r->busy = false;
+  }
+
+  void discard(const Key& key, Replica* r) {
+    std::lock_guard lock(mu);
+    auto& replicas = graphs[key];
+    replicas.erase(std::find_if(replicas.begin(), replicas.end(),
+                                [&](const auto& p) { return p.get() == r; }));
+    --held;
+  }
+
+  // Captures r's graph with `x` (rows <= bucket) in its static input. Returns false, with the
+  // model switched to eager for good, when the model cannot be captured.
+  bool capture(Replica& r, const Key& key, const at::Tensor& x) {
+    std::vector<int64_t> sizes{key.bucket};
+    sizes.insert(sizes.end(), key.trailing.begin(), key.trailing.end());
+    r.input = at::zeros(sizes, at::TensorOptions().dtype(key.dtype).device(device));
+    engine->copy(r.input.narrow(0, 0, x.size(0)), x);
+    std::string why;
+    try {
+      r.graph = engine->capture(model, r.input, r.output, options.warmup_runs);
+      if (!r.output.defined() || r.output.dim() == 0 || r.output.size(0) != key.bucket ||
+          r.output.device() != device)
+        why = "the model returned " + describe_tensor(r.output) + " for " +
+              describe_tensor(r.input) + "; graphs need one output row per input row on " +
+              device.str() + ", so calls run eagerly";
+    } catch (const detail::CaptureError& e) {
+      why = std::string("the model cannot be captured as a CUDA graph (") + e.what() +
+            "); calls run eagerly";
+      capture_failures.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (why.empty()) {
+      captured.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    }
+    failed.store(true, std::memory_order_release);
+    discard(key, &r);
+    fallback(why);
+    return false;
+  }
+
+  c10::Stream current_stream() const {
+    return c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
+  }
+
+  at::Tensor replay(Replica& r, const at::Tensor& x, int64_t rows) {
+    engine->copy(rows == r.input.size(0) ? r.input : r.input.narrow(0, 0, rows), x);
+    r.graph->replay();
+    const at::Tensor rows_out = rows == r.output.size(0) ? r.output : r.output.narrow(0, 0, rows);
+    at::Tensor out = at::empty(rows_out.sizes(), rows_out.options());
+    engine->copy(out, rows_out);
+    return out;
+  }
+
+ public:
+  const Forward model;
+  const c10::Device device;
+  const GraphOptions options;
+  const std::vector<int64_t> buckets;
+  const std::shared_ptr<detail::GraphEngine> engine;
+  const std::string unavailable;
+
+ private:
+  mutable std::mutex mu;
+  std::unordered_map<Key, std::vector<std::unique_ptr<Replica>>, KeyHash> graphs;
+  std::size_t held = 0;
+  std::set<std::string> logged;
+  std::string last_fallback;
+  std::atomic<bool> failed{false};
+  std::atomic<std::uint64_t> captured{0}, replays{0}, eager_runs{0}, capture_failures{0},
+      padded_rows{0};
+};
+
+GraphedModel::GraphedModel(Forward model, c10::Device device, GraphOptions options)
+    : impl_(std::make_shared<Impl>(std::move(model), device, std::move(options),
+                                   detail::default_graph_engine())) {}
+
+GraphedModel make_graphed_model_with_engine(GraphedModel::Forward model, c10::Device device,
+                                            GraphOptions options,
+                                            std::shared_ptr<detail::GraphEngine> engine) {
+  return GraphedModel(
+      std::make_shared<GraphedModel::Impl>(std::move(model), device, std::move(options), engine));
+}
+
+at::Tensor GraphedModel::operator()(const at::Tensor& x) const {
+  return impl_->call(x);
+}
+
+void GraphedModel::warm_up(const at::Tensor& example) const {
+  impl_->warm_up(example);
+}
+
+void GraphedModel::release() const {
+  impl_->release();
+}
+GraphStats GraphedModel::stats() const {
+  return impl_->stats();
+}
+const std::vector<int64_t>& GraphedModel::buckets() const {
+  return impl_->buckets;
+}
+c10::Device GraphedModel::device() const {
+  return impl_->device;
+}
+
+}  // namespace syncbatch
