@@ -299,10 +299,11 @@ struct GraphedModel::Impl {
     try {
       r.graph = engine->capture(model, r.input, r.output, options.warmup_runs);
       if (!r.output.defined() || r.output.dim() == 0 || r.output.size(0) != key.bucket ||
-          r.output.device() != device)
+          r.output.device() != r.input.device())
         why = "the model returned " + describe_tensor(r.output) + " for " +
-              describe_tensor(r.input) + "; graphs need one output row per input row on " +
-              device.str() + ", so calls run eagerly";
+              describe_tensor(r.input) +
+              "; graphs need one output row per input row on the input's device, so calls run "
+              "eagerly";
     } catch (const detail::CaptureError& e) {
       why = std::string("the model cannot be captured as a CUDA graph (") + e.what() +
             "); calls run eagerly";

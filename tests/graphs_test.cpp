@@ -22,6 +22,11 @@ namespace {
 
 using testing::Mlp;
 
+// Padding changes the GEMM's shape, and with it the summation order: equal up to rounding.
+bool near(const at::Tensor& a, const at::Tensor& b) {
+  return at::allclose(a, b, 1e-4, 1e-5);
+}
+
 thread_local bool capturing = false;
 
 class FakeGraph final : public detail::CapturedGraph {
@@ -110,7 +115,7 @@ TEST(GraphedModel, EveryRowCountMatchesEagerAndOutputsSurviveLaterReplays) {
   // Each output is checked only after every later replay has overwritten the static outputs.
   for (std::size_t i = 0; i < inputs.size(); ++i) {
     ASSERT_EQ(outputs[i].sizes(), (std::vector<int64_t>{static_cast<int64_t>(i) + 1, 4}));
-    EXPECT_TRUE(at::allclose(outputs[i], f.mlp(inputs[i]))) << "rows " << i + 1;
+    EXPECT_TRUE(near(outputs[i], f.mlp(inputs[i]))) << "rows " << i + 1;
   }
   const GraphStats s = graphed.stats();
   EXPECT_EQ(s.captured, 5u);  // buckets 1, 2, 4, 8, 16
@@ -139,8 +144,8 @@ TEST(GraphedModel, MoreRowsThanTheLargestBucketRunEagerly) {
   Fixture f;
   GraphedModel graphed = f.make({.max_rows = 4});
   const at::Tensor x = at::randn({9, 8});
-  EXPECT_TRUE(at::allclose(graphed(x), f.mlp(x)));
-  EXPECT_TRUE(at::allclose(graphed(x), f.mlp(x)));
+  EXPECT_TRUE(near(graphed(x), f.mlp(x)));
+  EXPECT_TRUE(near(graphed(x), f.mlp(x)));
   const GraphStats s = graphed.stats();
   EXPECT_EQ(s.eager_runs, 2u);
   EXPECT_EQ(s.captured, 0u);
@@ -182,7 +187,7 @@ TEST(GraphedModel, ABadInputFailsItsCallOnlyAndKeepsNoGraph) {
   EXPECT_EQ(graphed.stats().graphs, 0u);
   EXPECT_EQ(graphed.stats().capture_failures, 0u);
   const at::Tensor x = at::randn({2, 8});
-  EXPECT_TRUE(at::allclose(graphed(x), f.mlp(x)));
+  EXPECT_TRUE(near(graphed(x), f.mlp(x)));
   EXPECT_EQ(graphed.stats().replays, 1u);
   EXPECT_TRUE(f.logged.empty());
 }
@@ -193,7 +198,7 @@ TEST(GraphedModel, ModelWithoutOneOutputRowPerInputRowRunsEagerly) {
       [](const at::Tensor& x) { return x.sum(0, /*keepdim=*/true); }, c10::kCPU,
       {.log = [&](const std::string& s) { f.logged.push_back(s); }}, f.engine);
   const at::Tensor x = at::randn({3, 2});
-  EXPECT_TRUE(at::allclose(graphed(x), x.sum(0, true)));
+  EXPECT_TRUE(near(graphed(x), x.sum(0, true)));
   EXPECT_EQ(graphed.stats().graphs, 0u);
   ASSERT_EQ(f.logged.size(), 1u);
   EXPECT_NE(f.logged[0].find("one output row per input row"), std::string::npos) << f.logged[0];
@@ -203,14 +208,14 @@ TEST(GraphedModel, WithoutCaptureOnFirstUseOnlyWarmUpCaptures) {
   Fixture f;
   GraphedModel graphed = f.make({.max_rows = 8, .capture_on_first_use = false});
   const at::Tensor x = at::randn({3, 8});
-  EXPECT_TRUE(at::allclose(graphed(x), f.mlp(x)));
+  EXPECT_TRUE(near(graphed(x), f.mlp(x)));
   EXPECT_EQ(graphed.stats().eager_runs, 1u);
   EXPECT_EQ(graphed.stats().captured, 0u);
   graphed.warm_up(at::randn({1, 8}));
   EXPECT_EQ(graphed.stats().captured, 4u);  // 1, 2, 4, 8
   graphed.warm_up(at::randn({1, 8}));       // already there: nothing more
   EXPECT_EQ(graphed.stats().captured, 4u);
-  EXPECT_TRUE(at::allclose(graphed(x), f.mlp(x)));
+  EXPECT_TRUE(near(graphed(x), f.mlp(x)));
   EXPECT_EQ(graphed.stats().replays, 1u);
   EXPECT_THROW(graphed.warm_up(at::randn({0, 8})), Error);
 }
@@ -220,7 +225,7 @@ TEST(GraphedModel, MaxGraphsBoundsWhatIsHeld) {
   GraphedModel graphed = f.make({.buckets = {1, 2, 4}, .max_graphs = 2});
   for (int64_t rows : {1, 2, 4, 4}) {
     const at::Tensor x = at::randn({rows, 8});
-    EXPECT_TRUE(at::allclose(graphed(x), f.mlp(x)));
+    EXPECT_TRUE(near(graphed(x), f.mlp(x)));
   }
   const GraphStats s = graphed.stats();
   EXPECT_EQ(s.graphs, 2u);
@@ -238,7 +243,7 @@ TEST(GraphedModel, ReleaseFreesGraphsAndLaterCallsCaptureAgain) {
   EXPECT_EQ(graphed.stats().graphs, 1u);
   graphed.release();
   EXPECT_EQ(graphed.stats().graphs, 0u);
-  EXPECT_TRUE(at::allclose(graphed(x), f.mlp(x)));
+  EXPECT_TRUE(near(graphed(x), f.mlp(x)));
   EXPECT_EQ(graphed.stats().captured, 2u);
   EXPECT_EQ(graphed.stats().graphs, 1u);
 }
@@ -278,7 +283,7 @@ TEST(GraphedModel, ServesBatchedSubmitterInBothModesUnderLoad) {
         auto a = per_call.submit(x);
         auto b = stacked.submit(x);
         const at::Tensor want = f.mlp(x);
-        if (!at::allclose(a.get(), want) || !at::allclose(b.get(), want)) ++mismatches;
+        if (!near(a.get(), want) || !near(b.get(), want)) ++mismatches;
         ++done;
       }
     });
@@ -333,8 +338,8 @@ TEST_P(GraphedModelOnDevice, HostSyncInsideTheModelFallsBackToEager) {
       },
       device, {.log = [&](const std::string& s) { logged.push_back(s); }});
   const at::Tensor x = at::randn({3, 4}, at::TensorOptions().device(device));
-  EXPECT_TRUE(at::allclose(graphed(x), x * 2));
-  EXPECT_TRUE(at::allclose(graphed(x), x * 2));
+  EXPECT_TRUE(near(graphed(x), x * 2));
+  EXPECT_TRUE(near(graphed(x), x * 2));
   const GraphStats s = graphed.stats();
   EXPECT_EQ(s.replays, 0u);
   EXPECT_EQ(s.eager_runs, 2u);
@@ -344,7 +349,7 @@ TEST_P(GraphedModelOnDevice, HostSyncInsideTheModelFallsBackToEager) {
     EXPECT_NE(logged[0].find("cannot be captured"), std::string::npos) << logged[0];
     // The device is fine afterwards: a capturable model still captures.
     GraphedModel ok([](const at::Tensor& t) { return t * 3; }, device);
-    EXPECT_TRUE(at::allclose(ok(x), x * 3));
+    EXPECT_TRUE(near(ok(x), x * 3));
     EXPECT_EQ(ok.stats().replays, 1u);
   }
 }
