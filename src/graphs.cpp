@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <atomic>
@@ -20,6 +21,11 @@
 
 namespace syncbatch {
 namespace detail {
+
+at::Tensor GraphEngine::empty(c10::IntArrayRef sizes, const at::TensorOptions& options) const {
+  return at::empty(sizes, options);
+}
+
 namespace {
 
 class NoGraphEngine final : public GraphEngine {
@@ -92,7 +98,7 @@ struct GraphedModel::Impl {
   struct Key {
     c10::Stream stream;
     at::ScalarType dtype;
-    std::vector<int64_t> trailing;
+    c10::SmallVector<int64_t, 6> trailing;  // no allocation per call for ranks up to 7
     int64_t bucket;
     bool operator==(const Key&) const = default;
   };
@@ -142,7 +148,7 @@ struct GraphedModel::Impl {
                ") run eagerly");
       return eager(x);
     }
-    Key key{current_stream(), x.scalar_type(), x.sizes().slice(1).vec(), bucket};
+    Key key{current_stream(), x.scalar_type(), trailing_of(x), bucket};
     Replica* replica = checkout(key, options.capture_on_first_use);
     if (replica == nullptr) return eager(x);
     if (!replica->graph) {
@@ -174,7 +180,7 @@ struct GraphedModel::Impl {
                       describe_tensor(example));
     const c10::Stream stream = current_stream();
     for (int64_t bucket : buckets) {
-      Key key{stream, example.scalar_type(), example.sizes().slice(1).vec(), bucket};
+      Key key{stream, example.scalar_type(), trailing_of(example), bucket};
       {
         std::lock_guard lock(mu);
         if (!graphs[key].empty()) continue;
@@ -319,6 +325,11 @@ struct GraphedModel::Impl {
     return false;
   }
 
+  static c10::SmallVector<int64_t, 6> trailing_of(const at::Tensor& x) {
+    const c10::IntArrayRef t = x.sizes().slice(1);
+    return c10::SmallVector<int64_t, 6>(t.begin(), t.end());
+  }
+
   c10::Stream current_stream() const {
     return c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
   }
@@ -327,7 +338,7 @@ struct GraphedModel::Impl {
     engine->copy(rows == r.input.size(0) ? r.input : r.input.narrow(0, 0, rows), x);
     r.graph->replay();
     const at::Tensor rows_out = rows == r.output.size(0) ? r.output : r.output.narrow(0, 0, rows);
-    at::Tensor out = at::empty(rows_out.sizes(), rows_out.options());
+    at::Tensor out = engine->empty(rows_out.sizes(), rows_out.options());
     engine->copy(out, rows_out);
     return out;
   }

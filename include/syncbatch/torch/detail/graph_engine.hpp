@@ -45,6 +45,8 @@ class GraphEngine {
   virtual void copy(const at::Tensor& dst, const at::Tensor& src) const {
     dst.copy_(src, /*non_blocking=*/true);
   }
+  /// An uninitialized tensor for a call's output (at::empty unless the engine has a cheaper way).
+  virtual at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options) const;
 };
 
 /// The engine of this build: CUDA graphs where LibTorch has CUDA, else one that says why not.
