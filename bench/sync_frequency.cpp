@@ -82,6 +82,19 @@ int main(int argc, char** argv) {
           s.flush();
         });
       };
+      // The graph replayed straight from the loop, SyncScope deciding the syncs: what a request
+      // costs in per-call mode without the hand-off to a worker.
+      auto scope_graph = [&](std::size_t n) {
+        OwnStream stream(device);
+        return time_ops([&] {
+          SyncScope s(EveryN{n}, DeviceSync(device, mode));
+          for (int i = 0; i < ops; ++i) {
+            graphed(x);
+            s.tick();
+          }
+          s.flush();
+        });
+      };
       auto submit = [&](std::size_t) {
         std::vector<Future<at::Tensor>> futures;
         futures.reserve(ops);
@@ -94,8 +107,8 @@ int main(int argc, char** argv) {
       std::printf(
           "| sync every | raw ops/s | speedup | SyncScope ops/s | scope/raw | submitter ops/s "
           "| submitter/raw |%s\n|--:|--:|--:|--:|--:|--:|--:|%s\n",
-          graphs ? " graph ops/s | graph/submitter | graph/limit |" : "",
-          graphs ? "--:|--:|--:|" : "");
+          graphs ? " graph ops/s | graph/submitter | graph/limit | SyncScope+graph ops/s |" : "",
+          graphs ? "--:|--:|--:|--:|" : "");
       double base = 0;
       for (int n : flags.ints("every")) {
         const auto every = static_cast<std::size_t>(n);
@@ -112,7 +125,7 @@ int main(int argc, char** argv) {
               TorchBackend(device, {.mode = mode, .on_worker_start = [&] { graphed.warm_up(x); }}));
         submitter = &s;
         raw(every), scope(every), submit(every);  // warm-up
-        std::vector<double> r, sc, su, gr;
+        std::vector<double> r, sc, su, gr, sg;
         for (int k = 0; k < reps; ++k) {
           r.push_back(raw(every));
           sc.push_back(scope(every));
@@ -121,15 +134,17 @@ int main(int argc, char** argv) {
           if (g) {
             submitter = &*g;
             gr.push_back(submit(every));
+            sg.push_back(scope_graph(every));
           }
         }
         const double raw_ops = median(r), scope_ops = median(sc), sub_ops = median(su);
-        const double graph_ops = g ? median(gr) : 0.0;
+        const double graph_ops = g ? median(gr) : 0.0, scope_graph_ops = g ? median(sg) : 0.0;
         if (base == 0) base = raw_ops;
         std::printf("| %d | %.0f | %.2fx | %.0f | %.3f | %.0f | %.3f |", n, raw_ops, raw_ops / base,
                     scope_ops, scope_ops / raw_ops, sub_ops, sub_ops / raw_ops);
         if (g)
-          std::printf(" %.0f | %.2fx | %.2f |", graph_ops, graph_ops / sub_ops, graph_ops / limit);
+          std::printf(" %.0f | %.2fx | %.2f | %.0f |", graph_ops, graph_ops / sub_ops,
+                      graph_ops / limit, scope_graph_ops);
         std::printf("\n");
         std::fflush(stdout);
         json.row()
@@ -140,6 +155,7 @@ int main(int argc, char** argv) {
             .set("scope_ops", scope_ops)
             .set("submitter_ops", sub_ops)
             .set("graph_ops", graph_ops)
+            .set("scope_graph_ops", scope_graph_ops)
             .set("graph_limit_ops", limit);
       }
     }

@@ -389,6 +389,26 @@ TEST_P(GraphedModelOnDevice, SubmitterWithGraphsMatchesEager) {
   }
 }
 
+TEST_P(GraphedModelOnDevice, WorksInASyncScopeLoop) {
+  const c10::Device device = GetParam();
+  c10::InferenceMode inference;
+  const Mlp mlp(16, 32, 4, device);
+  GraphedModel graphed([&](const at::Tensor& x) { return mlp(x); }, device, {.buckets = {1}});
+  std::vector<at::Tensor> inputs, outputs;
+  {
+    SyncScope scope(EveryN{8}, DeviceSync(device));
+    for (int i = 0; i < 40; ++i) {
+      inputs.push_back(at::randn({1, 16}, at::TensorOptions().device(device)));
+      outputs.push_back(graphed(inputs.back()));
+      scope.tick();
+    }
+    scope.flush();
+    for (std::size_t i = 0; i < inputs.size(); ++i)
+      EXPECT_TRUE(near(outputs[i], mlp(inputs[i]))) << i;
+  }
+  EXPECT_EQ(graphed.stats().replays, device.is_cuda() ? 40u : 0u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Devices, GraphedModelOnDevice,
                          ::testing::ValuesIn(testing::available_devices()), testing::device_name);
 
