@@ -1,0 +1,29 @@
+-- wrk script for examples/http_server: POSTs one row of `width` floats (0.5 each) per request.
+--   wrk -t2 -c8 -d5s --latency -s bench/http/post.lua http://127.0.0.1:8080/v1/infer -- raw 256
+-- args: encoding (raw: little-endian float32 bytes; json: a JSON array), width.
+local req
+
+function init(args)
+  local encoding, width = args[1] or "raw", tonumber(args[2] or 256)
+  if encoding == "raw" then
+    req = wrk.format("POST", nil, {["Content-Type"] = "application/octet-stream"},
+                     string.rep(string.char(0, 0, 0, 63), width))  -- 0.5f, little endian
+  else
+    local t = {}
+    for i = 1, width do t[i] = "0.5" end
+    req = wrk.format("POST", nil, {["Content-Type"] = "application/json"},
+                     "[" .. table.concat(t, ",") .. "]")
+  end
+end
+
+function request()
+  return req
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT requests_per_s=%.1f p50_us=%d p90_us=%d p99_us=%d non2xx=%d socket_errors=%d\n",
+    summary.requests / (summary.duration / 1e6), latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
+end

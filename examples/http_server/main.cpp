@@ -1,0 +1,89 @@
+// http_server: serves a model over HTTP through syncbatch (see server.hpp for the endpoints).
+//
+//   http_server --port 8080 --model mlp:3x256 --mode stacked --policy adaptive:2ms
+//   curl -s localhost:8080/v1/infer -H 'Content-Type: application/json' -d "[$(seq -s, 256)]"
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <thread>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+
+#include "server.hpp"
+#include "syncbatch/error.hpp"
+#include "syncbatch/torch/device_sync.hpp"
+
+namespace {
+
+[[noreturn]] void usage(const std::map<std::string, std::string>& flags, const std::string& error) {
+  if (!error.empty()) std::fprintf(stderr, "error: %s\n", error.c_str());
+  std::fprintf(stderr, "usage: http_server [--flag value]...\nflags (default):\n");
+  for (const auto& [k, v] : flags) std::fprintf(stderr, "  --%s (%s)\n", k.c_str(), v.c_str());
+  std::exit(error.empty() ? 0 : 2);
+}
+
+long number(const std::map<std::string, std::string>& flags, const std::string& name) {
+  const std::string& v = flags.at(name);
+  char* end = nullptr;
+  const long n = std::strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || n < 0)
+    usage(flags, "--" + name + ": expected a whole number >= 0, got '" + v + "'");
+  return n;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> flags{
+      {"address", "127.0.0.1"}, {"port", "8080"},        {"model", "mlp:3x256"},
+      {"input-width", "0"},     {"mode", "stacked"},     {"policy", "adaptive:2ms"},
+      {"device", "auto"},       {"threads", "4"},        {"workers", "1"},
+      {"queue", "4096"},        {"max-body", "1048576"}, {"max-rows", "256"}};
+  for (int i = 1; i < argc; ++i) {
+    std::string f = argv[i];
+    if (f == "--help" || f == "-h") usage(flags, "");
+    if (f.rfind("--", 0) != 0 || i + 1 >= argc)
+      usage(flags, "expected --flag value, got '" + f + "'");
+    f = f.substr(2);
+    if (!flags.count(f)) usage(flags, "unknown flag --" + f);
+    flags[f] = argv[++i];
+  }
+  using namespace syncbatch;
+  try {
+    http::ServerOptions options;
+    options.address = flags["address"];
+    options.port = static_cast<unsigned short>(number(flags, "port"));
+    options.mode = http::parse_mode(flags["mode"]);
+    options.policy = SyncPolicy::parse(flags["policy"]);
+    options.device = parse_device(flags["device"]);
+    options.threads = static_cast<int>(number(flags, "threads"));
+    options.workers = static_cast<std::size_t>(number(flags, "workers"));
+    options.queue_capacity = static_cast<std::size_t>(number(flags, "queue"));
+    options.max_body_bytes = static_cast<std::size_t>(number(flags, "max-body"));
+    options.max_rows = number(flags, "max-rows");
+    http::Model model =
+        http::load_model(flags["model"], number(flags, "input-width"), options.device);
+    const std::string described = model.description;
+    http::Server server(std::move(model), options);
+    std::printf("listening on http://%s:%u (model %s, mode %s, policy %s, device %s)\n",
+                options.address.c_str(), server.port(), described.c_str(),
+                http::to_string(options.mode).c_str(), options.policy.describe().c_str(),
+                options.device.str().c_str());
+    std::fflush(stdout);
+    boost::asio::io_context signals_ctx;
+    boost::asio::signal_set signals(signals_ctx, SIGINT, SIGTERM);
+    signals.async_wait([&](auto, int) { server.stop(); });
+    std::thread signal_thread([&] { signals_ctx.run(); });
+    server.wait();
+    signals_ctx.stop();
+    signal_thread.join();
+    std::printf("stopped; stats: %s\n", server.stats_json().c_str());
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}

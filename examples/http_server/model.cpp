@@ -1,0 +1,53 @@
+// Models the HTTP server can serve: the benchmark MLP, or a TorchScript file.
+#include <ATen/ATen.h>
+#include <torch/script.h>
+
+#include <cmath>
+#include <memory>
+#include <stdexcept>
+
+#include "server.hpp"
+
+namespace syncbatch::http {
+
+Model load_model(const std::string& spec, int64_t input_width, c10::Device device) {
+  if (spec.rfind("mlp:", 0) == 0) {
+    int layers = 0;
+    int64_t width = 0;
+    char x = 0;
+    char rest = 0;
+    if (std::sscanf(spec.c_str() + 4, "%d%c%ld%c", &layers, &x, &width, &rest) != 3 || x != 'x' ||
+        layers < 1 || width < 1)
+      throw std::invalid_argument(
+          "model: expected mlp:LAYERSxWIDTH (e.g. mlp:3x256) or a "
+          "TorchScript file, got '" +
+          spec + "'");
+    // The benchmark MLP: `layers` Linear(width, width) with ReLU between, weights from seed 0.
+    at::manual_seed(0);
+    auto weights = std::make_shared<std::vector<std::pair<at::Tensor, at::Tensor>>>();
+    const auto opts = at::TensorOptions().device(device);
+    for (int i = 0; i < layers; ++i)
+      weights->emplace_back(at::randn({width, width}, opts) / std::sqrt(static_cast<double>(width)),
+                            at::randn({width}, opts) * 0.01);
+    return {[weights](const at::Tensor& in) {
+              at::Tensor y = in;
+              for (std::size_t i = 0; i < weights->size(); ++i) {
+                y = at::linear(y, (*weights)[i].first, (*weights)[i].second);
+                if (i + 1 < weights->size()) y = at::relu(y);
+              }
+              return y;
+            },
+            width, spec};
+  }
+  if (input_width < 1)
+    throw std::invalid_argument(
+        "model: a TorchScript file needs its input width (--input-width), "
+        "got " +
+        std::to_string(input_width));
+  auto module = std::make_shared<torch::jit::Module>(torch::jit::load(spec, device));
+  module->eval();
+  return {[module](const at::Tensor& in) { return module->forward({in}).toTensor(); }, input_width,
+          "TorchScript " + spec};
+}
+
+}  // namespace syncbatch::http

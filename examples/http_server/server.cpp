@@ -1,0 +1,449 @@
+// The HTTP inference server: Boost.Beast over Boost.Asio coroutines, Boost.JSON for bodies.
+#include "server.hpp"
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <bit>
+#include <charconv>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/json/src.hpp>  // Boost.JSON header-only: no compiled library to link
+
+#include "syncbatch/asio.hpp"
+#include "syncbatch/torch.hpp"
+
+namespace syncbatch::http {
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace bh = boost::beast::http;
+using tcp = net::ip::tcp;
+using Request = bh::request<bh::vector_body<char>>;
+using Response = bh::response<bh::vector_body<char>>;
+
+Mode parse_mode(const std::string& s) {
+  if (s == "per-op") return Mode::kPerOp;
+  if (s == "per-call") return Mode::kPerCall;
+  if (s == "stacked") return Mode::kStacked;
+  throw std::invalid_argument("mode: expected per-op, per-call or stacked, got '" + s + "'");
+}
+
+std::string to_string(Mode mode) {
+  switch (mode) {
+    case Mode::kPerOp:
+      return "per-op";
+    case Mode::kPerCall:
+      return "per-call";
+    case Mode::kStacked:
+      return "stacked";
+  }
+  return "?";
+}
+
+namespace {
+
+// A client error: its HTTP status and the message the body carries.
+struct HttpError {
+  bh::status status;
+  std::string message;
+};
+
+enum class Encoding { kJson, kRaw };
+
+// The request body, decoded: rows of input_width floats, and how to answer.
+struct Decoded {
+  std::vector<float> values;
+  int64_t rows = 0;
+  Encoding encoding = Encoding::kJson;
+  bool nested = false;  // JSON: [[...], ...] rather than [...]
+};
+
+std::string plural(int64_t n, const char* what) {
+  return std::to_string(n) + " " + what + (n == 1 ? "" : "s");
+}
+
+void append_row(const boost::json::array& row, int64_t width, int64_t index,
+                std::vector<float>& out) {
+  if (static_cast<int64_t>(row.size()) != width)
+    throw HttpError{bh::status::bad_request,
+                    "row " + std::to_string(index) + ": expected " + plural(width, "number") +
+                        ", got " + plural(static_cast<int64_t>(row.size()), "element")};
+  for (std::size_t j = 0; j < row.size(); ++j) {
+    if (!row[j].is_number())
+      throw HttpError{bh::status::bad_request, "row " + std::to_string(index) + ", element " +
+                                                   std::to_string(j) + ": expected a number, got " +
+                                                   boost::json::serialize(row[j])};
+    out.push_back(static_cast<float>(row[j].to_number<double>()));
+  }
+}
+
+Decoded decode_json(std::string_view body, int64_t width, int64_t max_rows) {
+  boost::system::error_code ec;
+  boost::json::value v = boost::json::parse(body, ec);
+  if (ec)
+    throw HttpError{bh::status::bad_request, "malformed JSON body: " + ec.message() +
+                                                 " (expected [x, ...] or [[x, ...], ...])"};
+  if (!v.is_array() || v.as_array().empty())
+    throw HttpError{
+        bh::status::bad_request,
+        "expected a non-empty JSON array of numbers, or of rows, got " +
+            std::string(v.is_array() ? "an empty array" : boost::json::serialize(v)).substr(0, 80)};
+  const boost::json::array& a = v.as_array();
+  Decoded d;
+  d.encoding = Encoding::kJson;
+  d.nested = a.front().is_array();
+  if (!d.nested) {
+    d.rows = 1;
+    append_row(a, width, 0, d.values);
+    return d;
+  }
+  d.rows = static_cast<int64_t>(a.size());
+  if (d.rows > max_rows)
+    throw HttpError{bh::status::payload_too_large, "expected at most " + plural(max_rows, "row") +
+                                                       ", got " + std::to_string(d.rows)};
+  d.values.reserve(static_cast<std::size_t>(d.rows * width));
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!a[i].is_array())
+      throw HttpError{bh::status::bad_request, "row " + std::to_string(i) +
+                                                   ": expected an array of numbers, got " +
+                                                   boost::json::serialize(a[i]).substr(0, 80)};
+    append_row(a[i].as_array(), width, static_cast<int64_t>(i), d.values);
+  }
+  return d;
+}
+
+Decoded decode_raw(const std::vector<char>& body, int64_t width, int64_t max_rows) {
+  const std::size_t row_bytes = static_cast<std::size_t>(width) * sizeof(float);
+  if (body.empty() || body.size() % row_bytes != 0)
+    throw HttpError{bh::status::bad_request,
+                    "expected a non-empty multiple of " + std::to_string(row_bytes) + " bytes (" +
+                        std::to_string(width) + " little-endian float32 per row), got " +
+                        plural(static_cast<int64_t>(body.size()), "byte")};
+  Decoded d;
+  d.encoding = Encoding::kRaw;
+  d.rows = static_cast<int64_t>(body.size() / row_bytes);
+  if (d.rows > max_rows)
+    throw HttpError{bh::status::payload_too_large, "expected at most " + plural(max_rows, "row") +
+                                                       ", got " + std::to_string(d.rows)};
+  d.values.resize(body.size() / sizeof(float));
+  std::memcpy(d.values.data(), body.data(), body.size());
+  if constexpr (std::endian::native == std::endian::big)
+    for (float& f : d.values)
+      f = std::bit_cast<float>(__builtin_bswap32(std::bit_cast<uint32_t>(f)));
+  return d;
+}
+
+void append_float(std::string& s, float f) {
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof buf, f);
+  s.append(buf, r.ptr);
+}
+
+// Encodes a [rows, cols] float32 CPU tensor as the request came.
+void encode(const at::Tensor& y, const Decoded& d, Response& res) {
+  const at::Tensor out = y.to(at::kFloat).contiguous().view({y.size(0), -1});
+  const int64_t rows = out.size(0), cols = out.size(1);
+  const float* p = out.data_ptr<float>();
+  std::vector<char>& body = res.body();
+  if (d.encoding == Encoding::kRaw) {
+    res.set(bh::field::content_type, "application/octet-stream");
+    res.set("X-Output-Shape", std::to_string(rows) + "," + std::to_string(cols));
+    body.resize(static_cast<std::size_t>(rows * cols) * sizeof(float));
+    std::memcpy(body.data(), p, body.size());
+    return;
+  }
+  std::string s;
+  s.reserve(static_cast<std::size_t>(rows * cols) * 12 + 8);
+  if (d.nested) s += '[';
+  for (int64_t i = 0; i < rows; ++i) {
+    if (i > 0) s += ',';
+    s += '[';
+    for (int64_t j = 0; j < cols; ++j) {
+      if (j > 0) s += ',';
+      append_float(s, p[i * cols + j]);
+    }
+    s += ']';
+  }
+  if (d.nested) s += ']';
+  res.set(bh::field::content_type, "application/json");
+  body.assign(s.begin(), s.end());
+}
+
+Response text_response(bh::status status, const std::string& message, unsigned version) {
+  Response res(status, version);
+  res.set(bh::field::content_type, "text/plain; charset=utf-8");
+  const std::string text = message + "\n";
+  res.body().assign(text.begin(), text.end());
+  return res;
+}
+
+at::Tensor to_host_async(const at::Tensor& y) {
+  if (y.device().is_cpu()) return y;
+  at::Tensor host = at::empty(y.sizes(), y.options().device(c10::kCPU).pinned_memory(y.is_cuda()));
+  host.copy_(y, /*non_blocking=*/true);  // complete when the batch's sync is
+  return host;
+}
+
+std::string stats_to_json(const SubmitterStats& s) {
+  boost::json::object o;
+  o["submitted"] = s.submitted;
+  o["rejected"] = s.rejected;
+  o["completed"] = s.completed;
+  o["failed"] = s.failed;
+  o["batches"] = s.batches;
+  o["syncs"] = s.syncs;
+  o["queued"] = s.queued;
+  o["batch_limit"] = s.batch_limit;
+  o["mean_batch_size"] = s.mean_batch_size();
+  o["latency_p50_us"] = static_cast<double>(s.latency.p50.count()) / 1e3;
+  o["latency_p99_us"] = static_cast<double>(s.latency.p99.count()) / 1e3;
+  return boost::json::serialize(o);
+}
+
+}  // namespace
+
+struct Server::Impl {
+  using Submitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
+
+  Impl(Model m, ServerOptions o) : model(std::move(m)), options(std::move(o)), acceptor(ioc) {
+    if (!model.forward || model.input_width < 1)
+      throw std::invalid_argument("Server: expected a model with an input width >= 1");
+    if (options.threads < 1)
+      throw std::invalid_argument("Server: expected at least 1 thread, got " +
+                                  std::to_string(options.threads));
+    const SubmitterOptions sopts{.queue_capacity = options.queue_capacity,
+                                 .on_full = OverflowPolicy::kReject,
+                                 .workers = options.workers,
+                                 .policy = options.policy};
+    const c10::Device device = options.device;
+    if (options.mode == Mode::kPerCall) {
+      submitter.emplace(
+          [f = model.forward, device](at::Tensor& x) {
+            return to_host_async(f(x.to(device, /*non_blocking=*/true)));
+          },
+          sopts, TorchBackend(device));
+    } else if (options.mode == Mode::kStacked) {
+      submitter.emplace(
+          make_stacked_model(model.forward,
+                             {.device = device,
+                              .output_device = c10::Device(c10::kCPU),
+                              .expect = {InputSpec{at::kFloat, {model.input_width}}}}),
+          sopts, TorchBackend(device));
+    }
+    const tcp::endpoint endpoint(net::ip::make_address(options.address), options.port);
+    acceptor.open(endpoint.protocol());
+    acceptor.set_option(net::socket_base::reuse_address(true));
+    acceptor.bind(endpoint);
+    acceptor.listen();
+    port = acceptor.local_endpoint().port();
+    net::co_spawn(ioc, accept_loop(), net::detached);
+    for (int i = 0; i < options.threads; ++i) threads.emplace_back([this] { run_thread(); });
+  }
+
+  ~Impl() { stop(); }
+
+  void run_thread() {
+    // Per-op mode runs the model here: on CUDA each thread forwards on a stream of its own (as
+    // the per-op benchmark clients do) and waits for it per request.
+    std::optional<c10::StreamGuard> stream;
+    const c10::Device device = options.device;
+    if (options.mode == Mode::kPerOp && device.is_cuda())
+      stream.emplace(c10::impl::getDeviceGuardImpl(device.type())
+                         ->getStreamFromGlobalPool(device, /*isHighPriority=*/false));
+    c10::InferenceMode inference;
+    ioc.run();
+  }
+
+  void stop() {
+    std::call_once(stopped, [this] {
+      net::post(ioc, [this] {
+        boost::system::error_code ignored;
+        acceptor.close(ignored);
+      });
+      if (submitter) submitter->shutdown();  // drains: pending requests complete first
+      ioc.stop();
+      for (auto& t : threads)
+        if (t.joinable() && t.get_id() != std::this_thread::get_id()) t.join();
+      std::lock_guard lock(done_mu);
+      done = true;
+      done_cv.notify_all();
+    });
+  }
+
+  net::awaitable<void> accept_loop() {
+    for (;;) {
+      auto [ec, socket] = co_await acceptor.async_accept(net::as_tuple(net::use_awaitable));
+      if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
+      if (ec) continue;  // e.g. too many open files: keep serving the others
+      socket.set_option(tcp::no_delay(true), ec);
+      net::co_spawn(acceptor.get_executor(), session(beast::tcp_stream(std::move(socket))),
+                    net::detached);
+    }
+  }
+
+  net::awaitable<void> session(beast::tcp_stream stream) {
+    beast::flat_buffer buffer;
+    for (;;) {
+      bh::request_parser<bh::vector_body<char>> parser;
+      parser.body_limit(options.max_body_bytes);
+      parser.header_limit(16 * 1024);
+      stream.expires_after(std::chrono::seconds(60));
+      auto [ec, n] =
+          co_await bh::async_read(stream, buffer, parser, net::as_tuple(net::use_awaitable));
+      if (ec == bh::error::end_of_stream || ec == net::error::eof || ec == beast::error::timeout ||
+          ec == net::error::connection_reset || ec == net::error::operation_aborted)
+        break;
+      if (ec) {
+        // Malformed HTTP or a body over the limit: answer, then close (the stream is unusable).
+        const bool too_big = ec == bh::error::body_limit;
+        Response res = text_response(
+            too_big ? bh::status::payload_too_large : bh::status::bad_request,
+            too_big
+                ? "expected a body of at most " + std::to_string(options.max_body_bytes) + " bytes"
+                : "malformed HTTP request: " + ec.message(),
+            11);
+        res.keep_alive(false);
+        res.prepare_payload();
+        co_await bh::async_write(stream, res, net::as_tuple(net::use_awaitable));
+        break;
+      }
+      Request req = parser.release();
+      Response res = co_await handle(req);
+      res.version(req.version());
+      res.keep_alive(req.keep_alive());
+      res.prepare_payload();
+      auto [wec, wn] = co_await bh::async_write(stream, res, net::as_tuple(net::use_awaitable));
+      if (wec || !res.keep_alive()) break;
+    }
+    boost::system::error_code ignored;
+    stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
+  }
+
+  net::awaitable<Response> handle(const Request& req) {
+    const std::string_view target(req.target().data(), req.target().size());
+    const unsigned v = req.version();
+    if (target == "/healthz" || target == "/stats") {
+      if (req.method() != bh::verb::get) co_return method_not_allowed("GET", v);
+      if (target == "/healthz") co_return text_response(bh::status::ok, "ok", v);
+      Response res(bh::status::ok, v);
+      res.set(bh::field::content_type, "application/json");
+      const std::string s = stats_json();
+      res.body().assign(s.begin(), s.end());
+      co_return res;
+    }
+    if (target != "/v1/infer")
+      co_return text_response(bh::status::not_found,
+                              "no such endpoint: expected POST /v1/infer, GET /healthz or GET "
+                              "/stats, got " +
+                                  std::string(target),
+                              v);
+    if (req.method() != bh::verb::post) co_return method_not_allowed("POST", v);
+    try {
+      const Decoded d = decode(req);
+      at::Tensor x = at::from_blob(const_cast<float*>(d.values.data()), {d.rows, model.input_width},
+                                   at::kFloat)
+                         .clone();
+      at::Tensor y = co_await infer(std::move(x));
+      Response res(bh::status::ok, v);
+      encode(y, d, res);
+      co_return res;
+    } catch (const HttpError& e) {
+      co_return text_response(e.status, e.message, v);
+    } catch (const Error& e) {
+      if (e.code() == ErrorCode::kQueueFull || e.code() == ErrorCode::kShutDown) {
+        Response res = text_response(bh::status::service_unavailable,
+                                     e.code() == ErrorCode::kQueueFull
+                                         ? "the inference queue is full; retry shortly"
+                                         : "the server is shutting down",
+                                     v);
+        res.set(bh::field::retry_after, "1");
+        co_return res;
+      }
+      if (e.code() == ErrorCode::kBadRequest)
+        co_return text_response(bh::status::bad_request, e.what(), v);
+      co_return text_response(bh::status::internal_server_error,
+                              std::string("inference failed: ") + e.what(), v);
+    } catch (const std::exception& e) {
+      co_return text_response(bh::status::internal_server_error,
+                              std::string("inference failed: ") + e.what(), v);
+    }
+  }
+
+  Decoded decode(const Request& req) const {
+    const auto ct = req[bh::field::content_type];
+    const std::string_view type(ct.data(), ct.size());
+    const std::string_view base = type.substr(0, type.find(';'));
+    if (base == "application/json")
+      return decode_json(std::string_view(req.body().data(), req.body().size()), model.input_width,
+                         options.max_rows);
+    if (base == "application/octet-stream")
+      return decode_raw(req.body(), model.input_width, options.max_rows);
+    throw HttpError{bh::status::unsupported_media_type,
+                    "expected Content-Type application/json or application/octet-stream, got " +
+                        (type.empty() ? std::string("none") : "'" + std::string(type) + "'")};
+  }
+
+  net::awaitable<at::Tensor> infer(at::Tensor x) {
+    if (submitter) co_return co_await async_submit(*submitter, std::move(x), net::use_awaitable);
+    // Per-op: forward here and wait for it (the copy to the host syncs this thread's stream).
+    co_return model.forward(x.to(options.device)).to(c10::kCPU);
+  }
+
+  static Response method_not_allowed(const char* allowed, unsigned v) {
+    Response res =
+        text_response(bh::status::method_not_allowed, std::string("expected method ") + allowed, v);
+    res.set(bh::field::allow, allowed);
+    return res;
+  }
+
+  std::string stats_json() const { return submitter ? stats_to_json(submitter->stats()) : "{}"; }
+
+  Model model;
+  ServerOptions options;
+  net::io_context ioc;
+  tcp::acceptor acceptor;
+  unsigned short port = 0;
+  std::optional<Submitter> submitter;
+  std::vector<std::thread> threads;
+  std::once_flag stopped;
+  std::mutex done_mu;
+  std::condition_variable done_cv;
+  bool done = false;
+};
+
+Server::Server(Model model, ServerOptions options)
+    : impl_(std::make_unique<Impl>(std::move(model), std::move(options))) {}
+Server::~Server() = default;
+unsigned short Server::port() const {
+  return impl_->port;
+}
+void Server::stop() {
+  impl_->stop();
+}
+void Server::wait() {
+  std::unique_lock lock(impl_->done_mu);
+  impl_->done_cv.wait(lock, [&] { return impl_->done; });
+}
+std::string Server::stats_json() const {
+  return impl_->stats_json();
+}
+
+}  // namespace syncbatch::http

@@ -1,0 +1,273 @@
+// The HTTP server example, driven by a real HTTP client (Boost.Beast) over loopback TCP: good
+// and malformed requests in every mode, a full queue, a TorchScript model made and saved here.
+#include <ATen/ATen.h>
+#include <torch/script.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <latch>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+
+#include "server.hpp"
+#include "syncbatch/error.hpp"
+
+namespace syncbatch::http {
+namespace {
+
+namespace bh = boost::beast::http;
+using tcp = boost::asio::ip::tcp;
+
+struct Reply {
+  unsigned status = 0;
+  std::string body;
+  std::string content_type;
+  std::string retry_after;
+  std::string shape;
+};
+
+// One request on a fresh connection (`raw`: bytes sent as they are, not an HTTP request).
+Reply send(unsigned short port, bh::verb method, const std::string& target,
+           const std::string& content_type, const std::string& body) {
+  boost::asio::io_context ioc;
+  boost::beast::tcp_stream stream(ioc);
+  stream.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port));
+  bh::request<bh::string_body> req(method, target, 11);
+  req.set(bh::field::host, "127.0.0.1");
+  if (!content_type.empty()) req.set(bh::field::content_type, content_type);
+  req.body() = body;
+  req.prepare_payload();
+  bh::write(stream, req);
+  boost::beast::flat_buffer buffer;
+  bh::response_parser<bh::string_body> parser;
+  parser.body_limit(64 << 20);
+  bh::read(stream, buffer, parser);
+  const auto& res = parser.get();
+  return {res.result_int(), res.body(), std::string(res[bh::field::content_type]),
+          std::string(res[bh::field::retry_after]), std::string(res["X-Output-Shape"])};
+}
+
+Reply post(unsigned short port, const std::string& content_type, const std::string& body) {
+  return send(port, bh::verb::post, "/v1/infer", content_type, body);
+}
+
+std::string raw_bytes(const at::Tensor& x) {
+  const at::Tensor c = x.contiguous();
+  return std::string(static_cast<const char*>(c.data_ptr()), c.numel() * sizeof(float));
+}
+
+at::Tensor from_raw(const std::string& bytes, int64_t cols) {
+  at::Tensor t = at::empty({static_cast<int64_t>(bytes.size() / sizeof(float)) / cols, cols});
+  std::memcpy(t.data_ptr(), bytes.data(), bytes.size());
+  return t;
+}
+
+std::string json_row(const at::Tensor& row) {
+  std::string s = "[";
+  for (int64_t j = 0; j < row.numel(); ++j) {
+    if (j > 0) s += ",";
+    s += std::to_string(row[j].item<float>());
+  }
+  return s + "]";
+}
+
+// Parses [a,b,...] or [[...],[...]] of numbers (what the server sends) into a [rows, cols] tensor.
+at::Tensor parse_json_numbers(const std::string& s, int64_t cols) {
+  std::vector<float> v;
+  const char* p = s.c_str();
+  while (*p) {
+    if ((*p >= '0' && *p <= '9') || *p == '-') {
+      char* end = nullptr;
+      v.push_back(std::strtof(p, &end));
+      p = end;
+    } else {
+      ++p;
+    }
+  }
+  return at::tensor(v).view({-1, cols});
+}
+
+constexpr int64_t kWidth = 8;
+
+Model small_model() {
+  at::manual_seed(7);
+  const at::Tensor w = at::randn({3, kWidth});
+  return {[w](const at::Tensor& x) { return at::relu(at::matmul(x, w.t())) + 1; }, kWidth, "small"};
+}
+
+class HttpServerModes : public ::testing::TestWithParam<Mode> {};
+
+TEST_P(HttpServerModes, AnswersGoodRequestsInTheirOwnEncoding) {
+  const Model model = small_model();
+  Server server(model, {.threads = 2, .mode = GetParam()});
+  const at::Tensor x = at::randn({1, kWidth});
+  const at::Tensor want = model.forward(x);
+
+  const Reply one = post(server.port(), "application/json", json_row(x[0]));
+  ASSERT_EQ(one.status, 200u) << one.body;
+  EXPECT_EQ(one.content_type, "application/json");
+  EXPECT_EQ(one.body.substr(0, 1), "[");  // a flat row in, a flat row out
+  EXPECT_NE(one.body.substr(0, 2), "[[");
+  EXPECT_TRUE(at::allclose(parse_json_numbers(one.body, 3), want, 1e-4, 1e-4)) << one.body;
+
+  const at::Tensor xs = at::randn({3, kWidth});
+  std::string rows = "[" + json_row(xs[0]) + "," + json_row(xs[1]) + "," + json_row(xs[2]) + "]";
+  const Reply many = post(server.port(), "application/json; charset=utf-8", rows);
+  ASSERT_EQ(many.status, 200u) << many.body;
+  EXPECT_EQ(many.body.substr(0, 2), "[[");  // rows in, rows out
+  EXPECT_TRUE(at::allclose(parse_json_numbers(many.body, 3), model.forward(xs), 1e-4, 1e-4));
+
+  const Reply raw = post(server.port(), "application/octet-stream", raw_bytes(xs));
+  ASSERT_EQ(raw.status, 200u) << raw.body;
+  EXPECT_EQ(raw.content_type, "application/octet-stream");
+  EXPECT_EQ(raw.shape, "3,3");
+  EXPECT_TRUE(at::equal(from_raw(raw.body, 3), model.forward(xs)));
+
+  EXPECT_EQ(send(server.port(), bh::verb::get, "/healthz", "", "").status, 200u);
+  const Reply stats = send(server.port(), bh::verb::get, "/stats", "", "");
+  EXPECT_EQ(stats.status, 200u);
+  if (GetParam() != Mode::kPerOp) {
+    EXPECT_NE(stats.body.find("\"completed\":3"), std::string::npos) << stats.body;
+  }
+}
+
+TEST_P(HttpServerModes, RejectsBadRequestsWithAReasonAndKeepsServing) {
+  Server server(small_model(),
+                {.threads = 2, .mode = GetParam(), .max_body_bytes = 4096, .max_rows = 4});
+  const unsigned short port = server.port();
+  struct Case {
+    std::string content_type, body;
+    unsigned status;
+    std::string says;
+  };
+  const std::vector<Case> cases{
+      {"application/json", "[1, 2", 400, "malformed JSON"},
+      {"application/json", "{\"x\": 1}", 400, "expected a non-empty JSON array"},
+      {"application/json", "[]", 400, "expected a non-empty JSON array"},
+      {"application/json", "[1,2,3]", 400, "expected 8 numbers, got 3 elements"},
+      {"application/json", "[1,2,3,4,5,6,7,\"8\"]", 400, "element 7: expected a number"},
+      {"application/json", "[[1,2,3,4,5,6,7,8],[1]]", 400, "row 1: expected 8 numbers"},
+      {"application/json", "[[1,2,3,4,5,6,7,8],3]", 400, "row 1: expected an array of numbers"},
+      {"application/octet-stream", std::string(30, '\0'), 400,
+       "expected a non-empty multiple of 32 bytes (8 little-endian float32 per row), got 30"},
+      {"application/octet-stream", "", 400, "got 0 bytes"},
+      {"application/octet-stream", std::string(32 * 5, '\0'), 413, "at most 4 rows, got 5"},
+      {"text/plain", "[1]", 415, "expected Content-Type application/json or"},
+      {"", "[1]", 415, "got none"},
+      {"application/octet-stream", std::string(5000, '\0'), 413, "at most 4096 bytes"},
+  };
+  for (const Case& c : cases) {
+    const Reply r = post(port, c.content_type, c.body);
+    EXPECT_EQ(r.status, c.status) << c.body.substr(0, 40) << " -> " << r.body;
+    EXPECT_NE(r.body.find(c.says), std::string::npos) << r.body;
+  }
+  EXPECT_EQ(send(port, bh::verb::get, "/v1/infer", "", "").status, 405u);
+  EXPECT_EQ(send(port, bh::verb::post, "/nope", "application/json", "[1]").status, 404u);
+
+  // Bytes that are not HTTP: answered 400 and the connection closed, the server unharmed.
+  {
+    boost::asio::io_context ioc;
+    tcp::socket socket(ioc);
+    socket.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port));
+    boost::asio::write(socket, boost::asio::buffer(std::string("GARBAGE \x01\x02\r\n\r\n")));
+    std::string reply(256, '\0');
+    boost::system::error_code ec;
+    const std::size_t n = socket.read_some(boost::asio::buffer(reply), ec);
+    EXPECT_EQ(reply.substr(0, 12), "HTTP/1.1 400") << reply.substr(0, n);
+  }
+  const at::Tensor x = at::randn({1, kWidth});
+  EXPECT_EQ(post(port, "application/octet-stream", raw_bytes(x)).status, 200u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, HttpServerModes,
+                         ::testing::Values(Mode::kPerOp, Mode::kPerCall, Mode::kStacked),
+                         [](const auto& info) {
+                           std::string s = to_string(info.param);
+                           s.erase(std::remove(s.begin(), s.end(), '-'), s.end());
+                           return s;
+                         });
+
+TEST(HttpServer, FullQueueAnswers503WithRetryAfterAndLosesNothing) {
+  std::latch running(1);
+  std::atomic<bool> release{false};
+  Model model{[&](const at::Tensor& x) {
+                running.count_down();
+                while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                return x * 2;
+              },
+              kWidth, "blocking"};
+  Server server(model, {.threads = 4, .mode = Mode::kPerCall, .queue_capacity = 1});
+  const unsigned short port = server.port();
+  const at::Tensor x = at::ones({1, kWidth});
+  Reply first, second;
+  std::thread a([&] { first = post(port, "application/octet-stream", raw_bytes(x)); });
+  running.wait();  // the worker holds request 1 in the model; the queue is empty
+  std::thread b([&] { second = post(port, "application/octet-stream", raw_bytes(x)); });
+  for (int i = 0; i < 5000; ++i) {  // until request 2 waits in the queue
+    if (server.stats_json().find("\"queued\":1") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const Reply third = post(port, "application/octet-stream", raw_bytes(x));
+  EXPECT_EQ(third.status, 503u) << third.body;
+  EXPECT_EQ(third.retry_after, "1");
+  EXPECT_NE(third.body.find("queue is full"), std::string::npos);
+  release = true;
+  a.join();
+  b.join();
+  EXPECT_EQ(first.status, 200u);
+  EXPECT_EQ(second.status, 200u);
+  EXPECT_TRUE(at::equal(from_raw(second.body, kWidth), x * 2));
+}
+
+TEST(HttpServer, ServesATorchScriptModelSavedFromCpp) {
+  // A TorchScript module written in TorchScript source, compiled and saved here: the same file
+  // format torch.jit.save writes from Python.
+  torch::jit::Module m("Affine");
+  at::manual_seed(3);
+  const at::Tensor w = at::randn({2, 4}), b = at::randn({2});
+  m.register_parameter("w", w, /*is_buffer=*/false);
+  m.register_parameter("b", b, false);
+  m.define(R"(
+    def forward(self, x):
+        return torch.relu(torch.matmul(x, self.w.t()) + self.b)
+  )");
+  const auto path = std::filesystem::temp_directory_path() /
+                    ("syncbatch_affine_" + std::to_string(::getpid()) + ".pt");
+  m.save(path.string());
+  const Model model = load_model(path.string(), 4, c10::Device(c10::kCPU));
+  std::filesystem::remove(path);
+  Server server(model, {.threads = 2, .mode = Mode::kStacked});
+  const at::Tensor x = at::randn({2, 4});
+  const Reply r = post(server.port(), "application/octet-stream", raw_bytes(x));
+  ASSERT_EQ(r.status, 200u) << r.body;
+  EXPECT_TRUE(at::allclose(from_raw(r.body, 2), at::relu(at::matmul(x, w.t()) + b)));
+}
+
+TEST(HttpServer, ModelSpecErrorsNameTheExpectedForms) {
+  try {
+    load_model("mlp:3", 0, c10::Device(c10::kCPU));
+    FAIL() << "expected an error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("expected mlp:LAYERSxWIDTH"), std::string::npos);
+  }
+  EXPECT_THROW(load_model("model.pt", 0, c10::Device(c10::kCPU)), std::invalid_argument);
+  EXPECT_THROW(load_model("/nonexistent/model.pt", 4, c10::Device(c10::kCPU)), c10::Error);
+  EXPECT_THROW(parse_mode("batched"), std::invalid_argument);
+  const Model mlp = load_model("mlp:2x16", 0, c10::Device(c10::kCPU));
+  EXPECT_EQ(mlp.input_width, 16);
+  EXPECT_EQ(mlp.forward(at::ones({3, 16})).sizes(), (std::vector<int64_t>{3, 16}));
+}
+
+}  // namespace
+}  // namespace syncbatch::http
