@@ -555,6 +555,57 @@ TEST(Stats, LatencyPercentilesAreOrderedAndCounted) {
   EXPECT_EQ(st.batch_limit, 4u);
 }
 
+TEST(Stats, RecentLatencyCoversTheLastSecondsOnly) {
+  detail::RecentLatency recent;
+  const auto t0 = std::chrono::steady_clock::time_point{} + 100s;
+  EXPECT_EQ(recent.summary(t0).count, 0u);
+  recent.record(1ms, t0);
+  recent.record(3ms, t0 + 200ms);
+  EXPECT_EQ(recent.summary(t0 + 300ms).count, 2u);
+  EXPECT_EQ(recent.summary(t0 + 1500ms).count, 2u);  // the previous window still counts
+  EXPECT_EQ(recent.summary(t0 + 2500ms).count, 0u);  // two windows later: forgotten
+  recent.record(7ms, t0 + 3s);
+  const LatencySummary s = recent.summary(t0 + 3s);
+  EXPECT_EQ(s.count, 1u);
+  EXPECT_GE(s.p99, 7ms);
+  EXPECT_LE(s.max, 7ms);
+}
+
+TEST(Stats, SnapshotCarriesTheRecentLatency) {
+  IntSubmitter s([](int& x) { return x; }, {.policy = EveryN{4}});
+  std::vector<Future<int>> f;
+  for (int i = 0; i < 100; ++i) f.push_back(s.submit(i));
+  for (auto& x : f) x.get();
+  s.shutdown();
+  const auto st = s.stats();
+  EXPECT_EQ(st.recent_latency.count, 100u);
+  EXPECT_LE(st.recent_latency.p99, st.latency.max);
+}
+
+// Regression: the submitter reported a batch's latency from the batch's start, not from its
+// oldest request's arrival, so Adaptive never saw that requests queued and, overshooting,
+// shrank its batches under a backlog instead of growing them.
+TEST(AdaptivePolicy, ABacklogGrowsTheBatchLimitInTheSubmitter) {
+  Gate gate;
+  std::atomic<bool> first{true};
+  IntSubmitter s(StackedModel<int, int>{[&](Batch<int, int>& b) {
+                   if (first.exchange(false)) gate.pass();
+                   for (std::size_t i = 0; i < b.size(); ++i) b.set_value(i, b.input(i));
+                 }},
+                 {.policy = Adaptive{1ms, 1, 64}});
+  std::vector<Future<int>> futures;
+  futures.push_back(s.submit(0));
+  gate.wait_entered(1);  // the first batch is held in the model; 31 requests queue meanwhile
+  for (int i = 1; i <= 31; ++i) futures.push_back(s.submit(i));
+  std::this_thread::sleep_for(20ms);  // they have all queued longer than the 1 ms target
+  gate.open = true;
+  for (int i = 0; i <= 31; ++i) EXPECT_EQ(futures[i].get(), i);
+  s.shutdown();
+  // Doubling per full batch drains the 31 in batches of 1, 2, 4, 8 and 16 and leaves the limit
+  // at 32; growing by one (under target) or halving (over it) would leave it below 10.
+  EXPECT_GE(s.stats().batch_limit, 16u) << s.stats().batches << " batches";
+}
+
 TEST(Stats, HistogramBucketsBoundTheirValues) {
   for (std::uint64_t v : {0ull, 1ull, 7ull, 8ull, 9ull, 15ull, 16ull, 17ull, 1000ull, 123456789ull,
                           (1ull << 62) + 12345}) {

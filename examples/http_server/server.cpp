@@ -215,6 +215,7 @@ std::string stats_to_json(const SubmitterStats& s) {
   o["mean_batch_size"] = s.mean_batch_size();
   o["latency_p50_us"] = static_cast<double>(s.latency.p50.count()) / 1e3;
   o["latency_p99_us"] = static_cast<double>(s.latency.p99.count()) / 1e3;
+  o["recent_latency_p99_us"] = static_cast<double>(s.recent_latency.p99.count()) / 1e3;
   return boost::json::serialize(o);
 }
 

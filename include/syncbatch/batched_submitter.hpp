@@ -414,7 +414,7 @@ class BatchedSubmitter {
     const auto now = Clock::now();
     request.complete();
     detail::Completion<Out>::wake_all(wakeups_);
-    stats_.latency().record(now - request.arrived());
+    stats_.record_latency(now - request.arrived(), now);
     intrusive_ptr_release(&request);
     stats_.on_unbatched_failure(expired);
   }
@@ -450,12 +450,14 @@ class BatchedSubmitter {
       if (sync_error) r->set_error(sync_error);
       failures += r->has_error() ? 1 : 0;
       r->complete();
-      stats_.latency().record(after - r->arrived());
+      stats_.record_latency(after - r->arrived(), after);
       intrusive_ptr_release(r);
     }
     detail::Completion<Out>::wake_all(wakeups_);
+    // max_latency counts from the oldest request's arrival: the queueing it includes is what
+    // tells Adaptive that the worker is falling behind.
     policy.observe(
-        BatchObservation{size, after - before, after - work.oldest, after - work.oldest});
+        BatchObservation{size, after - before, after - work.oldest, after - oldest_arrival});
     stats_.on_batch(size, failures, policy.batch_limit());
     batch.clear();
     work = PendingWork{};

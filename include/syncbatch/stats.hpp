@@ -1,12 +1,14 @@
 // Counters and latency histograms a BatchedSubmitter keeps, and the snapshot it hands out.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <bit>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 namespace syncbatch {
 
@@ -42,6 +44,11 @@ struct SubmitterStats {
 
   LatencySummary queue_delay;  ///< Arrival to the start of the request's run.
   LatencySummary latency;      ///< Arrival to completion (end to end inside the submitter).
+  /// As `latency`, for the requests completed in the last one to two seconds only: what the
+  /// submitter does now (e.g. its recent p99 next to batch_limit, the adaptive policy's state).
+  /// Approximate: a request completing exactly as its one-second window turns over may be left
+  /// out.
+  LatencySummary recent_latency;
 
   /// Adds another submitter's counters (MultiDeviceSubmitter's totals). Latency summaries and
   /// batch_limit are per submitter and are left as they are.
@@ -80,16 +87,27 @@ class LatencyHistogram {
     }
   }
 
-  LatencySummary summary() const noexcept {
-    std::array<std::uint64_t, kCount> counts;
-    std::uint64_t total = 0;
-    for (std::size_t i = 0; i < kCount; ++i)
-      total += counts[i] = buckets_[i].load(std::memory_order_relaxed);
+  LatencySummary summary() const noexcept { return merged_summary({this}); }
+
+  /// The summary of several histograms' values together (e.g. consecutive windows).
+  static LatencySummary merged_summary(
+      std::initializer_list<const LatencyHistogram*> parts) noexcept {
+    std::array<std::uint64_t, kCount> counts{};
+    std::uint64_t total = 0, sum = 0, max = 0;
+    for (const LatencyHistogram* h : parts) {
+      for (std::size_t i = 0; i < kCount; ++i) {
+        const std::uint64_t c = h->buckets_[i].load(std::memory_order_relaxed);
+        counts[i] += c;
+        total += c;
+      }
+      sum += h->sum_.load(std::memory_order_relaxed);
+      max = std::max(max, h->max_.load(std::memory_order_relaxed));
+    }
     LatencySummary s;
     s.count = total;
     if (total == 0) return s;
-    s.mean = std::chrono::nanoseconds(sum_.load(std::memory_order_relaxed) / total);
-    s.max = std::chrono::nanoseconds(max_.load(std::memory_order_relaxed));
+    s.mean = std::chrono::nanoseconds(sum / total);
+    s.max = std::chrono::nanoseconds(max);
     auto at = [&](double q) {
       const auto rank = static_cast<std::uint64_t>(q * static_cast<double>(total - 1));
       std::uint64_t seen = 0;
@@ -103,6 +121,13 @@ class LatencyHistogram {
     s.p99 = at(0.99);
     s.p999 = at(0.999);
     return s;
+  }
+
+  /// Forgets every value. Concurrent record()s may land before or after the reset.
+  void reset() noexcept {
+    for (auto& b : buckets_) b.store(0, std::memory_order_relaxed);
+    sum_.store(0, std::memory_order_relaxed);
+    max_.store(0, std::memory_order_relaxed);
   }
 
   /// Bucket of a value: exact below 8; above, 8 linear sub-buckets per power of two.
@@ -126,6 +151,44 @@ class LatencyHistogram {
   std::array<std::atomic<std::uint64_t>, kCount> buckets_{};
   std::atomic<std::uint64_t> sum_{0};
   std::atomic<std::uint64_t> max_{0};
+};
+
+/// Latencies of the last one to two seconds: two histograms for alternate one-second windows;
+/// the first record() of a new window clears the histogram that window reuses.
+/// Thread safety: every member is thread-safe (relaxed atomics).
+class RecentLatency {
+ public:
+  using Clock = std::chrono::steady_clock;
+  static constexpr Clock::duration kWindow = std::chrono::seconds(1);
+
+  void record(std::chrono::nanoseconds d, Clock::time_point now) noexcept {
+    const std::uint64_t w = window_of(now);
+    const std::size_t slot = w & 1;
+    std::uint64_t seen = window_[slot].load(std::memory_order_relaxed);
+    if (seen != w && window_[slot].compare_exchange_strong(seen, w, std::memory_order_relaxed))
+      slots_[slot].reset();
+    slots_[slot].record(d);
+  }
+
+  /// The current and the previous window together, as of `now`.
+  LatencySummary summary(Clock::time_point now) const noexcept {
+    const std::uint64_t w = window_of(now);
+    static const LatencyHistogram empty;
+    const LatencyHistogram* parts[2];
+    for (std::size_t slot = 0; slot < 2; ++slot) {
+      const std::uint64_t seen = window_[slot].load(std::memory_order_relaxed);
+      parts[slot] = (seen == w || seen + 1 == w) ? &slots_[slot] : &empty;
+    }
+    return LatencyHistogram::merged_summary({parts[0], parts[1]});
+  }
+
+ private:
+  static std::uint64_t window_of(Clock::time_point t) noexcept {
+    // +2 keeps window numbers above the initial 0 and 1, so fresh slots never look recent.
+    return static_cast<std::uint64_t>(t.time_since_epoch() / kWindow) + 2;
+  }
+  std::array<LatencyHistogram, 2> slots_;
+  std::array<std::atomic<std::uint64_t>, 2> window_{};
 };
 
 /// The live counters. Thread safety: every member is thread-safe (relaxed atomics).
@@ -156,7 +219,12 @@ class StatsCounters {
     return submitted > completed ? submitted - completed : 0;
   }
   LatencyHistogram& queue_delay() noexcept { return queue_delay_; }
-  LatencyHistogram& latency() noexcept { return latency_; }
+  /// A request's arrival-to-completion time, completed at `now`.
+  void record_latency(std::chrono::nanoseconds d,
+                      std::chrono::steady_clock::time_point now) noexcept {
+    latency_.record(d);
+    recent_.record(d, now);
+  }
 
   SubmitterStats snapshot(std::size_t queued) const noexcept {
     SubmitterStats s;
@@ -174,6 +242,7 @@ class StatsCounters {
       s.batch_size_histogram[i] = histogram_[i].load(std::memory_order_relaxed);
     s.queue_delay = queue_delay_.summary();
     s.latency = latency_.summary();
+    s.recent_latency = recent_.summary(std::chrono::steady_clock::now());
     return s;
   }
 
@@ -195,6 +264,7 @@ class StatsCounters {
   std::array<std::atomic<std::uint64_t>, SubmitterStats::kBuckets> histogram_{};
   LatencyHistogram queue_delay_;
   LatencyHistogram latency_;
+  RecentLatency recent_;
 };
 
 }  // namespace detail

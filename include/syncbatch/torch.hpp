@@ -1,5 +1,6 @@
 // syncbatch with its LibTorch layer: the core plus DeviceSync, TorchBackend, stacked mode for
-// tensor models and GraphedModel (CUDA graph replay). It brings c10 headers and ATen/core/Tensor.h, not torch/torch.h.
+// tensor models and GraphedModel (CUDA graph replay). It brings c10 headers and ATen/core/Tensor.h,
+// not torch/torch.h.
 #pragma once
 
 #include "syncbatch/syncbatch.hpp"
