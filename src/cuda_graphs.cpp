@@ -44,9 +44,7 @@ class CudaGraph final : public CapturedGraph {
 class CudaGraphEngine final : public GraphEngine {
  public:
   std::string unavailable_reason(c10::Device device) const override {
-    if (!device.is_cuda())
-      return "CUDA graphs need a CUDA device, got " + device.str() + "; calls run eagerly";
-    return "";
+    return not_a_cuda_device(device);
   }
 
   std::unique_ptr<CapturedGraph> capture(const GraphedModel::Forward& forward,

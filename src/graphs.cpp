@@ -26,13 +26,17 @@ at::Tensor GraphEngine::empty(c10::IntArrayRef sizes, const at::TensorOptions& o
   return at::empty(sizes, options);
 }
 
+std::string not_a_cuda_device(c10::Device device) {
+  if (device.is_cuda()) return "";
+  return "CUDA graphs need a CUDA device, got " + device.str() + "; calls run eagerly";
+}
+
 namespace {
 
 class NoGraphEngine final : public GraphEngine {
  public:
   std::string unavailable_reason(c10::Device device) const override {
-    if (!device.is_cuda())
-      return "CUDA graphs need a CUDA device, got " + device.str() + "; calls run eagerly";
+    if (!device.is_cuda()) return not_a_cuda_device(device);
     return "this LibTorch was built without CUDA graphs; calls run eagerly";
   }
   std::unique_ptr<CapturedGraph> capture(const GraphedModel::Forward&, const at::Tensor&,

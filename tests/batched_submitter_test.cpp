@@ -208,14 +208,20 @@ TEST(BatchedSubmitter, SyncFailureFailsExactlyThatBatch) {
   }
 }
 
-TEST(BatchedSubmitter, RejectModeFailsAtOnceWhenFull) {
-  Gate gate;
-  FakeSubmitter s(
-      [&](int& x) {
+// A submitter whose model holds request 0 at `gate` until the test opens it.
+FakeSubmitter gated_submitter(Gate& gate, SubmitterOptions options) {
+  return FakeSubmitter(
+      [&gate](int& x) {
         if (x == 0) gate.pass();
         return issue(x);
       },
-      {.queue_capacity = 4, .on_full = OverflowPolicy::kReject}, FakeDevice{});
+      std::move(options), FakeDevice{});
+}
+
+TEST(BatchedSubmitter, RejectModeFailsAtOnceWhenFull) {
+  Gate gate;
+  FakeSubmitter s =
+      gated_submitter(gate, {.queue_capacity = 4, .on_full = OverflowPolicy::kReject});
   std::vector<Future<Issued>> futures;
   futures.push_back(s.submit(0));
   gate.wait_entered(1);
@@ -236,12 +242,7 @@ TEST(BatchedSubmitter, RejectModeFailsAtOnceWhenFull) {
 
 TEST(BatchedSubmitter, BlockModeWaitsForRoom) {
   Gate gate;
-  FakeSubmitter s(
-      [&](int& x) {
-        if (x == 0) gate.pass();
-        return issue(x);
-      },
-      {.queue_capacity = 2, .on_full = OverflowPolicy::kBlock}, FakeDevice{});
+  FakeSubmitter s = gated_submitter(gate, {.queue_capacity = 2, .on_full = OverflowPolicy::kBlock});
   auto first = s.submit(0);
   gate.wait_entered(1);
   std::atomic<int> accepted{0};

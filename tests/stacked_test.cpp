@@ -19,7 +19,7 @@ namespace {
 using testing::available_devices;
 using testing::device_name;
 using testing::Mlp;
-using TensorSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
+using testing::TensorSubmitter;
 using namespace std::chrono_literals;
 
 // Holds the first batch in the model until released, so that later requests queue up and the

@@ -48,8 +48,48 @@ TEST(SyncPolicy, HoldUntil) {
   const PendingWork w{3, kT0};
   EXPECT_EQ(EveryN{8}.hold_until(w), kT0) << "EveryN syncs as soon as work runs dry";
   EXPECT_EQ((TimeBased{250us, 8}.hold_until(w)), kT0 + 250us);
-  EXPECT_EQ(Adaptive(5ms).hold_until(w), kT0);
+  EXPECT_EQ(Adaptive(5ms).hold_until(w), kT0) << "nothing observed yet: no hold";
   EXPECT_EQ(SyncPolicy(TimeBased{250us, 8}).hold_until(w), kT0 + 250us);
+}
+
+TEST(SyncPolicy, AdaptiveHoldsAnEighthOfTheBatchTimeBoundedByTheTarget) {
+  Adaptive a(80ms, 4, 64);                        // limit 4
+  a.observe(BatchObservation{4, 1ms, 8ms, 8ms});  // a full batch of 8 ms, under target
+  EXPECT_EQ(a.hold_until(PendingWork{1, kT0}), kT0 + 1ms) << "an eighth of 8 ms";
+  EXPECT_EQ(a.hold_until(PendingWork{5, kT0}), kT0) << "a full batch does not wait";
+  Adaptive tight(4ms, 4, 64);
+  tight.observe(BatchObservation{4, 1ms, 3ms, 3ms});
+  EXPECT_EQ(tight.hold_until(PendingWork{1, kT0}), kT0 + 375us);
+  Adaptive slow(4ms, 4, 64);
+  slow.observe(BatchObservation{4, 1ms, 40ms, 40ms});
+  EXPECT_EQ(slow.hold_until(PendingWork{1, kT0}), kT0 + 500us) << "at most an eighth of target";
+  Adaptive cheap(80ms, 4, 64);
+  cheap.observe(BatchObservation{4, 10us, 200us, 200us});
+  EXPECT_EQ(cheap.hold_until(PendingWork{1, kT0}), kT0) << "a 25 us hold is not worth a sleep";
+}
+
+TEST(SyncPolicy, AdaptiveLearnsHowManyThereAreToGather) {
+  // One closed-loop client and a heavy model: batches of one, 8 ms each.
+  Adaptive lone(80ms, 1, 64);
+  int held = 0;
+  for (int i = 0; i < 100; ++i) {
+    const PendingWork w{1, kT0};
+    if (lone.hold_until(w) != kT0) ++held;
+    lone.observe(BatchObservation{1, 1ms, 8ms, 8ms});
+  }
+  EXPECT_LE(lone.batch_limit(), 2u);
+  EXPECT_LE(held, 25) << "a lone client waited on most of its batches";
+  // Eight clients whose requests come back in two phases of four: holding gathers all eight,
+  // and the limit settles on eight.
+  Adaptive eight(80ms, 1, 64);
+  for (int i = 0; i < 200; ++i) {
+    const std::size_t limit = eight.batch_limit();
+    const bool waits = eight.hold_until(PendingWork{4, kT0}) != kT0;
+    const std::size_t ops = std::min<std::size_t>(limit, waits ? 8 : 4);
+    eight.observe(BatchObservation{ops, 1ms, 8ms, 8ms});
+  }
+  EXPECT_GE(eight.batch_limit(), 8u);
+  EXPECT_LE(eight.batch_limit(), 9u);
 }
 
 TEST(SyncPolicy, BatchLimitAndClockUse) {

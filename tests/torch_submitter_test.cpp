@@ -15,7 +15,7 @@ namespace {
 using testing::available_devices;
 using testing::device_name;
 using testing::Mlp;
-using TensorSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
+using testing::TensorSubmitter;
 
 class PerCallOnEachDevice : public ::testing::TestWithParam<c10::Device> {};
 

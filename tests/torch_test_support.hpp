@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include "syncbatch/batched_submitter.hpp"
 #include "syncbatch/torch/device_sync.hpp"
 
 namespace syncbatch::testing {
@@ -31,6 +32,9 @@ class Mlp {
  private:
   at::Tensor w1_, b1_, w2_, b2_;
 };
+
+/// The submitter the LibTorch tests drive: tensors in and out on a TorchBackend.
+using TensorSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
 
 /// The devices this machine can run: the CPU always, each CUDA device when present.
 inline std::vector<c10::Device> available_devices() {

@@ -49,6 +49,9 @@ class GraphEngine {
   virtual at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options) const;
 };
 
+/// Why graphs cannot run on a device that is not CUDA ("" for a CUDA device).
+std::string not_a_cuda_device(c10::Device device);
+
 /// The engine of this build: CUDA graphs where LibTorch has CUDA, else one that says why not.
 std::shared_ptr<GraphEngine> default_graph_engine();
 
