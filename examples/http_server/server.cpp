@@ -23,6 +23,7 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -293,7 +294,11 @@ struct Server::Impl {
     for (;;) {
       auto [ec, socket] = co_await acceptor.async_accept(net::as_tuple(net::use_awaitable));
       if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
-      if (ec) continue;  // e.g. too many open files: keep serving the others
+      if (ec) {  // e.g. too many open files: keep serving the others, retry in a moment
+        net::steady_timer pause(acceptor.get_executor(), std::chrono::milliseconds(10));
+        co_await pause.async_wait(net::as_tuple(net::use_awaitable));
+        continue;
+      }
       socket.set_option(tcp::no_delay(true), ec);
       net::co_spawn(acceptor.get_executor(), session(beast::tcp_stream(std::move(socket))),
                     net::detached);
