@@ -174,6 +174,43 @@ inline double graph_limit(const Mlp& mlp, int64_t width, c10::Device device, dou
   return static_cast<double>(replays) * per_graph / wall;
 }
 
+/// Where a stacked submitter's worker spends its time: inside the model call (gathering and
+/// stacking inputs, launching the forward, splitting the output) and inside the sync (waiting
+/// for the device). What is left of the wall time is the queue, the policy and the completions.
+struct WorkerClock {
+  std::atomic<std::int64_t> model_ns{0};
+  std::atomic<std::int64_t> sync_ns{0};
+};
+
+/// `model`, adding the time the worker spends in it to `clock`.
+template <class In, class Out>
+StackedModel<In, Out> timed(StackedModel<In, Out> model, WorkerClock& clock) {
+  return {[run = std::move(model.run), &clock](Batch<In, Out>& b) {
+    const auto t0 = Clock::now();
+    run(b);
+    clock.model_ns +=
+        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+  }};
+}
+
+/// TorchBackend whose workers add the time they spend syncing to a WorkerClock.
+struct TimedTorchBackend {
+  TorchBackend inner;
+  WorkerClock* clock;
+  struct Worker {
+    TorchBackend::Worker worker;
+    WorkerClock* clock;
+    void sync() {
+      const auto t0 = Clock::now();
+      worker.sync();
+      clock->sync_ns +=
+          std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+    }
+    void before_run(Clock::time_point arrived) { worker.before_run(arrived); }
+  };
+  Worker make_worker(std::size_t index) const { return Worker{inner.make_worker(index), clock}; }
+};
+
 /// Latency samples of one run; percentiles by sorting (benchmarks only, not the library).
 class Samples {
  public:

@@ -9,6 +9,7 @@
 // client-side p50/p99 latency and the ratios stacked/per-op and stacked/ideal.
 #include <cstdio>
 #include <optional>
+#include <string>
 
 #include "bench_common.hpp"
 
@@ -29,6 +30,29 @@ Cell submitter_cell(Submitter& submitter, const std::vector<at::Tensor>& inputs,
   c.mean_batch = static_cast<double>(after.completed - before.completed) /
                  static_cast<double>(std::max<std::uint64_t>(1, after.batches - before.batches));
   return c;
+}
+
+// The share of its wall time a stacked submitter's workers spent in the model call and in the
+// sync while `run` ran; the rest went to the queue, the policy and completing requests.
+struct WorkerShare {
+  double model = 0;
+  double sync = 0;
+  std::string str() const {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.0f / %.0f / %.0f", model * 100, sync * 100,
+                  (1 - model - sync) * 100);
+    return buf;
+  }
+};
+
+template <class Run>
+WorkerShare worker_share(WorkerClock& clock, std::size_t workers, Run run) {
+  const auto m0 = clock.model_ns.load(), s0 = clock.sync_ns.load();
+  const auto t0 = Clock::now();
+  run();
+  const double wall_ns =
+      std::chrono::duration<double, std::nano>(Clock::now() - t0).count() * workers;
+  return {(clock.model_ns.load() - m0) / wall_ns, (clock.sync_ns.load() - s0) / wall_ns};
 }
 
 // A client that forwards and syncs after every op, on a stream of its own.
@@ -77,16 +101,21 @@ int main(int argc, char** argv) {
   Submitter per_call([&](at::Tensor& x) { return mlp(x); },
                      {.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
                      TorchBackend(device, {.mode = mode}));
-  Submitter stacked(make_stacked_model([&](const at::Tensor& x) { return mlp(x); }),
-                    {.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
-                    TorchBackend(device, {.mode = mode}));
+  // The stacked submitters time their workers (model call and sync) for the profile columns.
+  using TimedSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TimedTorchBackend>;
+  WorkerClock stacked_clock, stacked_graph_clock;
+  TimedSubmitter stacked(
+      timed(make_stacked_model([&](const at::Tensor& x) { return mlp(x); }), stacked_clock),
+      {.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
+      TimedTorchBackend{TorchBackend(device, {.mode = mode}), &stacked_clock});
   // Graph replay: per-call mode replays the batch-1 graph per request; stacked mode pads each
   // batch to its bucket (powers of two up to --max-batch). Workers capture before serving.
   const GraphedModel graphed_one([&](const at::Tensor& x) { return mlp(x); }, device,
                                  {.buckets = {1}});
   const GraphedModel graphed_batch([&](const at::Tensor& x) { return mlp(x); }, device,
                                    {.max_rows = static_cast<int64_t>(max_batch)});
-  std::optional<Submitter> per_call_graph, stacked_graph;
+  std::optional<Submitter> per_call_graph;
+  std::optional<TimedSubmitter> stacked_graph;
   if (graphs) {
     per_call_graph.emplace(
         [&](at::Tensor& x) { return graphed_one(x); },
@@ -94,10 +123,12 @@ int main(int argc, char** argv) {
         TorchBackend(device,
                      {.mode = mode, .on_worker_start = [&] { graphed_one.warm_up(example); }}));
     stacked_graph.emplace(
-        make_stacked_model(graphed_batch),
+        timed(make_stacked_model(graphed_batch), stacked_graph_clock),
         SubmitterOptions{.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
-        TorchBackend(device,
-                     {.mode = mode, .on_worker_start = [&] { graphed_batch.warm_up(example); }}));
+        TimedTorchBackend{
+            TorchBackend(
+                device, {.mode = mode, .on_worker_start = [&] { graphed_batch.warm_up(example); }}),
+            &stacked_graph_clock});
   }
 
   std::printf(
@@ -108,13 +139,13 @@ int main(int argc, char** argv) {
   std::printf(
       "| T | per-op ops/s | p50 us | p99 us | per-call ops/s | p50 us | p99 us | stacked "
       "ops/s | p50 us | p99 us | mean batch | ideal ops/s | stacked/per-op | "
-      "stacked/ideal |%s\n",
+      "stacked/ideal | stacked worker %% model / sync / rest |%s\n",
       graphs ? " per-call graph ops/s | p99 us | stacked graph ops/s | p50 us | p99 us | "
                "per-call graph/eager | stacked graph/eager | stacked graph/per-op | "
-               "stacked graph/ideal |"
+               "stacked graph/ideal | stacked graph worker % model / sync / rest |"
              : "");
-  std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|%s\n",
-              graphs ? "--:|--:|--:|--:|--:|--:|--:|--:|--:|" : "");
+  std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|%s\n",
+              graphs ? "--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" : "");
   JsonRows json;
   for (int threads : flags.ints("threads")) {
     std::vector<at::Tensor> inputs;
@@ -125,11 +156,16 @@ int main(int argc, char** argv) {
       return PerOpClient{mlp, inputs[t], OwnStream(device), DeviceSync(device, mode)};
     });
     const Cell pc = submitter_cell(per_call, inputs, threads, warmup, seconds);
-    const Cell st = submitter_cell(stacked, inputs, threads, warmup, seconds);
-    Cell pcg, stg;
+    Cell st, pcg, stg;
+    const WorkerShare st_share = worker_share(stacked_clock, workers, [&] {
+      st = submitter_cell(stacked, inputs, threads, warmup, seconds);
+    });
+    WorkerShare stg_share;
     if (graphs) {
       pcg = submitter_cell(*per_call_graph, inputs, threads, warmup, seconds);
-      stg = submitter_cell(*stacked_graph, inputs, threads, warmup, seconds);
+      stg_share = worker_share(stacked_graph_clock, workers, [&] {
+        stg = submitter_cell(*stacked_graph, inputs, threads, warmup, seconds);
+      });
     }
     // Ideal: one thread, batches of T rows already stacked, one sync per batch.
     const at::Tensor batch = at::randn({threads, width}, opts);
@@ -144,15 +180,16 @@ int main(int argc, char** argv) {
         threads);
     std::printf(
         "| %d | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %.0f | "
-        "%.2fx | %.2f |",
+        "%.2fx | %.2f | %s |",
         threads, per_op.ops_per_s, per_op.p50_us, per_op.p99_us, pc.ops_per_s, pc.p50_us, pc.p99_us,
         st.ops_per_s, st.p50_us, st.p99_us, st.mean_batch, ideal.ops_per_s,
-        st.ops_per_s / per_op.ops_per_s, st.ops_per_s / ideal.ops_per_s);
+        st.ops_per_s / per_op.ops_per_s, st.ops_per_s / ideal.ops_per_s, st_share.str().c_str());
     if (graphs)
-      std::printf(" %.0f | %.0f | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx | %.2f |",
+      std::printf(" %.0f | %.0f | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx | %.2f | %s |",
                   pcg.ops_per_s, pcg.p99_us, stg.ops_per_s, stg.p50_us, stg.p99_us,
                   pcg.ops_per_s / pc.ops_per_s, stg.ops_per_s / st.ops_per_s,
-                  stg.ops_per_s / per_op.ops_per_s, stg.ops_per_s / ideal.ops_per_s);
+                  stg.ops_per_s / per_op.ops_per_s, stg.ops_per_s / ideal.ops_per_s,
+                  stg_share.str().c_str());
     std::printf("\n");
     std::fflush(stdout);
     json.row()
@@ -168,6 +205,10 @@ int main(int argc, char** argv) {
         .set("stacked_p50_us", st.p50_us)
         .set("stacked_p99_us", st.p99_us)
         .set("stacked_mean_batch", st.mean_batch)
+        .set("stacked_worker_model_share", st_share.model)
+        .set("stacked_worker_sync_share", st_share.sync)
+        .set("stacked_graph_worker_model_share", stg_share.model)
+        .set("stacked_graph_worker_sync_share", stg_share.sync)
         .set("ideal_ops", ideal.ops_per_s)
         .set("per_call_graph_ops", pcg.ops_per_s)
         .set("per_call_graph_p99_us", pcg.p99_us)
