@@ -206,6 +206,15 @@ int main(int argc, char** argv) {
                       syncbatch::TorchBackend(device, {.mode = mode}));
     serve(stacked, "stacked");
   }
+  if (syncbatch::graphs_unavailable_reason(device).empty()) {
+    // Where CUDA graphs run: the same stacked submitter replaying one graph per batch size.
+    syncbatch::GraphedModel graphed(forward, device, {.max_rows = 256});
+    Submitter stacked(
+        syncbatch::make_stacked_model(graphed), {.queue_capacity = 4096, .policy = policy},
+        syncbatch::TorchBackend(
+            device, {.mode = mode, .on_worker_start = [&] { graphed.warm_up(input); }}));
+    serve(stacked, "stacked+graphs");
+  }
 
   std::printf(
       "\nsyncbatch %d.%d.%d demo: %d-layer MLP, width %d, batch 1, on %s (%s sync), "
