@@ -221,11 +221,11 @@ int main(int argc, char** argv) {
       "LibTorch %s\n\n",
       SYNCBATCH_VERSION_MAJOR, SYNCBATCH_VERSION_MINOR, SYNCBATCH_VERSION_PATCH, args.layers,
       args.width, device.str().c_str(), args.sync.c_str(), TORCH_VERSION);
-  std::printf("| %-66s | %12s | %7s |\n", "how", "ops/s", "speedup");
-  std::printf("|%s|%s|%s|\n", std::string(68, '-').c_str(), std::string(14, '-').c_str(),
+  std::printf("| %-72s | %12s | %7s |\n", "how", "ops/s", "speedup");
+  std::printf("|%s|%s|%s|\n", std::string(74, '-').c_str(), std::string(14, '-').c_str(),
               std::string(9, '-').c_str());
   for (const auto& r : rows)
-    std::printf("| %-66s | %12.0f | %6.2fx |\n", r.name.c_str(), r.ops_per_s,
+    std::printf("| %-72s | %12.0f | %6.2fx |\n", r.name.c_str(), r.ops_per_s,
                 r.ops_per_s / rows.front().ops_per_s);
   if (device.is_cpu())
     std::printf(
