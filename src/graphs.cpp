@@ -123,7 +123,11 @@ struct GraphedModel::Impl {
         options(std::move(o)),
         buckets(graph_buckets(options)),
         engine(std::move(e)),
-        unavailable(engine->unavailable_reason(device)) {
+        unavailable(engine->unavailable_reason(device)),
+        oversize_reason("calls with more rows than the largest bucket (" +
+                        std::to_string(buckets.back()) + ") run eagerly"),
+        full_reason("max_graphs (" + std::to_string(options.max_graphs) +
+                    ") graphs are held; calls that need another run eagerly") {
     if (!model) throw Error(ErrorCode::kInvalidArgument, "GraphedModel: the model is empty");
     if (options.warmup_runs < 1)
       throw Error(ErrorCode::kInvalidArgument,
@@ -148,8 +152,7 @@ struct GraphedModel::Impl {
     const int64_t rows = x.size(0);
     const int64_t bucket = bucket_for(rows, buckets);
     if (bucket == 0) {
-      fallback("calls with more rows than the largest bucket (" + std::to_string(buckets.back()) +
-               ") run eagerly");
+      fallback(oversize_reason);
       return eager(x);
     }
     Key key{current_stream(), x.scalar_type(), trailing_of(x), bucket};
@@ -263,7 +266,6 @@ struct GraphedModel::Impl {
   // A free replica of `key`, marked busy; a new, uncaptured one (graph unset) when none is free
   // and `may_capture` and max_graphs allow; nullptr otherwise.
   Replica* checkout(const Key& key, bool may_capture) {
-    std::string why;
     {
       std::lock_guard lock(mu);
       auto& replicas = graphs[key];
@@ -278,10 +280,8 @@ struct GraphedModel::Impl {
         return replicas.back().get();
       }
       if (!may_capture) return nullptr;  // counted as eager; nothing to report per call
-      why = "max_graphs (" + std::to_string(options.max_graphs) +
-            ") graphs are held; calls that need another run eagerly";
     }
-    fallback(why);
+    fallback(full_reason);
     return nullptr;
   }
 
@@ -354,6 +354,9 @@ struct GraphedModel::Impl {
   const std::vector<int64_t> buckets;
   const std::shared_ptr<detail::GraphEngine> engine;
   const std::string unavailable;
+  // Fallback reasons that calls may hit again and again: made once, not per call.
+  const std::string oversize_reason;
+  const std::string full_reason;
 
  private:
   mutable std::mutex mu;

@@ -153,10 +153,10 @@ class Adaptive {
   /// came out short shows how many requests there are to gather: the limit drops to its size,
   /// and grows again only after a few full batches (so a lone client is rarely kept waiting).
   void observe(const BatchObservation& o) noexcept {
-    const bool held = o.ops < batch_limit() && hold_time() >= kMinHold;
+    const bool full = o.ops >= batch_limit();
+    const bool held = !full && hold_time() >= kMinHold;  // the hold this batch was given
     const auto bt = static_cast<double>(o.batch_time.count());
     batch_time_ = batch_time_ == 0 ? bt : batch_time_ * 0.75 + bt * 0.25;
-    const bool full = o.ops >= batch_limit();
     if (o.max_latency > latency_target_) {
       const auto queued = o.max_latency - o.batch_time;
       if (full && queued > o.batch_time) {
