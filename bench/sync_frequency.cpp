@@ -72,28 +72,23 @@ int main(int argc, char** argv) {
           sync();
         });
       };
-      auto scope = [&](std::size_t n) {
+      // `op` in a loop, SyncScope deciding the syncs.
+      auto scope_loop = [&](std::size_t n, auto&& op) {
         return time_ops([&] {
           SyncScope s(EveryN{n}, DeviceSync(device, mode));
           for (int i = 0; i < ops; ++i) {
-            mlp(x);
+            op();
             s.tick();
           }
           s.flush();
         });
       };
-      // The graph replayed straight from the loop, SyncScope deciding the syncs: what a request
-      // costs in per-call mode without the hand-off to a worker.
+      auto scope = [&](std::size_t n) { return scope_loop(n, [&] { mlp(x); }); };
+      // The graph replayed straight from the loop, on a stream of its own: what a request costs
+      // in per-call mode without the hand-off to a worker.
       auto scope_graph = [&](std::size_t n) {
         OwnStream stream(device);
-        return time_ops([&] {
-          SyncScope s(EveryN{n}, DeviceSync(device, mode));
-          for (int i = 0; i < ops; ++i) {
-            graphed(x);
-            s.tick();
-          }
-          s.flush();
-        });
+        return scope_loop(n, [&] { graphed(x); });
       };
       auto submit = [&](std::size_t) {
         std::vector<Future<at::Tensor>> futures;

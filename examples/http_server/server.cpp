@@ -96,6 +96,13 @@ void append_row(const boost::json::array& row, int64_t width, int64_t index,
   }
 }
 
+// The request's row limit, whatever its encoding.
+void check_rows(int64_t rows, int64_t max_rows) {
+  if (rows > max_rows)
+    throw HttpError{bh::status::payload_too_large, "expected at most " + plural(max_rows, "row") +
+                                                       ", got " + std::to_string(rows)};
+}
+
 Decoded decode_json(std::string_view body, int64_t width, int64_t max_rows) {
   boost::system::error_code ec;
   boost::json::value v = boost::json::parse(body, ec);
@@ -117,9 +124,7 @@ Decoded decode_json(std::string_view body, int64_t width, int64_t max_rows) {
     return d;
   }
   d.rows = static_cast<int64_t>(a.size());
-  if (d.rows > max_rows)
-    throw HttpError{bh::status::payload_too_large, "expected at most " + plural(max_rows, "row") +
-                                                       ", got " + std::to_string(d.rows)};
+  check_rows(d.rows, max_rows);
   d.values.reserve(static_cast<std::size_t>(d.rows * width));
   for (std::size_t i = 0; i < a.size(); ++i) {
     if (!a[i].is_array())
@@ -141,9 +146,7 @@ Decoded decode_raw(const std::vector<char>& body, int64_t width, int64_t max_row
   Decoded d;
   d.encoding = Encoding::kRaw;
   d.rows = static_cast<int64_t>(body.size() / row_bytes);
-  if (d.rows > max_rows)
-    throw HttpError{bh::status::payload_too_large, "expected at most " + plural(max_rows, "row") +
-                                                       ", got " + std::to_string(d.rows)};
+  check_rows(d.rows, max_rows);
   d.values.resize(body.size() / sizeof(float));
   std::memcpy(d.values.data(), body.data(), body.size());
   if constexpr (std::endian::native == std::endian::big)
