@@ -433,15 +433,21 @@ struct SummingModel {
   }
 };
 
+// A stacked submitter over `inner` whose first batch waits at `gate` until the test opens it.
+IntSubmitter gated_stacked(Gate& gate, StackedModel<int, int> inner, SubmitterOptions options) {
+  return IntSubmitter(StackedModel<int, int>{[&gate, run = std::move(inner.run),
+                                              first = std::make_shared<std::atomic<bool>>(true)](
+                                                 Batch<int, int>& b) {
+                        if (first->exchange(false)) gate.pass();
+                        run(b);
+                      }},
+                      std::move(options));
+}
+
 TEST(StackedMode, OneModelCallPerBatchUpToTheLimit) {
   SummingModel m;
   Gate gate;
-  std::atomic<bool> first{true};
-  IntSubmitter s(StackedModel<int, int>{[&, inner = m.model()](Batch<int, int>& b) {
-                   if (first.exchange(false)) gate.pass();
-                   inner.run(b);
-                 }},
-                 {.policy = EveryN{8}});
+  IntSubmitter s = gated_stacked(gate, m.model(), {.policy = EveryN{8}});
   EXPECT_TRUE(s.stacked());
   std::vector<Future<int>> futures;
   futures.push_back(s.submit(0));
@@ -580,12 +586,11 @@ TEST(Stats, RecentLatencyCoversTheLastSecondsOnly) {
 // shrank its batches under a backlog instead of growing them.
 TEST(AdaptivePolicy, ABacklogGrowsTheBatchLimitInTheSubmitter) {
   Gate gate;
-  std::atomic<bool> first{true};
-  IntSubmitter s(StackedModel<int, int>{[&](Batch<int, int>& b) {
-                   if (first.exchange(false)) gate.pass();
-                   for (std::size_t i = 0; i < b.size(); ++i) b.set_value(i, b.input(i));
-                 }},
-                 {.policy = Adaptive{1ms, 1, 64}});
+  IntSubmitter s = gated_stacked(gate, StackedModel<int, int>{[](Batch<int, int>& b) {
+                                   for (std::size_t i = 0; i < b.size(); ++i)
+                                     b.set_value(i, b.input(i));
+                                 }},
+                                 {.policy = Adaptive{1ms, 1, 64}});
   std::vector<Future<int>> futures;
   futures.push_back(s.submit(0));
   gate.wait_entered(1);  // the first batch is held in the model; 31 requests queue meanwhile
@@ -701,12 +706,7 @@ namespace {
 TEST(TimeBasedPolicy, ABacklogOlderThanMaxDelayIsStillBatchedUpToMaxOps) {
   SummingModel m;
   Gate gate;
-  std::atomic<bool> first{true};
-  IntSubmitter s(StackedModel<int, int>{[&, inner = m.model()](Batch<int, int>& b) {
-                   if (first.exchange(false)) gate.pass();
-                   inner.run(b);
-                 }},
-                 {.policy = TimeBased{1ms, 8}});
+  IntSubmitter s = gated_stacked(gate, m.model(), {.policy = TimeBased{1ms, 8}});
   std::vector<Future<int>> futures;
   futures.push_back(s.submit(0));
   gate.wait_entered(1);
