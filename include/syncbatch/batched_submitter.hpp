@@ -249,12 +249,16 @@ class BatchedSubmitter {
     auto* request = new detail::CallbackRequest<In, Out, std::decay_t<F>>(
         &wakeups_, std::move(input), Clock::now(), deadline, std::move(on_done));
     boost::intrusive_ptr<detail::Completion<Out>> guard(request);
+    std::exception_ptr refused;
     try {
       enqueue(request);
+      return;
     } catch (const Error&) {
-      request->set_error(std::current_exception());
-      request->complete();
+      refused = std::current_exception();
     }
+    // Completed after the catch block, never inside it: see detail::Completion.
+    request->set_error(std::move(refused));
+    request->complete();
   }
 
   /// Stops accepting requests, completes every accepted one, and joins the workers. Idempotent
@@ -398,13 +402,16 @@ class BatchedSubmitter {
   // Per-call mode: runs the model on one request. A request the model threw on completes now,
   // with that exception, and returns false; otherwise its output waits for the batch's sync.
   bool run_request(RequestT& request) {
+    std::exception_ptr error;
     try {
       request.set_value(per_call_(request.input()));
       return true;  // the input lives until the batch's sync: the device may still read it
     } catch (...) {
-      fail_alone(request, std::current_exception(), /*expired=*/false);
-      return false;
+      error = std::current_exception();
     }
+    // Completed after the catch block, never inside it: see detail::Completion.
+    fail_alone(request, std::move(error), /*expired=*/false);
+    return false;
   }
 
   // Completes a request that never joined a batch. Its input stays with the request (the model
@@ -434,20 +441,20 @@ class BatchedSubmitter {
       run_stacked(batch);
     }
     const auto before = Clock::now();
-    std::exception_ptr sync_error;
+    std::optional<std::string> sync_error;
     try {
       ctx.sync();
     } catch (...) {
-      sync_error = std::make_exception_ptr(
-          Error(ErrorCode::kSyncFailed,
-                "device sync failed: " + detail::describe_exception(std::current_exception())));
+      sync_error = "device sync failed: " + detail::describe_exception(std::current_exception());
     }
     const auto after = Clock::now();
     const std::size_t size = batch.size();
     std::size_t failures = 0;
     for (RequestPtr r : batch) {
       r->drop_input();
-      if (sync_error) r->set_error(sync_error);
+      // One exception object per request, not one shared: see detail::Completion.
+      if (sync_error)
+        r->set_error(std::make_exception_ptr(Error(ErrorCode::kSyncFailed, *sync_error)));
       failures += r->has_error() ? 1 : 0;
       r->complete();
       stats_.record_latency(after - r->arrived(), after);

@@ -24,6 +24,12 @@ namespace detail {
 /// The shared state of one request's result: written once by a worker, read by the Future.
 /// One allocation per request holds this and the request's input (see Request in
 /// batched_submitter.hpp). Reference counted: the Future holds one reference, the worker one.
+///
+/// Errors and the thread that frees them: an exception object is freed by whichever thread
+/// drops its last reference, and that count lives inside libstdc++, where ThreadSanitizer cannot
+/// see it order a reader's what() before another thread's free. So a worker never completes a
+/// request from inside a catch block (leaving the block drops a reference, possibly the last,
+/// after the reader is done), and take() moves the error out, so the reader holds the last one.
 template <class Out>
 class Completion
     : public boost::intrusive_ref_counter<Completion<Out>, boost::thread_safe_counter> {
@@ -71,12 +77,12 @@ class Completion
     }
   }
   Out take() {
-    if (error_) std::rethrow_exception(error_);
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
     return take_value();
   }
   /// Moves the result out as (error, value); value is default-constructed on error.
   std::pair<std::exception_ptr, Out> take_pair() {
-    if (error_) return {error_, Out{}};
+    if (error_) return {std::exchange(error_, nullptr), Out{}};
     return {nullptr, take_value()};
   }
 
