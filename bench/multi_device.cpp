@@ -1,7 +1,9 @@
 // multi_device: stacked-mode throughput with 1 device against N devices behind one
 // MultiDeviceSubmitter, closed-loop clients sending batch-1 CPU tensors (staged to each device).
-// Prints the scaling efficiency: throughput(N) / (N * throughput(1)).
+// Checks every answer first, then prints, for 1, 2, 4 ... and all devices, the throughput and the
+// scaling efficiency, throughput(N) / (N * throughput(1)), with each device's share of requests.
 #include <cstdio>
+#include <string>
 
 #include "bench_common.hpp"
 #include "syncbatch/multi_device.hpp"
@@ -47,30 +49,67 @@ int main(int argc, char** argv) {
     return std::make_unique<Multi>(std::move(replicas),
                                    SubmitterOptions{.queue_capacity = 4096, .policy = EveryN{256}});
   };
+  // Device counts compared: 1, 2, 4, ... and all of them.
+  std::vector<std::size_t> counts;
+  for (std::size_t n = 1; n < devices.size(); n *= 2) counts.push_back(n);
+  counts.push_back(devices.size());
+
+  // Before timing: every replica of the widest submitter serves, and every answer equals the
+  // first device's own forward of that input.
+  {
+    auto multi = make(devices.size());
+    std::vector<at::Tensor> inputs;
+    std::vector<Future<at::Tensor>> futures;
+    for (std::size_t i = 0; i < 64 * devices.size(); ++i) {
+      inputs.push_back(at::randn({1, width}));
+      futures.push_back(multi->submit(inputs.back()));
+    }
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      const at::Tensor want = (*mlps[0])(inputs[i].to(devices[0])).cpu();
+      const at::Tensor got = futures[i].get().cpu();
+      if (!at::allclose(got, want, 1e-4, 1e-5)) {
+        std::fprintf(stderr, "multi_device: request %zu's result differs from %s's forward\n", i,
+                     devices[0].str().c_str());
+        return 1;
+      }
+    }
+    multi->shutdown();
+    std::printf("checked: %zu requests over %zu replicas, results equal to %s's forward; served",
+                inputs.size(), devices.size(), devices[0].str().c_str());
+    for (std::size_t r = 0; r < devices.size(); ++r)
+      std::printf(" %llu", static_cast<unsigned long long>(multi->replica(r).stats().completed));
+    std::printf("\n");
+  }
+
   std::printf(
-      "multi_device: %d-layer MLP width %d, stacked, CPU inputs staged to %zu x %s, "
-      "LibTorch %s\n\n| clients | 1 device req/s | %zu devices req/s | scaling efficiency |\n"
-      "|--:|--:|--:|--:|\n",
-      layers, width, devices.size(), devices.front().str().c_str(), TORCH_VERSION, devices.size());
+      "multi_device: %d-layer MLP width %d, stacked, CPU inputs staged to up to %zu x %s, "
+      "LibTorch %s\n\n| clients | devices | req/s | vs 1 device | scaling efficiency | "
+      "requests per device |\n|--:|--:|--:|--:|--:|:--|\n",
+      layers, width, devices.size(), devices.front().str().c_str(), TORCH_VERSION);
   JsonRows json;
   const auto input = at::randn({1, width});
   for (int clients : flags.ints("clients")) {
-    double rate[2] = {0, 0};
-    const std::size_t counts[2] = {1, devices.size()};
-    for (int k = 0; k < 2; ++k) {
-      auto multi = make(counts[k]);
-      rate[k] = closed_loop(clients, flags.num("warmup"), flags.num("seconds"), [&](int) {
-                  return [&] { multi->submit(input).get(); };
-                }).ops_per_s;
+    double one = 0;
+    for (std::size_t n : counts) {
+      auto multi = make(n);
+      const double rate = closed_loop(clients, flags.num("warmup"), flags.num("seconds"), [&](int) {
+                            return [&] { multi->submit(input).get(); };
+                          }).ops_per_s;
+      multi->shutdown();
+      if (n == 1) one = rate;
+      const double efficiency = rate / (static_cast<double>(n) * one);
+      std::string shares;
+      for (std::size_t r = 0; r < n; ++r)
+        shares += (r ? " / " : "") + std::to_string(multi->replica(r).stats().completed);
+      std::printf("| %d | %zu | %.0f | %.2fx | %.2f | %s |\n", clients, n, rate, rate / one,
+                  efficiency, shares.c_str());
+      std::fflush(stdout);
+      json.row()
+          .set("clients", clients)
+          .set("devices", static_cast<int>(n))
+          .set("req_per_s", rate)
+          .set("efficiency", efficiency);
     }
-    const double efficiency = rate[1] / (static_cast<double>(devices.size()) * rate[0]);
-    std::printf("| %d | %.0f | %.0f | %.2f |\n", clients, rate[0], rate[1], efficiency);
-    std::fflush(stdout);
-    json.row()
-        .set("clients", clients)
-        .set("one", rate[0])
-        .set("all", rate[1])
-        .set("efficiency", efficiency);
   }
   json.write(flags.str("json"),
              meta_json(devices.front(), "\"bench\": \"multi_device\", \"devices\": " +
