@@ -49,6 +49,13 @@ int main(int argc, char** argv) {
     return std::make_unique<Multi>(std::move(replicas),
                                    SubmitterOptions{.queue_capacity = 4096, .policy = EveryN{256}});
   };
+  // Requests each of the first n replicas completed: "a / b / ...".
+  auto served = [](Multi& multi, std::size_t n) {
+    std::string s;
+    for (std::size_t r = 0; r < n; ++r)
+      s += (r ? " / " : "") + std::to_string(multi.replica(r).stats().completed);
+    return s;
+  };
   // Device counts compared: 1, 2, 4, ... and all of them.
   std::vector<std::size_t> counts;
   for (std::size_t n = 1; n < devices.size(); n *= 2) counts.push_back(n);
@@ -74,11 +81,11 @@ int main(int argc, char** argv) {
       }
     }
     multi->shutdown();
-    std::printf("checked: %zu requests over %zu replicas, results equal to %s's forward; served",
-                inputs.size(), devices.size(), devices[0].str().c_str());
-    for (std::size_t r = 0; r < devices.size(); ++r)
-      std::printf(" %llu", static_cast<unsigned long long>(multi->replica(r).stats().completed));
-    std::printf("\n");
+    std::printf(
+        "checked: %zu requests over %zu replicas, results equal to %s's forward; "
+        "served %s\n",
+        inputs.size(), devices.size(), devices[0].str().c_str(),
+        served(*multi, devices.size()).c_str());
   }
 
   std::printf(
@@ -98,11 +105,8 @@ int main(int argc, char** argv) {
       multi->shutdown();
       if (n == 1) one = rate;
       const double efficiency = rate / (static_cast<double>(n) * one);
-      std::string shares;
-      for (std::size_t r = 0; r < n; ++r)
-        shares += (r ? " / " : "") + std::to_string(multi->replica(r).stats().completed);
       std::printf("| %d | %zu | %.0f | %.2fx | %.2f | %s |\n", clients, n, rate, rate / one,
-                  efficiency, shares.c_str());
+                  efficiency, served(*multi, n).c_str());
       std::fflush(stdout);
       json.row()
           .set("clients", clients)
