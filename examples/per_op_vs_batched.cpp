@@ -207,8 +207,16 @@ int main(int argc, char** argv) {
     serve(stacked, "stacked");
   }
   if (syncbatch::graphs_unavailable_reason(device).empty()) {
-    // Where CUDA graphs run: the same stacked submitter replaying one graph per batch size.
-    syncbatch::GraphedModel graphed(forward, device, {.max_rows = 256});
+    // Where CUDA graphs run: per-call mode replaying each batch's calls as a few graphs of up to
+    // 64 forwards, and the stacked submitter replaying one graph per batch size.
+    syncbatch::GraphedModel graphed(forward, device, {.max_rows = 256, .max_fused_calls = 64});
+    {
+      Submitter per_call(
+          syncbatch::make_fused_calls_model(graphed), {.queue_capacity = 4096, .policy = policy},
+          syncbatch::TorchBackend(
+              device, {.mode = mode, .on_worker_start = [&] { graphed.warm_up_each(input); }}));
+      serve(per_call, "per-call+graphs");
+    }
     Submitter stacked(
         syncbatch::make_stacked_model(graphed), {.queue_capacity = 4096, .policy = policy},
         syncbatch::TorchBackend(

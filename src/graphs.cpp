@@ -80,6 +80,19 @@ std::vector<int64_t> graph_buckets(const GraphOptions& options) {
   return buckets;
 }
 
+namespace {
+
+// The call counts call_each() fuses: 1, 2, 4, ... up to max_fused_calls.
+std::vector<int64_t> fused_buckets(const GraphOptions& options) {
+  if (options.max_fused_calls < 1)
+    throw Error(ErrorCode::kInvalidArgument,
+                "GraphOptions.max_fused_calls: expected at least 1, got " +
+                    std::to_string(options.max_fused_calls));
+  return graph_buckets({.max_rows = options.max_fused_calls});
+}
+
+}  // namespace
+
 int64_t bucket_for(int64_t rows, const std::vector<int64_t>& buckets) {
   const auto it = std::lower_bound(buckets.begin(), buckets.end(), rows);
   return it == buckets.end() ? 0 : *it;
@@ -99,11 +112,14 @@ struct GraphedModel::Impl {
   // The stream a graph replays on, the input signature and the bucket. Graphs are never shared
   // between streams: graphs replayed on one stream run one after another on the device, so
   // workspaces they share (cuBLAS keeps one per stream it ran on) are never used at once.
+  // `calls` is 0 for operator()'s graphs (`bucket` rows, padded); call_each()'s graphs hold
+  // `calls` forwards of exactly `bucket` rows each.
   struct Key {
     c10::Stream stream;
     at::ScalarType dtype;
     c10::SmallVector<int64_t, 6> trailing;  // no allocation per call for ranks up to 7
     int64_t bucket;
+    int64_t calls = 0;
     bool operator==(const Key&) const = default;
   };
   struct KeyHash {
@@ -112,6 +128,7 @@ struct GraphedModel::Impl {
       auto mix = [&](std::size_t v) { h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); };
       mix(static_cast<std::size_t>(k.dtype));
       mix(static_cast<std::size_t>(k.bucket));
+      mix(static_cast<std::size_t>(k.calls));
       for (int64_t d : k.trailing) mix(static_cast<std::size_t>(d));
       return h;
     }
@@ -122,6 +139,7 @@ struct GraphedModel::Impl {
         device(d),
         options(std::move(o)),
         buckets(graph_buckets(options)),
+        call_buckets(fused_buckets(options)),
         engine(std::move(e)),
         unavailable(engine->unavailable_reason(device)),
         oversize_reason("calls with more rows than the largest bucket (" +
@@ -178,34 +196,61 @@ struct GraphedModel::Impl {
     }
   }
 
-  void warm_up(const at::Tensor& example) {
-    if (!unavailable.empty() || failed.load()) return;
-    if (!example.defined() || example.dim() == 0 || example.size(0) == 0)
-      throw Error(ErrorCode::kInvalidArgument,
-                  "GraphedModel::warm_up: expected an example with a batch dimension and at "
-                  "least one row, got " +
-                      describe_tensor(example));
-    const c10::Stream stream = current_stream();
-    for (int64_t bucket : buckets) {
-      Key key{stream, example.scalar_type(), trailing_of(example), bucket};
-      {
-        std::lock_guard lock(mu);
-        if (!graphs[key].empty()) continue;
-      }
-      Replica* r = checkout(key, /*may_capture=*/true);
-      if (r == nullptr) return;  // max_graphs reached (reported)
-      if (r->graph) {            // another thread captured it meanwhile
-        checkin(r);
+  std::vector<at::Tensor> call_each(c10::ArrayRef<at::Tensor> xs) {
+    std::vector<at::Tensor> out(xs.size());
+    // Calls of one shape, in order; the few shapes of a batch are found by a linear search.
+    c10::SmallVector<c10::SmallVector<std::size_t, 64>, 2> groups;
+    for (std::size_t i = 0; i < xs.size(); ++i) {
+      const at::Tensor& x = xs[i];
+      if (!unavailable.empty() || fused_failed.load(std::memory_order_acquire) || !x.defined() ||
+          x.dim() == 0 || x.size(0) == 0) {
+        out[i] = call(x);
         continue;
       }
-      try {
-        if (!capture(*r, key, example.narrow(0, 0, std::min(bucket, example.size(0))))) return;
-      } catch (...) {
-        discard(key, r);
-        throw;
+      auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) {
+        const at::Tensor& y = xs[g.front()];
+        return y.scalar_type() == x.scalar_type() && y.device() == x.device() &&
+               y.sizes() == x.sizes();
+      });
+      if (it == groups.end()) {
+        groups.emplace_back();
+        it = groups.end() - 1;
       }
-      checkin(r);
+      it->push_back(i);
     }
+    for (const auto& group : groups) {
+      std::size_t done = 0;
+      while (done < group.size()) {
+        const auto n = static_cast<int64_t>(group.size() - done);
+        const int64_t calls = *(std::upper_bound(call_buckets.begin(), call_buckets.end(), n) - 1);
+        const c10::ArrayRef<std::size_t> chunk(group.data() + done,
+                                               static_cast<std::size_t>(calls));
+        run_fused(xs, chunk, out);
+        done += static_cast<std::size_t>(calls);
+      }
+    }
+    return out;
+  }
+
+  void warm_up(const at::Tensor& example) {
+    if (!unavailable.empty() || failed.load()) return;
+    check_example(example, "warm_up");
+    const c10::Stream stream = current_stream();
+    for (int64_t bucket : buckets)
+      if (!warm_up_key({stream, example.scalar_type(), trailing_of(example), bucket},
+                       [&] { return example.narrow(0, 0, std::min(bucket, example.size(0))); }))
+        return;
+  }
+
+  void warm_up_each(const at::Tensor& example) {
+    if (!unavailable.empty() || fused_failed.load()) return;
+    check_example(example, "warm_up_each");
+    const c10::Stream stream = current_stream();
+    for (int64_t calls : call_buckets)
+      if (!warm_up_key(
+              {stream, example.scalar_type(), trailing_of(example), example.size(0), calls},
+              [&] { return at::cat(std::vector<at::Tensor>(calls, example), 0); }))
+        return;
   }
 
   void release() {
@@ -232,6 +277,7 @@ struct GraphedModel::Impl {
     GraphStats s;
     s.captured = captured.load();
     s.replays = replays.load();
+    s.fused_replays = fused_replays.load();
     s.eager_runs = eager_runs.load();
     s.capture_failures = capture_failures.load();
     s.padded_rows = padded_rows.load();
@@ -298,32 +344,133 @@ struct GraphedModel::Impl {
     --held;
   }
 
-  // Captures r's graph with `x` (rows <= bucket) in its static input. Returns false, with the
-  // model switched to eager for good, when the model cannot be captured.
+  static void check_example(const at::Tensor& example, const char* what) {
+    if (!example.defined() || example.dim() == 0 || example.size(0) == 0)
+      throw Error(ErrorCode::kInvalidArgument,
+                  std::string("GraphedModel::") + what +
+                      ": expected an example with a batch dimension and at least one row, got " +
+                      describe_tensor(example));
+  }
+
+  // Captures the graph of `key` unless one is held; `input()` gives the capture's input.
+  // Returns false when no more graphs can be captured (max_graphs, or the model not capturable).
+  template <class Input>
+  bool warm_up_key(const Key& key, Input input) {
+    {
+      std::lock_guard lock(mu);
+      if (!graphs[key].empty()) return true;
+    }
+    Replica* r = checkout(key, /*may_capture=*/true);
+    if (r == nullptr) return false;  // max_graphs reached (reported)
+    if (r->graph) {                  // another thread captured it meanwhile
+      checkin(r);
+      return true;
+    }
+    try {
+      if (!capture(*r, key, input())) return false;
+    } catch (...) {
+      discard(key, r);
+      throw;
+    }
+    checkin(r);
+    return true;
+  }
+
+  // Runs the calls `chunk` (indices into xs, one shape, a call bucket's count) as one replay
+  // of a fused graph, or one by one where there is none.
+  void run_fused(c10::ArrayRef<at::Tensor> xs, c10::ArrayRef<std::size_t> chunk,
+                 std::vector<at::Tensor>& out) {
+    const at::Tensor& first = xs[chunk.front()];
+    const auto calls = static_cast<int64_t>(chunk.size());
+    Key key{current_stream(), first.scalar_type(), trailing_of(first), first.size(0), calls};
+    Replica* replica = fused_failed.load(std::memory_order_acquire)
+                           ? nullptr
+                           : checkout(key, options.capture_on_first_use);
+    if (replica != nullptr && !replica->graph) {
+      try {
+        if (!capture(*replica, key, gather_new(xs, chunk))) replica = nullptr;
+      } catch (...) {
+        discard(key, replica);  // the model threw in a warm-up run: one of the calls' errors
+        throw;
+      }
+    }
+    if (replica == nullptr) {  // no graph: as operator() would
+      for (std::size_t i : chunk) out[i] = call(xs[i]);
+      return;
+    }
+    try {
+      if (calls == 1) {
+        engine->copy(replica->input, first);
+      } else {
+        c10::SmallVector<at::Tensor, 64> parts;
+        for (std::size_t i : chunk) parts.push_back(xs[i]);
+        at::cat_out(replica->input, parts, 0);
+      }
+      replica->graph->replay();
+      const at::Tensor& static_out = replica->output;
+      at::Tensor results = engine->empty(static_out.sizes(), static_out.options());
+      engine->copy(results, static_out);
+      checkin(replica);
+      for (std::size_t k = 0; k < chunk.size(); ++k)
+        out[chunk[k]] = results.select(0, static_cast<int64_t>(k));
+      replays.fetch_add(static_cast<std::uint64_t>(calls), std::memory_order_relaxed);
+      fused_replays.fetch_add(1, std::memory_order_relaxed);
+    } catch (...) {
+      checkin(replica);
+      throw;
+    }
+  }
+
+  static at::Tensor gather_new(c10::ArrayRef<at::Tensor> xs, c10::ArrayRef<std::size_t> chunk) {
+    std::vector<at::Tensor> parts;
+    parts.reserve(chunk.size());
+    for (std::size_t i : chunk) parts.push_back(xs[i]);
+    return at::cat(parts, 0);
+  }
+
+  // The forward a fused graph captures: `calls` forwards of `rows` rows each, their outputs
+  // stacked into one static output (one slot per call).
+  GraphedModel::Forward fused_forward(int64_t calls, int64_t rows) const {
+    return [model = model, calls, rows](const at::Tensor& in) {
+      std::vector<at::Tensor> outs;
+      outs.reserve(static_cast<std::size_t>(calls));
+      for (int64_t i = 0; i < calls; ++i) outs.push_back(model(in.narrow(0, i * rows, rows)));
+      return at::stack(outs, 0);
+    };
+  }
+
+  // Captures r's graph with `x` (rows <= the static input's) in its static input. Returns false,
+  // with graphs of its kind switched off for good, when the model cannot be captured.
   bool capture(Replica& r, const Key& key, const at::Tensor& x) {
-    std::vector<int64_t> sizes{key.bucket};
+    const bool fused = key.calls > 0;
+    std::vector<int64_t> sizes{fused ? key.calls * key.bucket : key.bucket};
     sizes.insert(sizes.end(), key.trailing.begin(), key.trailing.end());
     r.input = at::zeros(sizes, at::TensorOptions().dtype(key.dtype).device(device));
     engine->copy(r.input.narrow(0, 0, x.size(0)), x);
     std::string why;
     try {
-      r.graph = engine->capture(model, r.input, r.output, options.warmup_runs);
-      if (!r.output.defined() || r.output.dim() == 0 || r.output.size(0) != key.bucket ||
-          r.output.device() != r.input.device())
+      r.graph = engine->capture(fused ? fused_forward(key.calls, key.bucket) : model, r.input,
+                                r.output, options.warmup_runs);
+      if (fused && r.output.device() != r.input.device())
+        why = "the model returned " + describe_tensor(r.output) + " for " +
+              describe_tensor(r.input) +
+              "; graphs need outputs on the input's device, so call_each() runs calls one by one";
+      if (!fused && (!r.output.defined() || r.output.dim() == 0 || r.output.size(0) != key.bucket ||
+                     r.output.device() != r.input.device()))
         why = "the model returned " + describe_tensor(r.output) + " for " +
               describe_tensor(r.input) +
               "; graphs need one output row per input row on the input's device, so calls run "
               "eagerly";
     } catch (const detail::CaptureError& e) {
       why = std::string("the model cannot be captured as a CUDA graph (") + e.what() +
-            "); calls run eagerly";
+            (fused ? "); call_each() runs calls one by one" : "); calls run eagerly");
       capture_failures.fetch_add(1, std::memory_order_relaxed);
     }
     if (why.empty()) {
       captured.fetch_add(1, std::memory_order_relaxed);
       return true;
     }
-    failed.store(true, std::memory_order_release);
+    (fused ? fused_failed : failed).store(true, std::memory_order_release);
     discard(key, &r);
     fallback(why);
     return false;
@@ -352,6 +499,7 @@ struct GraphedModel::Impl {
   const c10::Device device;
   const GraphOptions options;
   const std::vector<int64_t> buckets;
+  const std::vector<int64_t> call_buckets;  // call counts call_each() fuses
   const std::shared_ptr<detail::GraphEngine> engine;
   const std::string unavailable;
   // Fallback reasons that calls may hit again and again: made once, not per call.
@@ -364,9 +512,10 @@ struct GraphedModel::Impl {
   std::size_t held = 0;
   std::set<std::string> logged;
   std::string last_fallback;
-  std::atomic<bool> failed{false};
-  std::atomic<std::uint64_t> captured{0}, replays{0}, eager_runs{0}, capture_failures{0},
-      padded_rows{0};
+  std::atomic<bool> failed{false};        // operator()'s graphs cannot be captured
+  std::atomic<bool> fused_failed{false};  // call_each()'s graphs cannot be captured
+  std::atomic<std::uint64_t> captured{0}, replays{0}, fused_replays{0}, eager_runs{0},
+      capture_failures{0}, padded_rows{0};
 };
 
 GraphedModel::GraphedModel(Forward model, c10::Device device, GraphOptions options)
@@ -384,6 +533,14 @@ at::Tensor GraphedModel::operator()(const at::Tensor& x) const {
   return impl_->call(x);
 }
 
+std::vector<at::Tensor> GraphedModel::call_each(c10::ArrayRef<at::Tensor> xs) const {
+  return impl_->call_each(xs);
+}
+
+void GraphedModel::warm_up_each(const at::Tensor& example) const {
+  impl_->warm_up_each(example);
+}
+
 void GraphedModel::warm_up(const at::Tensor& example) const {
   impl_->warm_up(example);
 }
@@ -399,6 +556,31 @@ const std::vector<int64_t>& GraphedModel::buckets() const {
 }
 c10::Device GraphedModel::device() const {
   return impl_->device;
+}
+
+StackedModel<at::Tensor, at::Tensor> make_fused_calls_model(GraphedModel graphed) {
+  return {[graphed = std::move(graphed)](Batch<at::Tensor, at::Tensor>& batch) {
+    std::vector<at::Tensor> inputs;
+    inputs.reserve(batch.size());
+    for (std::size_t i = 0; i < batch.size(); ++i) inputs.push_back(batch.input(i));
+    std::vector<at::Tensor> outputs;
+    try {
+      outputs = graphed.call_each(inputs);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): rerun below, call by call
+    }
+    if (outputs.size() == inputs.size()) {
+      for (std::size_t i = 0; i < inputs.size(); ++i) batch.set_value(i, std::move(outputs[i]));
+      return;
+    }
+    // Some call failed: rerun each alone, so that only the requests it fails on get its error.
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      try {
+        batch.set_value(i, graphed(inputs[i]));
+      } catch (...) {
+        batch.set_error(i, std::current_exception());
+      }
+    }
+  }};
 }
 
 }  // namespace syncbatch

@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <bit>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -91,6 +93,14 @@ TEST(GraphBuckets, BadOptionsNameWhatWasExpected) {
   Fixture f;
   EXPECT_THROW(f.make({.warmup_runs = 0}), Error);
   EXPECT_THROW(f.make({.max_graphs = 0}), Error);
+  try {
+    f.make({.max_fused_calls = 0});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("max_fused_calls: expected at least 1, got 0"),
+              std::string::npos)
+        << e.what();
+  }
   EXPECT_THROW(make_graphed_model_with_engine({}, c10::kCPU, {}, f.engine), Error);
 }
 
@@ -258,6 +268,177 @@ TEST(GraphedModel, CopiesShareGraphs) {
   EXPECT_EQ(b.stats().replays, 2u);
 }
 
+// call_each: every count of calls, split into fused replays by the bits of the count, gives
+// each call exactly what it gives alone; outputs survive the later replays.
+TEST(GraphedModelCallEach, EveryCountMatchesEachCallAlone) {
+  Fixture f;
+  GraphedModel graphed = f.make({.max_fused_calls = 8});
+  std::vector<std::vector<at::Tensor>> inputs, outputs;
+  for (int n = 1; n <= 20; ++n) {
+    inputs.emplace_back();
+    for (int i = 0; i < n; ++i) inputs.back().push_back(at::randn({1, 8}));
+    outputs.push_back(graphed.call_each(inputs.back()));
+  }
+  std::uint64_t calls = 0, launches = 0;
+  for (std::size_t n = 1; n <= inputs.size(); ++n) {
+    const auto& in = inputs[n - 1];
+    const auto& out = outputs[n - 1];
+    ASSERT_EQ(out.size(), n);
+    for (std::size_t i = 0; i < n; ++i) {
+      ASSERT_EQ(out[i].sizes(), (std::vector<int64_t>{1, 4}));
+      EXPECT_TRUE(at::equal(out[i], f.mlp(in[i]))) << n << " calls, call " << i;
+    }
+    calls += n;
+    launches += n / 8 + std::popcount(n % 8);  // 8s, then one replay per set bit of the rest
+  }
+  const GraphStats s = graphed.stats();
+  EXPECT_EQ(s.captured, 4u);  // 1, 2, 4 and 8 calls
+  EXPECT_EQ(s.replays, calls);
+  EXPECT_EQ(s.fused_replays, launches);
+  EXPECT_EQ(s.eager_runs, 0u);
+  EXPECT_EQ(s.padded_rows, 0u);
+  EXPECT_TRUE(f.logged.empty());
+}
+
+TEST(GraphedModelCallEach, ShapesAndDtypesFuseApartAndResultsKeepTheirOrder) {
+  Fixture f;
+  GraphedModel graphed = make_graphed_model_with_engine([](const at::Tensor& x) { return x * 2; },
+                                                        c10::kCPU, {}, f.engine);
+  const std::vector<at::Tensor> xs{at::randn({1, 3}), at::randn({2, 3}),
+                                   at::randn({1, 3}), at::ones({1, 3}, at::kLong),
+                                   at::randn({2, 3}), at::randn({1, 5})};
+  const std::vector<at::Tensor> ys = graphed.call_each(xs);
+  ASSERT_EQ(ys.size(), xs.size());
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    EXPECT_TRUE(at::equal(ys[i], xs[i] * 2)) << i;
+    EXPECT_EQ(ys[i].scalar_type(), xs[i].scalar_type()) << i;
+  }
+  // [1, 3] float x2, [2, 3] float x2, [1, 3] long, [1, 5] float: four graphs, four replays.
+  EXPECT_EQ(graphed.stats().captured, 4u);
+  EXPECT_EQ(graphed.stats().fused_replays, 4u);
+}
+
+// Each call is its own forward, so unlike operator()'s row buckets, call_each() graphs models
+// whose outputs have no row per input row.
+TEST(GraphedModelCallEach, FusesModelsWithoutOneOutputRowPerInputRow) {
+  Fixture f;
+  GraphedModel graphed = make_graphed_model_with_engine(
+      [](const at::Tensor& x) { return x.sum(); }, c10::kCPU,
+      {.log = [&](const std::string& s) { f.logged.push_back(s); }}, f.engine);
+  std::vector<at::Tensor> xs;
+  for (int i = 0; i < 4; ++i) xs.push_back(at::randn({3, 2}));
+  const auto ys = graphed.call_each(xs);
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    EXPECT_EQ(ys[i].dim(), 0);
+    EXPECT_TRUE(near(ys[i], xs[i].sum())) << i;
+  }
+  EXPECT_EQ(graphed.stats().fused_replays, 1u);
+  EXPECT_TRUE(f.logged.empty());
+}
+
+TEST(GraphedModelCallEach, ModelThatCannotBeCapturedRunsCallByCall) {
+  Fixture f;
+  GraphedModel graphed = make_graphed_model_with_engine(
+      [&](const at::Tensor& x) {
+        if (capturing) throw std::runtime_error("operation not permitted when stream is capturing");
+        return x + 1;
+      },
+      c10::kCPU, {.log = [&](const std::string& s) { f.logged.push_back(s); }}, f.engine);
+  for (int round = 0; round < 2; ++round) {
+    const std::vector<at::Tensor> xs{at::randn({1, 2}), at::randn({1, 2}), at::randn({1, 2})};
+    const auto ys = graphed.call_each(xs);
+    for (std::size_t i = 0; i < xs.size(); ++i) EXPECT_TRUE(at::equal(ys[i], xs[i] + 1));
+  }
+  const GraphStats s = graphed.stats();
+  EXPECT_EQ(s.fused_replays, 0u);
+  EXPECT_EQ(s.replays, 0u);
+  EXPECT_EQ(s.eager_runs, 6u);
+  // One failed fused capture, one failed row-bucket capture; each reason logged once.
+  EXPECT_EQ(s.capture_failures, 2u);
+  ASSERT_EQ(f.logged.size(), 2u);
+  EXPECT_NE(f.logged[0].find("call_each() runs calls one by one"), std::string::npos)
+      << f.logged[0];
+}
+
+TEST(GraphedModelCallEach, ABadCallThrowsAndKeepsNoGraphForItsShape) {
+  Fixture f;
+  GraphedModel graphed = f.make();
+  const std::vector<at::Tensor> bad{at::randn({1, 8}), at::randn({1, 7})};  // the MLP wants 8
+  EXPECT_THROW(graphed.call_each(bad), c10::Error);
+  EXPECT_EQ(graphed.stats().capture_failures, 0u);
+  const std::vector<at::Tensor> good{at::randn({1, 8}), at::randn({1, 8})};
+  const auto ys = graphed.call_each(good);
+  EXPECT_TRUE(at::equal(ys[1], f.mlp(good[1])));
+  // The bad batch's good call replayed before its bad one threw; now its graph serves again.
+  EXPECT_EQ(graphed.stats().fused_replays, 2u);
+  EXPECT_EQ(graphed.stats().captured, 2u);  // 1 call and 2 calls of [1, 8]
+}
+
+TEST(GraphedModelCallEach, WithoutCaptureOnFirstUseOnlyWarmUpEachCaptures) {
+  Fixture f;
+  GraphedModel graphed = f.make({.capture_on_first_use = false, .max_fused_calls = 4});
+  std::vector<at::Tensor> xs;
+  for (int i = 0; i < 6; ++i) xs.push_back(at::randn({1, 8}));
+  auto ys = graphed.call_each(xs);
+  EXPECT_EQ(graphed.stats().eager_runs, 6u);
+  EXPECT_EQ(graphed.stats().captured, 0u);
+  graphed.warm_up_each(at::randn({1, 8}));
+  EXPECT_EQ(graphed.stats().captured, 3u);  // 1, 2, 4 calls
+  ys = graphed.call_each(xs);
+  for (std::size_t i = 0; i < xs.size(); ++i) EXPECT_TRUE(at::equal(ys[i], f.mlp(xs[i])));
+  EXPECT_EQ(graphed.stats().fused_replays, 2u);  // 4 + 2
+  EXPECT_THROW(graphed.warm_up_each(at::Tensor()), Error);
+}
+
+// Per-call mode's results through fused replays: many producers, two workers, a bad request
+// now and then that must fail alone, and a shutdown with requests still queued.
+TEST(GraphedModelCallEach, FusedCallsModelServesASubmitterAndIsolatesBadRequests) {
+  Fixture f;
+  GraphedModel graphed = f.make({.max_fused_calls = 16});
+  std::atomic<int> mismatches{0}, bad_ok{0}, good{0};
+  std::vector<Future<at::Tensor>> late;
+  std::mutex late_mu;
+  {
+    testing::TensorSubmitter submitter(make_fused_calls_model(graphed),
+                                       {.workers = 2, .policy = EveryN{16}},
+                                       TorchBackend(c10::kCPU, {.on_worker_start = [&] {
+                                                      graphed.warm_up_each(at::randn({1, 8}));
+                                                    }}));
+    std::vector<std::thread> producers;
+    for (int t = 0; t < 8; ++t)
+      producers.emplace_back([&, t] {
+        std::mt19937 rng(t);
+        std::vector<std::pair<at::Tensor, Future<at::Tensor>>> mine;
+        for (int i = 0; i < 200; ++i) {
+          const bool bad = rng() % 50 == 0;
+          at::Tensor x = at::randn({1, bad ? 7 : 8});
+          mine.emplace_back(x, submitter.submit(x));
+          if (mine.size() < 8) continue;
+          for (auto& [in, fut] : mine) {
+            if (in.size(1) == 7) {
+              EXPECT_THROW(fut.get(), c10::Error);
+              ++bad_ok;
+            } else if (at::equal(fut.get(), f.mlp(in))) {
+              ++good;
+            } else {
+              ++mismatches;
+            }
+          }
+          mine.clear();
+        }
+        std::lock_guard lock(late_mu);
+        for (int i = 0; i < 32; ++i) late.push_back(submitter.submit(at::randn({1, 8})));
+      });
+    for (auto& p : producers) p.join();
+  }  // shutdown drains what is still queued
+  EXPECT_EQ(mismatches.load(), 0);
+  EXPECT_EQ(good.load() + bad_ok.load(), 8 * 200);
+  EXPECT_GT(bad_ok.load(), 0);
+  for (auto& fut : late) EXPECT_EQ(fut.get().sizes(), (std::vector<int64_t>{1, 4}));
+  EXPECT_GT(graphed.stats().fused_replays, 0u);
+  EXPECT_EQ(graphed.stats().capture_failures, 0u);
+}
+
 // Submitter workers replay concurrently: many producers, random row counts, two workers.
 TEST(GraphedModel, ServesBatchedSubmitterInBothModesUnderLoad) {
   Fixture f;
@@ -386,6 +567,35 @@ TEST_P(GraphedModelOnDevice, SubmitterWithGraphsMatchesEager) {
   if (device.is_cuda()) {
     EXPECT_EQ(warmed, 4u * 5u);  // 4 workers with a stream each, buckets 1, 2, 4, 8, 16
     EXPECT_GT(graphed.stats().replays, 0u);
+  }
+}
+
+TEST_P(GraphedModelOnDevice, FusedCallsMatchEagerCallsForEveryCount) {
+  const c10::Device device = GetParam();
+  c10::InferenceMode inference;
+  const Mlp mlp(32, 64, 8, device);
+  GraphedModel graphed([&](const at::Tensor& x) { return mlp(x); }, device,
+                       {.max_fused_calls = 16});
+  std::vector<std::vector<at::Tensor>> inputs, outputs;
+  for (int n = 1; n <= 33; ++n) {
+    inputs.emplace_back();
+    for (int i = 0; i < n; ++i)
+      inputs.back().push_back(at::randn({1 + n % 2, 32}, at::TensorOptions().device(device)));
+    outputs.push_back(graphed.call_each(inputs.back()));
+  }
+  synchronize_device(device);
+  for (std::size_t n = 0; n < inputs.size(); ++n)
+    for (std::size_t i = 0; i < inputs[n].size(); ++i)
+      EXPECT_TRUE(at::allclose(outputs[n][i], mlp(inputs[n][i]), 1e-4, 1e-5))
+          << n + 1 << " calls, call " << i;
+  const GraphStats s = graphed.stats();
+  if (device.is_cuda()) {
+    EXPECT_EQ(s.captured, 10u);  // 1, 2, 4, 8, 16 calls, of 1 row and of 2 rows
+    EXPECT_EQ(s.replays, 33u * 34u / 2u);
+    EXPECT_EQ(s.eager_runs, 0u);
+  } else {
+    EXPECT_EQ(s.eager_runs, 33u * 34u / 2u);
+    EXPECT_EQ(s.fused_replays, 0u);
   }
 }
 

@@ -1,10 +1,12 @@
 // Graph replay for launch-bound models: capture a model's forward once per input signature and
 // row bucket as a CUDA graph, then replay it with each call's data copied into the graph's
-// static input. Works with BatchedSubmitter (per-call or stacked mode) and with SyncScope.
+// static input. Works with BatchedSubmitter (per-call or stacked mode) and with SyncScope; for
+// many small calls, call_each() replays up to max_fused_calls of them as one graph.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -12,6 +14,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "syncbatch/batched_submitter.hpp"
 
 namespace syncbatch {
 
@@ -31,6 +35,9 @@ struct GraphOptions {
   /// Eager runs of the model before each capture (lazy initialization such as cuBLAS handles
   /// must not happen inside a capture). At least 1.
   int warmup_runs = 2;
+  /// Most calls call_each() replays as one graph: it captures graphs of 1, 2, 4, ... up to
+  /// this many calls of one input shape, each call its own forward. At least 1.
+  int64_t max_fused_calls = 64;
   /// Most graphs held at once. Each has its own static input and output and its own memory pool
   /// (on CUDA at least one 2 MiB segment); calls that would need more run eagerly.
   std::size_t max_graphs = 64;
@@ -43,6 +50,7 @@ struct GraphStats {
   std::uint64_t captured = 0;          ///< Graphs captured so far.
   std::uint64_t graphs = 0;            ///< Graphs held now.
   std::uint64_t replays = 0;           ///< Calls served by a graph replay.
+  std::uint64_t fused_replays = 0;     ///< Replays by call_each(), each serving several calls.
   std::uint64_t eager_runs = 0;        ///< Calls run eagerly (no graph for them, or none here).
   std::uint64_t capture_failures = 0;  ///< Captures that failed (the model then runs eagerly).
   std::uint64_t padded_rows = 0;       ///< Rows of padding replayed and dropped.
@@ -97,6 +105,25 @@ class GraphedModel {
   /// Errors: what the model throws on `x` (no graph is kept for a call that fails).
   at::Tensor operator()(const at::Tensor& x) const;
 
+  /// Runs the model on each of `xs` separately and returns what `(*this)(xs[i])` would: each
+  /// call is its own forward on its own input (no rows are stacked, nothing is padded), so the
+  /// results are those of per-call mode. What changes is the launching: same-shaped calls are
+  /// gathered into one static input (one copy), replayed as one graph holding that many
+  /// forwards, and copied out together (one copy), their results views of one output. n calls
+  /// of one shape take one replay per set bit of n up to max_fused_calls (64: one; 7: three),
+  /// against n replays and 3n copies and allocations through operator(). Calls it cannot fuse
+  /// (no batch dimension, graphs unavailable, a model whose fused forward cannot be captured,
+  /// max_graphs reached) run as operator() would.
+  /// Errors: what the model throws on any call (then no result is returned, and no graph is
+  /// kept for the shape it failed on); the caller may rerun the calls one by one to find it.
+  std::vector<at::Tensor> call_each(c10::ArrayRef<at::Tensor> xs) const;
+
+  /// Captures, for the calling thread's current stream, call_each()'s graphs of 1, 2, 4, ... up
+  /// to max_fused_calls calls shaped exactly like `example`, so no later call_each() on that
+  /// stream pays a capture. A no-op where graphs are unavailable.
+  /// Errors: Error(kInvalidArgument) for an example without rows; what the model throws.
+  void warm_up_each(const at::Tensor& example) const;
+
   /// Captures, for the calling thread's current stream, the graph of every bucket for inputs
   /// shaped like `example` (its rows do not matter; its first rows are the warm-up data), so no
   /// later call on that stream pays a capture. For a submitter, call it from
@@ -121,6 +148,18 @@ class GraphedModel {
   explicit GraphedModel(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
   std::shared_ptr<Impl> impl_;
 };
+
+/// Per-call mode with fused graph replays, for BatchedSubmitter: pass it where a StackedModel
+/// goes. Each request still runs the model alone on its own input, with the result per-call mode
+/// would give it; the worker hands a batch's requests over together so that call_each() replays
+/// them as a few graphs instead of one each. A request the model fails on gets that error alone
+/// (the batch is rerun call by call to find it).
+///
+///   GraphedModel graphed(forward, device, {.max_fused_calls = 64});
+///   BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend> submitter(
+///       make_fused_calls_model(graphed), {.policy = EveryN{64}},
+///       TorchBackend(device, {.on_worker_start = [&] { graphed.warm_up_each(example); }}));
+StackedModel<at::Tensor, at::Tensor> make_fused_calls_model(GraphedModel graphed);
 
 /// The buckets `options` describes, ascending and distinct. Errors: Error(kInvalidArgument).
 std::vector<int64_t> graph_buckets(const GraphOptions& options);
