@@ -33,27 +33,32 @@ Cell submitter_cell(Submitter& submitter, const std::vector<at::Tensor>& inputs,
   return c;
 }
 
-// The share of its wall time a stacked submitter's workers spent in the model call and in the
-// sync while `run` ran; the rest went to the queue, the policy and completing requests.
+// The share of its wall time a stacked submitter's workers spent in the model call, in the
+// sync, and completing requests (waking their clients) while `run` ran; the rest went to
+// waiting for requests, the queue and the policy.
 struct WorkerShare {
   double model = 0;
   double sync = 0;
+  double complete = 0;
   std::string str() const {
     char buf[64];
-    std::snprintf(buf, sizeof buf, "%.0f / %.0f / %.0f", model * 100, sync * 100,
-                  (1 - model - sync) * 100);
+    std::snprintf(buf, sizeof buf, "%.0f / %.0f / %.0f / %.0f", model * 100, sync * 100,
+                  complete * 100, (1 - model - sync - complete) * 100);
     return buf;
   }
 };
 
-template <class Run>
-WorkerShare worker_share(WorkerClock& clock, std::size_t workers, Run run) {
+template <class Submitter, class Run>
+WorkerShare worker_share(WorkerClock& clock, const Submitter& submitter, Run run) {
   const auto m0 = clock.model_ns.load(), s0 = clock.sync_ns.load();
+  const auto c0 = submitter.stats().complete_time;
   const auto t0 = Clock::now();
   run();
-  const double wall_ns =
-      std::chrono::duration<double, std::nano>(Clock::now() - t0).count() * workers;
-  return {(clock.model_ns.load() - m0) / wall_ns, (clock.sync_ns.load() - s0) / wall_ns};
+  const double wall_ns = std::chrono::duration<double, std::nano>(Clock::now() - t0).count() *
+                         static_cast<double>(submitter.options().workers);
+  const auto complete = submitter.stats().complete_time - c0;
+  return {(clock.model_ns.load() - m0) / wall_ns, (clock.sync_ns.load() - s0) / wall_ns,
+          static_cast<double>(complete.count()) / wall_ns};
 }
 
 // A client that forwards and syncs after every op, on a stream of its own.
@@ -141,10 +146,10 @@ int main(int argc, char** argv) {
   std::printf(
       "| T | per-op ops/s | p50 us | p99 us | per-call ops/s | p50 us | p99 us | stacked "
       "ops/s | p50 us | p99 us | mean batch | ideal ops/s | stacked/per-op | "
-      "stacked/ideal | stacked worker %% model / sync / rest |%s\n",
+      "stacked/ideal | stacked worker %% model / sync / complete / rest |%s\n",
       graphs ? " per-call fused graphs ops/s | p99 us | stacked graph ops/s | p50 us | p99 us | "
                "per-call fused/eager | stacked graph/eager | stacked graph/per-op | "
-               "stacked graph/ideal | stacked graph worker % model / sync / rest |"
+               "stacked graph/ideal | stacked graph worker % model / sync / complete / rest |"
              : "");
   std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|%s\n",
               graphs ? "--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" : "");
@@ -159,13 +164,13 @@ int main(int argc, char** argv) {
     });
     const Cell pc = submitter_cell(per_call, inputs, threads, warmup, seconds);
     Cell st, pcg, stg;
-    const WorkerShare st_share = worker_share(stacked_clock, workers, [&] {
+    const WorkerShare st_share = worker_share(stacked_clock, stacked, [&] {
       st = submitter_cell(stacked, inputs, threads, warmup, seconds);
     });
     WorkerShare stg_share;
     if (graphs) {
       pcg = submitter_cell(*per_call_graph, inputs, threads, warmup, seconds);
-      stg_share = worker_share(stacked_graph_clock, workers, [&] {
+      stg_share = worker_share(stacked_graph_clock, *stacked_graph, [&] {
         stg = submitter_cell(*stacked_graph, inputs, threads, warmup, seconds);
       });
     }
@@ -209,8 +214,10 @@ int main(int argc, char** argv) {
         .set("stacked_mean_batch", st.mean_batch)
         .set("stacked_worker_model_share", st_share.model)
         .set("stacked_worker_sync_share", st_share.sync)
+        .set("stacked_worker_complete_share", st_share.complete)
         .set("stacked_graph_worker_model_share", stg_share.model)
         .set("stacked_graph_worker_sync_share", stg_share.sync)
+        .set("stacked_graph_worker_complete_share", stg_share.complete)
         .set("ideal_ops", ideal.ops_per_s)
         .set("per_call_graph_ops", pcg.ops_per_s)
         .set("per_call_graph_p99_us", pcg.p99_us)

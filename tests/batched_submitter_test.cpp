@@ -87,6 +87,7 @@ TEST(BatchedSubmitter, StressManyProducersNothingLostOrDoubled) {
         return issue(x);
       },
       {.queue_capacity = 256, .workers = 2, .policy = EveryN{8}}, device);
+  const auto start = std::chrono::steady_clock::now();
   std::vector<std::thread> producers;
   std::atomic<int> wrong{0}, not_done{0};
   for (int p = 0; p < kProducers; ++p) {
@@ -103,9 +104,13 @@ TEST(BatchedSubmitter, StressManyProducersNothingLostOrDoubled) {
   }
   for (auto& t : producers) t.join();
   s.shutdown();
+  const auto wall = std::chrono::steady_clock::now() - start;
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_EQ(not_done.load(), 0);
   const auto st = s.stats();
+  // Completing is part of each worker's time: more than nothing, less than both workers' wall.
+  EXPECT_GT(st.complete_time.count(), 0);
+  EXPECT_LT(st.complete_time, 2 * wall);
   constexpr std::uint64_t kTotal = kProducers * kPerProducer;
   EXPECT_EQ(model_calls.load(), static_cast<int>(kTotal)) << "each request runs exactly once";
   EXPECT_EQ(st.submitted, kTotal);

@@ -461,6 +461,7 @@ class BatchedSubmitter {
       intrusive_ptr_release(r);
     }
     detail::Completion<Out>::wake_all(wakeups_);
+    stats_.on_complete_time(Clock::now() - after);
     // max_latency counts from the oldest request's arrival: the queueing it includes is what
     // tells Adaptive that the worker is falling behind.
     policy.observe(

@@ -40,6 +40,10 @@ struct SubmitterStats {
   std::uint64_t batch_limit = 0;  ///< The policy's batch limit after the latest batch.
 
   std::uint64_t unbatched_failed = 0;  ///< Of `failed`, those that never joined a batch.
+  /// Worker time (all workers together) spent after each batch's sync completing its requests:
+  /// storing results, waking the threads that wait for them, counting. Next to wall time, it
+  /// says how much of a worker the callers' wake-ups take.
+  std::chrono::nanoseconds complete_time{0};
   std::array<std::uint64_t, kBuckets> batch_size_histogram{};
 
   LatencySummary queue_delay;  ///< Arrival to the start of the request's run.
@@ -62,6 +66,7 @@ struct SubmitterStats {
     syncs += o.syncs;
     queued += o.queued;
     unbatched_failed += o.unbatched_failed;
+    complete_time += o.complete_time;
     for (std::size_t b = 0; b < kBuckets; ++b) batch_size_histogram[b] += o.batch_size_histogram[b];
     return *this;
   }
@@ -203,6 +208,9 @@ class StatsCounters {
     unbatched_failed_.fetch_add(1, std::memory_order_relaxed);
     if (expired) expired_.fetch_add(1, std::memory_order_relaxed);
   }
+  void on_complete_time(std::chrono::nanoseconds d) noexcept {
+    complete_ns_.fetch_add(static_cast<std::uint64_t>(d.count()), std::memory_order_relaxed);
+  }
   void on_batch(std::size_t size, std::size_t failures, std::size_t limit) noexcept {
     completed_.fetch_add(size, std::memory_order_relaxed);
     if (failures != 0) failed_.fetch_add(failures, std::memory_order_relaxed);
@@ -238,6 +246,7 @@ class StatsCounters {
     s.syncs = syncs_.load(std::memory_order_relaxed);
     s.batch_limit = batch_limit_.load(std::memory_order_relaxed);
     s.queued = queued;
+    s.complete_time = std::chrono::nanoseconds(complete_ns_.load(std::memory_order_relaxed));
     for (std::size_t i = 0; i < SubmitterStats::kBuckets; ++i)
       s.batch_size_histogram[i] = histogram_[i].load(std::memory_order_relaxed);
     s.queue_delay = queue_delay_.summary();
@@ -261,6 +270,7 @@ class StatsCounters {
   std::atomic<std::uint64_t> batches_{0};
   std::atomic<std::uint64_t> syncs_{0};
   std::atomic<std::uint64_t> batch_limit_{0};
+  std::atomic<std::uint64_t> complete_ns_{0};
   std::array<std::atomic<std::uint64_t>, SubmitterStats::kBuckets> histogram_{};
   LatencyHistogram queue_delay_;
   LatencyHistogram latency_;
