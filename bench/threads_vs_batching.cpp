@@ -89,6 +89,7 @@ int main(int argc, char** argv) {
                      {"max-batch", "256"},
                      {"workers", "1"},
                      {"graphs", "auto"},
+                     {"waker", "off"},
                      {"json", ""}});
   pin_threads();
   const c10::Device device = device_flag(flags);
@@ -107,13 +108,31 @@ int main(int argc, char** argv) {
   Submitter per_call([&](at::Tensor& x) { return mlp(x); },
                      {.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
                      TorchBackend(device, {.mode = mode}));
+  // --waker both: the stacked submitters again with SubmitterOptions::waker_thread, side by side.
+  if (flags.str("waker") != "off" && flags.str("waker") != "both")
+    flags.fail("--waker: expected off or both, got '" + flags.str("waker") + "'");
+  const bool waker = flags.str("waker") == "both";
   // The stacked submitters time their workers (model call and sync) for the profile columns.
   using TimedSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TimedTorchBackend>;
-  WorkerClock stacked_clock, stacked_graph_clock;
-  TimedSubmitter stacked(
-      timed(make_stacked_model([&](const at::Tensor& x) { return mlp(x); }), stacked_clock),
-      {.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
-      TimedTorchBackend{TorchBackend(device, {.mode = mode}), &stacked_clock});
+  struct TimedStacked {
+    WorkerClock clock;
+    std::optional<TimedSubmitter> submitter;
+  };
+  auto make_stacked = [&](TimedStacked& s, std::function<at::Tensor(const at::Tensor&)> model,
+                          bool waker_thread, std::function<void()> on_start) {
+    s.submitter.emplace(
+        timed(make_stacked_model(std::move(model)), s.clock),
+        SubmitterOptions{.queue_capacity = 4096,
+                         .workers = workers,
+                         .policy = EveryN{max_batch},
+                         .waker_thread = waker_thread},
+        TimedTorchBackend{TorchBackend(device, {.mode = mode, .on_worker_start = on_start}),
+                          &s.clock});
+  };
+  const auto eager = [&](const at::Tensor& x) { return mlp(x); };
+  TimedStacked stacked_s, stacked_graph_s, stacked_w, stacked_graph_w;
+  make_stacked(stacked_s, eager, false, {});
+  if (waker) make_stacked(stacked_w, eager, true, {});
   // Graph replay: per-call mode replays each batch's calls fused, up to 64 forwards per graph;
   // stacked mode pads each batch to its bucket (powers of two up to --max-batch). Workers
   // capture before serving.
@@ -122,20 +141,15 @@ int main(int argc, char** argv) {
   const GraphedModel graphed_batch([&](const at::Tensor& x) { return mlp(x); }, device,
                                    {.max_rows = static_cast<int64_t>(max_batch)});
   std::optional<Submitter> per_call_graph;
-  std::optional<TimedSubmitter> stacked_graph;
   if (graphs) {
     per_call_graph.emplace(
         make_fused_calls_model(graphed_one),
         SubmitterOptions{.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
         TorchBackend(
             device, {.mode = mode, .on_worker_start = [&] { graphed_one.warm_up_each(example); }}));
-    stacked_graph.emplace(
-        timed(make_stacked_model(graphed_batch), stacked_graph_clock),
-        SubmitterOptions{.queue_capacity = 4096, .workers = workers, .policy = EveryN{max_batch}},
-        TimedTorchBackend{
-            TorchBackend(
-                device, {.mode = mode, .on_worker_start = [&] { graphed_batch.warm_up(example); }}),
-            &stacked_graph_clock});
+    const auto warm = [&] { graphed_batch.warm_up(example); };
+    make_stacked(stacked_graph_s, graphed_batch, false, warm);
+    if (waker) make_stacked(stacked_graph_w, graphed_batch, true, warm);
   }
 
   std::printf(
@@ -146,13 +160,21 @@ int main(int argc, char** argv) {
   std::printf(
       "| T | per-op ops/s | p50 us | p99 us | per-call ops/s | p50 us | p99 us | stacked "
       "ops/s | p50 us | p99 us | mean batch | ideal ops/s | stacked/per-op | "
-      "stacked/ideal | stacked worker %% model / sync / complete / rest |%s\n",
+      "stacked/ideal | stacked worker %% model / sync / complete / rest |%s",
       graphs ? " per-call fused graphs ops/s | p99 us | stacked graph ops/s | p50 us | p99 us | "
                "per-call fused/eager | stacked graph/eager | stacked graph/per-op | "
                "stacked graph/ideal | stacked graph worker % model / sync / complete / rest |"
              : "");
-  std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|%s\n",
-              graphs ? "--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" : "");
+  if (waker)
+    std::printf("%s",
+                graphs ? " stacked+waker ops/s | p99 us | worker % | stacked graph+waker ops/s | "
+                         "p99 us | worker % |\n"
+                       : " stacked+waker ops/s | p99 us | worker % |\n");
+  else
+    std::printf("\n");
+  std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|%s%s\n",
+              graphs ? "--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" : "",
+              waker ? (graphs ? "--:|--:|--:|--:|--:|--:|" : "--:|--:|--:|") : "");
   JsonRows json;
   for (int threads : flags.ints("threads")) {
     std::vector<at::Tensor> inputs;
@@ -163,16 +185,20 @@ int main(int argc, char** argv) {
       return PerOpClient{mlp, inputs[t], OwnStream(device), DeviceSync(device, mode)};
     });
     const Cell pc = submitter_cell(per_call, inputs, threads, warmup, seconds);
-    Cell st, pcg, stg;
-    const WorkerShare st_share = worker_share(stacked_clock, stacked, [&] {
-      st = submitter_cell(stacked, inputs, threads, warmup, seconds);
-    });
-    WorkerShare stg_share;
+    // A stacked submitter's cell and its workers' profile.
+    auto stacked_cell = [&](TimedStacked& s, Cell& cell) {
+      return worker_share(s.clock, *s.submitter, [&] {
+        cell = submitter_cell(*s.submitter, inputs, threads, warmup, seconds);
+      });
+    };
+    Cell st, pcg, stg, stw, stgw;
+    const WorkerShare st_share = stacked_cell(stacked_s, st);
+    WorkerShare stg_share, stw_share, stgw_share;
+    if (waker) stw_share = stacked_cell(stacked_w, stw);
     if (graphs) {
       pcg = submitter_cell(*per_call_graph, inputs, threads, warmup, seconds);
-      stg_share = worker_share(stacked_graph_clock, *stacked_graph, [&] {
-        stg = submitter_cell(*stacked_graph, inputs, threads, warmup, seconds);
-      });
+      stg_share = stacked_cell(stacked_graph_s, stg);
+      if (waker) stgw_share = stacked_cell(stacked_graph_w, stgw);
     }
     // Ideal: one thread, batches of T rows already stacked, one sync per batch.
     const at::Tensor batch = at::randn({threads, width}, opts);
@@ -197,6 +223,11 @@ int main(int argc, char** argv) {
                   pcg.ops_per_s / pc.ops_per_s, stg.ops_per_s / st.ops_per_s,
                   stg.ops_per_s / per_op.ops_per_s, stg.ops_per_s / ideal.ops_per_s,
                   stg_share.str().c_str());
+    if (waker) {
+      std::printf(" %.0f | %.0f | %s |", stw.ops_per_s, stw.p99_us, stw_share.str().c_str());
+      if (graphs)
+        std::printf(" %.0f | %.0f | %s |", stgw.ops_per_s, stgw.p99_us, stgw_share.str().c_str());
+    }
     std::printf("\n");
     std::fflush(stdout);
     json.row()
@@ -224,7 +255,13 @@ int main(int argc, char** argv) {
         .set("stacked_graph_ops", stg.ops_per_s)
         .set("stacked_graph_p50_us", stg.p50_us)
         .set("stacked_graph_p99_us", stg.p99_us)
-        .set("stacked_graph_mean_batch", stg.mean_batch);
+        .set("stacked_graph_mean_batch", stg.mean_batch)
+        .set("stacked_waker_ops", stw.ops_per_s)
+        .set("stacked_waker_p99_us", stw.p99_us)
+        .set("stacked_waker_worker_complete_share", stw_share.complete)
+        .set("stacked_graph_waker_ops", stgw.ops_per_s)
+        .set("stacked_graph_waker_p99_us", stgw.p99_us)
+        .set("stacked_graph_waker_worker_complete_share", stgw_share.complete);
   }
   json.write(flags.str("json"),
              meta_json(device, "\"bench\": \"threads_vs_batching\", \"layers\": " +

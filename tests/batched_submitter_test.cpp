@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <latch>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -312,6 +313,55 @@ TEST(BatchedSubmitter, ShutdownWhileProducersSubmitLosesNothing) {
     EXPECT_EQ(st.submitted, accepted.load());
     EXPECT_EQ(st.completed, accepted.load());
     EXPECT_EQ(st.rejected, shut_out.load() + full.load());
+  }
+}
+
+// SubmitterOptions::waker_thread: callers asleep in get() (the model takes longer than their
+// spin) are woken by the helper for big batches and by the worker for small ones; nothing is
+// lost, every result is its own, and shutdown() with callers asleep wakes them all.
+TEST(BatchedSubmitter, WakerThreadWakesSleepingCallersOfEveryBatch) {
+  for (bool waker : {false, true}) {
+    constexpr int kClients = 24;
+    constexpr int kRounds = 150;
+    FakeDevice device;
+    FakeSubmitter s(
+        [](int& x) {
+          std::this_thread::sleep_for(5us);  // callers outlast their spin and go to sleep
+          return issue(x);
+        },
+        {.queue_capacity = 64, .policy = EveryN{32}, .waker_thread = waker}, device);
+    std::atomic<int> wrong{0};
+    std::vector<std::thread> clients;
+    for (int c = 0; c < kClients; ++c)
+      clients.emplace_back([&, c] {
+        for (int i = 0; i < kRounds; ++i) {
+          const int x = c * 100000 + i;
+          const Issued r = s.submit(x).get();
+          if (r.value != x * 3 + 1 || !r.done->load()) wrong.fetch_add(1);
+        }
+      });
+    for (auto& t : clients) t.join();
+    EXPECT_EQ(wrong.load(), 0) << "waker " << waker;
+    // The last callers asleep while shutdown() drains their batch: they must wake.
+    std::vector<std::thread> sleepers;
+    std::atomic<int> woken{0};
+    std::latch submitted(kClients);
+    for (int c = 0; c < kClients; ++c)
+      sleepers.emplace_back([&, c] {
+        Future<Issued> f = s.submit(c);
+        submitted.count_down();
+        const Issued r = f.get();
+        if (r.value == c * 3 + 1 && r.done->load()) woken.fetch_add(1);
+      });
+    submitted.wait();
+    s.shutdown();
+    for (auto& t : sleepers) t.join();
+    EXPECT_EQ(woken.load(), kClients) << "waker " << waker;
+    const auto st = s.stats();
+    EXPECT_EQ(st.completed, static_cast<std::uint64_t>(kClients * (kRounds + 1)));
+    std::uint64_t big = 0;  // batches whose wake-ups went to the helper when it runs
+    for (std::size_t b = 3; b < SubmitterStats::kBuckets; ++b) big += st.batch_size_histogram[b];
+    EXPECT_GT(big, 0u) << "no batch of 8 or more: the helper was never asked";
   }
 }
 

@@ -44,7 +44,19 @@ struct SubmitterOptions {
   /// Whatever the policy, a worker syncs its pending requests once the queue runs dry (after
   /// the policy's hold_until), so no request waits forever.
   SyncPolicy policy = EveryN{64};
+  /// Who wakes the threads asleep in Future::get() once their batch completes. false: the
+  /// worker, right after the batch's sync. true: a helper thread of the submitter, for batches
+  /// of kDelegatedWakeMin requests or more, so the worker goes on to the next batch while the
+  /// kernel wakes the callers one after another. For many blocking callers on many cores: with
+  /// 64 client threads on a 16-vCPU host, waking them took 41-50% of the worker's time (see
+  /// docs/RESULTS.md). Callbacks (submit_then, async_submit) and callers that find the result
+  /// ready are not affected. Costs one thread, asleep while there is nothing to wake.
+  bool waker_thread = false;
 };
+
+/// The smallest batch whose wake-ups SubmitterOptions::waker_thread hands to the helper thread:
+/// below it, the worker's own wake-ups cost less than the hand-off.
+inline constexpr std::size_t kDelegatedWakeMin = 8;
 
 /// A backend gives each worker thread a context, created on that thread, whose sync() waits
 /// until all work the worker issued since the last sync has completed on the device.
@@ -268,6 +280,11 @@ class BatchedSubmitter {
     queue_.close();
     for (auto& w : workers_)
       if (w.joinable()) w.join();
+    if (waker_.joinable()) {  // after the workers: it delivers their last wake-ups, then stops
+      waker_stop_.store(true, std::memory_order_release);
+      ask_waker();
+      waker_.join();
+    }
   }
 
   /// A snapshot of the counters. Thread-safe; exact once shutdown() has returned.
@@ -300,6 +317,7 @@ class BatchedSubmitter {
   }
 
   void start() {
+    if (options_.waker_thread) waker_ = std::thread([this] { waker_loop(); });
     std::latch started(static_cast<std::ptrdiff_t>(options_.workers));
     std::vector<std::exception_ptr> startup_errors(options_.workers);
     workers_.reserve(options_.workers);
@@ -460,7 +478,11 @@ class BatchedSubmitter {
       stats_.record_latency(after - r->arrived(), after);
       intrusive_ptr_release(r);
     }
-    detail::Completion<Out>::wake_all(wakeups_);
+    if (options_.waker_thread && size >= kDelegatedWakeMin) {
+      ask_waker();
+    } else {
+      detail::Completion<Out>::wake_all(wakeups_);
+    }
     stats_.on_complete_time(Clock::now() - after);
     // max_latency counts from the oldest request's arrival: the queueing it includes is what
     // tells Adaptive that the worker is falling behind.
@@ -469,6 +491,27 @@ class BatchedSubmitter {
     stats_.on_batch(size, failures, policy.batch_limit());
     batch.clear();
     work = PendingWork{};
+  }
+
+  void ask_waker() noexcept {
+    wake_requests_.fetch_add(1, std::memory_order_release);
+    wake_requests_.notify_one();
+  }
+
+  // The helper thread of SubmitterOptions::waker_thread: one wake_all() for however many
+  // batches completed since the last, until shutdown() stops it (after a last wake_all()).
+  void waker_loop() noexcept {
+    std::uint64_t served = 0;
+    for (;;) {
+      const std::uint64_t asked = wake_requests_.load(std::memory_order_acquire);
+      if (asked != served) {
+        served = asked;
+        detail::Completion<Out>::wake_all(wakeups_);
+        continue;
+      }
+      if (waker_stop_.load(std::memory_order_acquire)) return;
+      wake_requests_.wait(asked, std::memory_order_acquire);
+    }
   }
 
   // Stacked mode: one model call for the whole batch; whatever it leaves unanswered fails.
@@ -493,7 +536,10 @@ class BatchedSubmitter {
   const SubmitterOptions options_;
   const Backend backend_;
   Queue queue_;
-  std::atomic<std::uint32_t> wakeups_{0};  // sleeping Futures wait here; bumped per batch
+  std::atomic<std::uint32_t> wakeups_{0};        // sleeping Futures wait here; bumped per batch
+  std::atomic<std::uint64_t> wake_requests_{0};  // batches whose wake-ups the waker owes
+  std::atomic<bool> waker_stop_{false};
+  std::thread waker_;  // SubmitterOptions::waker_thread
   detail::StatsCounters stats_;
   std::mutex shutdown_mutex_;  // serializes shutdown(); guards joining workers_
   std::vector<std::thread> workers_;
