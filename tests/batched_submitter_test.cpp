@@ -728,6 +728,7 @@ int cut_sum(const SharedSums& s, std::size_t i) {
 }
 
 TEST(StackedMode, SharedResultsAreMadeOnTheReadersThread) {
+  cuts_on_worker = 0;  // --gtest_repeat runs this again
   BatchedSubmitter<int, int> s(StackedModel<int, int>{[](Batch<int, int>& b) {
                                  auto shared = std::make_shared<SharedSums>();
                                  shared->made_on = std::this_thread::get_id();
