@@ -202,8 +202,10 @@ struct GraphedModel::Impl {
     c10::SmallVector<c10::SmallVector<std::size_t, 64>, 2> groups;
     for (std::size_t i = 0; i < xs.size(); ++i) {
       const at::Tensor& x = xs[i];
+      // Elsewhere than the model's device (e.g. CPU inputs to a CUDA model), operator() copies
+      // the input in: call_each's gather cannot.
       if (!unavailable.empty() || fused_failed.load(std::memory_order_acquire) || !x.defined() ||
-          x.dim() == 0 || x.size(0) == 0) {
+          x.dim() == 0 || x.size(0) == 0 || x.device() != device) {
         out[i] = call(x);
         continue;
       }

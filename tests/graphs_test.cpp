@@ -615,6 +615,14 @@ TEST_P(GraphedModelOnDevice, FusedCallsMatchEagerCallsForEveryCount) {
     EXPECT_EQ(s.eager_runs, 33u * 34u / 2u);
     EXPECT_EQ(s.fused_replays, 0u);
   }
+  // Inputs on the CPU (a CUDA model's callers may send them) run as operator() runs them.
+  const std::vector<at::Tensor> host{at::randn({1, 32}), at::randn({1, 32})};
+  const auto ys = graphed.call_each(host);
+  synchronize_device(device);
+  for (std::size_t i = 0; i < host.size(); ++i) {
+    EXPECT_EQ(ys[i].device(), device);
+    EXPECT_TRUE(matches_eager(ys[i], mlp(host[i].to(device)))) << "host input " << i;
+  }
 }
 
 TEST_P(GraphedModelOnDevice, WorksInASyncScopeLoop) {

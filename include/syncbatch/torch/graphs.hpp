@@ -112,8 +112,8 @@ class GraphedModel {
   /// forwards, and copied out together (one copy), their results views of one output. n calls
   /// of one shape take one replay per set bit of n up to max_fused_calls (64: one; 7: three),
   /// against n replays and 3n copies and allocations through operator(). Calls it cannot fuse
-  /// (no batch dimension, graphs unavailable, a model whose fused forward cannot be captured,
-  /// max_graphs reached) run as operator() would.
+  /// (no batch dimension, an input on another device, graphs unavailable, a model whose fused
+  /// forward cannot be captured, max_graphs reached) run as operator() would.
   /// Errors: what the model throws on any call (then no result is returned, and no graph is
   /// kept for the shape it failed on); the caller may rerun the calls one by one to find it.
   std::vector<at::Tensor> call_each(c10::ArrayRef<at::Tensor> xs) const;
