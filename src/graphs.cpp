@@ -384,13 +384,15 @@ struct GraphedModel::Impl {
                  std::vector<at::Tensor>& out) {
     const at::Tensor& first = xs[chunk.front()];
     const auto calls = static_cast<int64_t>(chunk.size());
+    c10::SmallVector<at::Tensor, 64> parts;
+    for (std::size_t i : chunk) parts.push_back(xs[i]);
     Key key{current_stream(), first.scalar_type(), trailing_of(first), first.size(0), calls};
     Replica* replica = fused_failed.load(std::memory_order_acquire)
                            ? nullptr
                            : checkout(key, options.capture_on_first_use);
     if (replica != nullptr && !replica->graph) {
       try {
-        if (!capture(*replica, key, gather_new(xs, chunk))) replica = nullptr;
+        if (!capture(*replica, key, at::cat(parts, 0))) replica = nullptr;
       } catch (...) {
         discard(key, replica);  // the model threw in a warm-up run: one of the calls' errors
         throw;
@@ -404,8 +406,6 @@ struct GraphedModel::Impl {
       if (calls == 1) {
         engine->copy(replica->input, first);
       } else {
-        c10::SmallVector<at::Tensor, 64> parts;
-        for (std::size_t i : chunk) parts.push_back(xs[i]);
         at::cat_out(replica->input, parts, 0);
       }
       replica->graph->replay();
@@ -421,13 +421,6 @@ struct GraphedModel::Impl {
       checkin(replica);
       throw;
     }
-  }
-
-  static at::Tensor gather_new(c10::ArrayRef<at::Tensor> xs, c10::ArrayRef<std::size_t> chunk) {
-    std::vector<at::Tensor> parts;
-    parts.reserve(chunk.size());
-    for (std::size_t i : chunk) parts.push_back(xs[i]);
-    return at::cat(parts, 0);
   }
 
   // The forward a fused graph captures: `calls` forwards of `rows` rows each, their outputs
