@@ -211,8 +211,7 @@ struct GraphedModel::Impl {
       }
       auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) {
         const at::Tensor& y = xs[g.front()];
-        return y.scalar_type() == x.scalar_type() && y.device() == x.device() &&
-               y.sizes() == x.sizes();
+        return y.scalar_type() == x.scalar_type() && y.sizes() == x.sizes();  // device: the model's
       });
       if (it == groups.end()) {
         groups.emplace_back();

@@ -50,7 +50,7 @@ struct GraphStats {
   std::uint64_t captured = 0;          ///< Graphs captured so far.
   std::uint64_t graphs = 0;            ///< Graphs held now.
   std::uint64_t replays = 0;           ///< Calls served by a graph replay.
-  std::uint64_t fused_replays = 0;     ///< Replays by call_each(), each serving several calls.
+  std::uint64_t fused_replays = 0;     ///< Replays by call_each(), each serving one or more calls.
   std::uint64_t eager_runs = 0;        ///< Calls run eagerly (no graph for them, or none here).
   std::uint64_t capture_failures = 0;  ///< Captures that failed (the model then runs eagerly).
   std::uint64_t padded_rows = 0;       ///< Rows of padding replayed and dropped.
