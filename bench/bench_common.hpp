@@ -345,6 +345,71 @@ Cell closed_loop(int threads, double warmup, double seconds, MakeClient make_cli
   return loop(seconds, true);
 }
 
+/// Closed loop without client threads: `chains` requests in flight, each completion (on the
+/// worker, through submit_then) sending its chain's next request at once, as a server driven by
+/// an event loop does. Measures `seconds` after `warmup`; latency is submit to callback. The
+/// queue must hold `chains` requests, or a worker would block on its own submit.
+template <class Submitter>
+Cell callback_loop(Submitter& submitter, const std::vector<at::Tensor>& inputs, int chains,
+                   double warmup, double seconds) {
+  // A chain's callbacks run one at a time (each sends the next), so its slot needs no lock.
+  struct Chain {
+    Clock::time_point sent;
+    Samples samples;
+    long count = 0;
+  };
+  std::vector<Chain> chain(static_cast<std::size_t>(chains));
+  std::atomic<bool> record{false}, stop{false};
+  std::atomic<int> in_flight{0};
+  std::function<void(int)> send = [&](int c) {
+    chain[c].sent = Clock::now();
+    try {
+      submitter.submit_then(at::Tensor(inputs[c]), [&, c](std::exception_ptr, at::Tensor) {
+        const auto now = Clock::now();
+        if (record.load(std::memory_order_relaxed)) {
+          chain[c].samples.add(now - chain[c].sent);
+          ++chain[c].count;
+        }
+        if (stop.load(std::memory_order_relaxed)) {
+          in_flight.fetch_sub(1, std::memory_order_release);
+        } else {
+          send(c);
+        }
+      });
+    } catch (...) {  // shut down: the chain ends
+      in_flight.fetch_sub(1, std::memory_order_release);
+    }
+  };
+  const auto sleep = [](double s) {
+    std::this_thread::sleep_for(std::chrono::duration<double>(s));
+  };
+  const auto before = submitter.stats();
+  in_flight.store(chains);
+  for (int c = 0; c < chains; ++c) send(c);
+  sleep(warmup);
+  record.store(true);
+  const auto start = Clock::now();
+  sleep(seconds);
+  record.store(false);
+  const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+  stop.store(true);
+  while (in_flight.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  const auto after = submitter.stats();
+  Cell cell;
+  Samples all;
+  long total = 0;
+  for (auto& c : chain) {
+    all.merge(c.samples);
+    total += c.count;
+  }
+  cell.ops_per_s = static_cast<double>(total) / wall;
+  cell.p50_us = all.percentile_us(0.50);
+  cell.p99_us = all.percentile_us(0.99);
+  cell.mean_batch = static_cast<double>(after.completed - before.completed) /
+                    static_cast<double>(std::max<std::uint64_t>(1, after.batches - before.batches));
+  return cell;
+}
+
 /// What an open-loop run measured.
 struct OpenLoop {
   double achieved = 0;     ///< requests/s, from the first arrival to the last completion

@@ -7,7 +7,9 @@
 // and, where CUDA graphs run, per-call and stacked mode again replaying graphs (GraphedModel;
 // per-call mode fuses each batch's calls into a few replays, make_fused_calls_model).
 // Closed loop: each client waits for its result before sending the next. Prints throughput,
-// client-side p50/p99 latency and the ratios stacked/per-op and stacked/ideal.
+// client-side p50/p99 latency and the ratios stacked/per-op and stacked/ideal. With
+// --callbacks both, stacked mode again with T requests in flight and no client threads: each
+// completion callback sends the next request (an event-loop server), so no thread sleeps.
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -90,6 +92,8 @@ int main(int argc, char** argv) {
                      {"workers", "1"},
                      {"graphs", "auto"},
                      {"waker", "off"},
+                     {"callbacks", "off"},
+                     {"cat-first", "off"},
                      {"json", ""}});
   pin_threads();
   const c10::Device device = device_flag(flags);
@@ -112,16 +116,22 @@ int main(int argc, char** argv) {
   if (flags.str("waker") != "off" && flags.str("waker") != "both")
     flags.fail("--waker: expected off or both, got '" + flags.str("waker") + "'");
   const bool waker = flags.str("waker") == "both";
+  if (flags.str("callbacks") != "off" && flags.str("callbacks") != "both")
+    flags.fail("--callbacks: expected off or both, got '" + flags.str("callbacks") + "'");
+  const bool callbacks = flags.str("callbacks") == "both";
+  if (flags.str("cat-first") != "off" && flags.str("cat-first") != "both")
+    flags.fail("--cat-first: expected off or both, got '" + flags.str("cat-first") + "'");
+  const bool cat_first = flags.str("cat-first") == "both" && graphs;
   // The stacked submitters time their workers (model call and sync) for the profile columns.
   using TimedSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TimedTorchBackend>;
   struct TimedStacked {
     WorkerClock clock;
     std::optional<TimedSubmitter> submitter;
   };
-  auto make_stacked = [&](TimedStacked& s, std::function<at::Tensor(const at::Tensor&)> model,
+  auto make_stacked = [&](TimedStacked& s, StackedModel<at::Tensor, at::Tensor> model,
                           bool waker_thread, std::function<void()> on_start) {
     s.submitter.emplace(
-        timed(make_stacked_model(std::move(model)), s.clock),
+        timed(std::move(model), s.clock),
         SubmitterOptions{.queue_capacity = 4096,
                          .workers = workers,
                          .policy = EveryN{max_batch},
@@ -130,9 +140,9 @@ int main(int argc, char** argv) {
                           &s.clock});
   };
   const auto eager = [&](const at::Tensor& x) { return mlp(x); };
-  TimedStacked stacked_s, stacked_graph_s, stacked_w, stacked_graph_w;
-  make_stacked(stacked_s, eager, false, {});
-  if (waker) make_stacked(stacked_w, eager, true, {});
+  TimedStacked stacked_s, stacked_graph_s, stacked_w, stacked_graph_w, stacked_graph_cat;
+  make_stacked(stacked_s, make_stacked_model(eager), false, {});
+  if (waker) make_stacked(stacked_w, make_stacked_model(eager), true, {});
   // Graph replay: per-call mode replays each batch's calls fused, up to 64 forwards per graph;
   // stacked mode pads each batch to its bucket (powers of two up to --max-batch). Workers
   // capture before serving.
@@ -148,8 +158,15 @@ int main(int argc, char** argv) {
         TorchBackend(
             device, {.mode = mode, .on_worker_start = [&] { graphed_one.warm_up_each(example); }}));
     const auto warm = [&] { graphed_batch.warm_up(example); };
-    make_stacked(stacked_graph_s, graphed_batch, false, warm);
-    if (waker) make_stacked(stacked_graph_w, graphed_batch, true, warm);
+    make_stacked(stacked_graph_s, make_stacked_model(graphed_batch), false, warm);
+    if (waker) make_stacked(stacked_graph_w, make_stacked_model(graphed_batch), true, warm);
+    // --cat-first both: the graphed model again as a plain function, so each batch's rows are
+    // concatenated and then copied into the graph's input, where make_stacked_model(graphed)
+    // gathers them straight into it (GraphedModel::call_rows).
+    if (cat_first)
+      make_stacked(stacked_graph_cat,
+                   make_stacked_model(std::function<at::Tensor(const at::Tensor&)>(graphed_batch)),
+                   false, warm);
   }
 
   std::printf(
@@ -157,24 +174,45 @@ int main(int argc, char** argv) {
       "LibTorch %s, %zu worker(s), max batch %zu, %.1f s per cell\n\n",
       static_cast<int>(flags.num("layers")), width, device.str().c_str(), flags.str("sync").c_str(),
       TORCH_VERSION, workers, max_batch, seconds);
-  std::printf(
-      "| T | per-op ops/s | p50 us | p99 us | per-call ops/s | p50 us | p99 us | stacked "
-      "ops/s | p50 us | p99 us | mean batch | ideal ops/s | stacked/per-op | "
-      "stacked/ideal | stacked worker %% model / sync / complete / rest |%s",
-      graphs ? " per-call fused graphs ops/s | p99 us | stacked graph ops/s | p50 us | p99 us | "
-               "per-call fused/eager | stacked graph/eager | stacked graph/per-op | "
-               "stacked graph/ideal | stacked graph worker % model / sync / complete / rest |"
-             : "");
-  if (waker)
-    std::printf("%s",
-                graphs ? " stacked+waker ops/s | p99 us | worker % | stacked graph+waker ops/s | "
-                         "p99 us | worker % |\n"
-                       : " stacked+waker ops/s | p99 us | worker % |\n");
-  else
-    std::printf("\n");
-  std::printf("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|%s%s\n",
-              graphs ? "--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" : "",
-              waker ? (graphs ? "--:|--:|--:|--:|--:|--:|" : "--:|--:|--:|") : "");
+  // The table's columns: the base set, then the groups the flags turn on.
+  std::vector<std::string> columns{"T",
+                                   "per-op ops/s",
+                                   "p50 us",
+                                   "p99 us",
+                                   "per-call ops/s",
+                                   "p50 us",
+                                   "p99 us",
+                                   "stacked ops/s",
+                                   "p50 us",
+                                   "p99 us",
+                                   "mean batch",
+                                   "ideal ops/s",
+                                   "stacked/per-op",
+                                   "stacked/ideal",
+                                   "stacked worker % model / sync / complete / rest"};
+  const auto add = [&](std::initializer_list<const char*> more) {
+    columns.insert(columns.end(), more.begin(), more.end());
+  };
+  if (graphs)
+    add({"per-call fused graphs ops/s", "p99 us", "stacked graph ops/s", "p50 us", "p99 us",
+         "per-call fused/eager", "stacked graph/eager", "stacked graph/per-op",
+         "stacked graph/ideal", "stacked graph worker % model / sync / complete / rest",
+         "graph ideal ops/s"});
+  if (waker) add({"stacked+waker ops/s", "p99 us", "worker %"});
+  if (waker && graphs) add({"stacked graph+waker ops/s", "p99 us", "worker %"});
+  if (cat_first) add({"stacked graph, cat first ops/s", "p99 us", "gather/cat first"});
+  if (callbacks)
+    add({"stacked, callbacks ops/s", "p50 us", "p99 us", "mean batch", "/per-op", "/ideal",
+         "worker %"});
+  if (callbacks && graphs)
+    add({"stacked graph, callbacks ops/s", "p50 us", "p99 us", "mean batch", "/per-op", "/ideal",
+         "worker %"});
+  std::string header = "|", rule = "|";
+  for (const auto& c : columns) {
+    header += " " + c + " |";
+    rule += "--:|";
+  }
+  std::printf("%s\n%s\n", header.c_str(), rule.c_str());
   JsonRows json;
   for (int threads : flags.ints("threads")) {
     std::vector<at::Tensor> inputs;
@@ -191,14 +229,22 @@ int main(int argc, char** argv) {
         cell = submitter_cell(*s.submitter, inputs, threads, warmup, seconds);
       });
     };
-    Cell st, pcg, stg, stw, stgw;
+    auto callback_cell = [&](TimedStacked& s, Cell& cell) {
+      return worker_share(s.clock, *s.submitter, [&] {
+        cell = callback_loop(*s.submitter, inputs, threads, warmup, seconds);
+      });
+    };
+    Cell st, pcg, stg, stw, stgw, stc, stgc, stgcat;
     const WorkerShare st_share = stacked_cell(stacked_s, st);
-    WorkerShare stg_share, stw_share, stgw_share;
+    WorkerShare stg_share, stw_share, stgw_share, stc_share, stgc_share;
     if (waker) stw_share = stacked_cell(stacked_w, stw);
+    if (callbacks) stc_share = callback_cell(stacked_s, stc);
     if (graphs) {
       pcg = submitter_cell(*per_call_graph, inputs, threads, warmup, seconds);
       stg_share = stacked_cell(stacked_graph_s, stg);
       if (waker) stgw_share = stacked_cell(stacked_graph_w, stgw);
+      if (callbacks) stgc_share = callback_cell(stacked_graph_s, stgc);
+      if (cat_first) stacked_cell(stacked_graph_cat, stgcat);
     }
     // Ideal: one thread, batches of T rows already stacked, one sync per batch.
     const at::Tensor batch = at::randn({threads, width}, opts);
@@ -211,6 +257,19 @@ int main(int argc, char** argv) {
           };
         },
         threads);
+    // The same with graphs: the pre-stacked batch replayed (copy in, replay, copy out).
+    Cell ideal_graph;
+    if (graphs)
+      ideal_graph = closed_loop(
+          1, warmup, seconds,
+          [&](int) {
+            graphed_batch.warm_up(example);
+            return [&, sync = DeviceSync(device, mode)]() mutable {
+              graphed_batch(batch);
+              sync();
+            };
+          },
+          threads);
     std::printf(
         "| %d | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %.0f | "
         "%.2fx | %.2f | %s |",
@@ -223,11 +282,22 @@ int main(int argc, char** argv) {
                   pcg.ops_per_s / pc.ops_per_s, stg.ops_per_s / st.ops_per_s,
                   stg.ops_per_s / per_op.ops_per_s, stg.ops_per_s / ideal.ops_per_s,
                   stg_share.str().c_str());
+    if (graphs) std::printf(" %.0f |", ideal_graph.ops_per_s);
     if (waker) {
       std::printf(" %.0f | %.0f | %s |", stw.ops_per_s, stw.p99_us, stw_share.str().c_str());
       if (graphs)
         std::printf(" %.0f | %.0f | %s |", stgw.ops_per_s, stgw.p99_us, stgw_share.str().c_str());
     }
+    const auto print_callbacks = [&](const Cell& c, const WorkerShare& share) {
+      std::printf(" %.0f | %.0f | %.0f | %.1f | %.2fx | %.2f | %s |", c.ops_per_s, c.p50_us,
+                  c.p99_us, c.mean_batch, c.ops_per_s / per_op.ops_per_s,
+                  c.ops_per_s / ideal.ops_per_s, share.str().c_str());
+    };
+    if (cat_first)
+      std::printf(" %.0f | %.0f | %.2fx |", stgcat.ops_per_s, stgcat.p99_us,
+                  stg.ops_per_s / stgcat.ops_per_s);
+    if (callbacks) print_callbacks(stc, stc_share);
+    if (callbacks && graphs) print_callbacks(stgc, stgc_share);
     std::printf("\n");
     std::fflush(stdout);
     json.row()
@@ -250,6 +320,7 @@ int main(int argc, char** argv) {
         .set("stacked_graph_worker_sync_share", stg_share.sync)
         .set("stacked_graph_worker_complete_share", stg_share.complete)
         .set("ideal_ops", ideal.ops_per_s)
+        .set("ideal_graph_ops", ideal_graph.ops_per_s)
         .set("per_call_graph_ops", pcg.ops_per_s)
         .set("per_call_graph_p99_us", pcg.p99_us)
         .set("stacked_graph_ops", stg.ops_per_s)
@@ -257,11 +328,26 @@ int main(int argc, char** argv) {
         .set("stacked_graph_p99_us", stg.p99_us)
         .set("stacked_graph_mean_batch", stg.mean_batch)
         .set("stacked_waker_ops", stw.ops_per_s)
+        .set("stacked_waker_mean_batch", stw.mean_batch)
         .set("stacked_waker_p99_us", stw.p99_us)
         .set("stacked_waker_worker_complete_share", stw_share.complete)
         .set("stacked_graph_waker_ops", stgw.ops_per_s)
+        .set("stacked_graph_waker_mean_batch", stgw.mean_batch)
         .set("stacked_graph_waker_p99_us", stgw.p99_us)
-        .set("stacked_graph_waker_worker_complete_share", stgw_share.complete);
+        .set("stacked_graph_waker_worker_complete_share", stgw_share.complete)
+        .set("stacked_graph_cat_first_ops", stgcat.ops_per_s)
+        .set("stacked_callbacks_ops", stc.ops_per_s)
+        .set("stacked_callbacks_p50_us", stc.p50_us)
+        .set("stacked_callbacks_p99_us", stc.p99_us)
+        .set("stacked_callbacks_mean_batch", stc.mean_batch)
+        .set("stacked_callbacks_worker_model_share", stc_share.model)
+        .set("stacked_callbacks_worker_complete_share", stc_share.complete)
+        .set("stacked_graph_callbacks_ops", stgc.ops_per_s)
+        .set("stacked_graph_callbacks_p50_us", stgc.p50_us)
+        .set("stacked_graph_callbacks_p99_us", stgc.p99_us)
+        .set("stacked_graph_callbacks_mean_batch", stgc.mean_batch)
+        .set("stacked_graph_callbacks_worker_model_share", stgc_share.model)
+        .set("stacked_graph_callbacks_worker_complete_share", stgc_share.complete);
   }
   json.write(flags.str("json"),
              meta_json(device, "\"bench\": \"threads_vs_batching\", \"layers\": " +

@@ -167,25 +167,56 @@ struct GraphedModel::Impl {
     if (!unavailable.empty() || failed.load(std::memory_order_acquire) || !x.defined() ||
         x.dim() == 0 || x.size(0) == 0)
       return eager(x);
-    const int64_t rows = x.size(0);
+    return run_bucketed(
+        x, x.size(0), [&](const at::Tensor& dst) { engine->copy(dst, x); }, [&] { return x; });
+  }
+
+  at::Tensor call_rows(c10::ArrayRef<at::Tensor> parts) {
+    if (parts.empty())
+      throw Error(ErrorCode::kInvalidArgument,
+                  "GraphedModel::call_rows: expected at least one tensor, got none");
+    if (parts.size() == 1) return call(parts.front());
+    const auto whole = [&] { return at::cat(parts, 0); };
+    const at::Tensor& first = parts.front();
+    if (!unavailable.empty() || failed.load(std::memory_order_acquire)) return eager(whole());
+    int64_t rows = 0;
+    for (const at::Tensor& p : parts) {
+      // What the gather cannot take (no rows, another device, shape or dtype) goes through
+      // at::cat, which copies across devices and names a mismatch, as operator() would see it.
+      if (!p.defined() || p.dim() == 0 || p.size(0) == 0 || p.device() != device ||
+          p.scalar_type() != first.scalar_type() || p.dim() != first.dim() ||
+          p.sizes().slice(1) != first.sizes().slice(1))
+        return call(whole());
+      rows += p.size(0);
+    }
+    return run_bucketed(
+        first, rows, [&](at::Tensor dst) { at::cat_out(dst, parts, 0); }, whole);
+  }
+
+  // Runs `rows` rows shaped like `like` through their bucket's graph, `gather(dst)` writing
+  // them into the graph's static input; `whole()` gives them as one tensor where a capture or
+  // an eager run needs that.
+  template <class Gather, class Whole>
+  at::Tensor run_bucketed(const at::Tensor& like, int64_t rows, Gather gather, Whole whole) {
     const int64_t bucket = bucket_for(rows, buckets);
     if (bucket == 0) {
       fallback(oversize_reason);
-      return eager(x);
+      return eager(whole());
     }
-    Key key{current_stream(), x.scalar_type(), trailing_of(x), bucket};
+    Key key{current_stream(), like.scalar_type(), trailing_of(like), bucket};
     Replica* replica = checkout(key, options.capture_on_first_use);
-    if (replica == nullptr) return eager(x);
+    if (replica == nullptr) return eager(whole());
     if (!replica->graph) {
       try {
-        if (!capture(*replica, key, x)) return eager(x);  // not capturable: fell back for good
+        // Not capturable: fell back for good.
+        if (!capture(*replica, key, whole())) return eager(whole());
       } catch (...) {
         discard(key, replica);  // the model threw in a warm-up run: the call's own error
         throw;
       }
     }
     try {
-      at::Tensor out = replay(*replica, x, rows);
+      at::Tensor out = replay(*replica, gather, rows);
       checkin(replica);
       padded_rows.fetch_add(static_cast<std::uint64_t>(bucket - rows), std::memory_order_relaxed);
       replays.fetch_add(1, std::memory_order_relaxed);
@@ -479,8 +510,9 @@ struct GraphedModel::Impl {
     return c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
   }
 
-  at::Tensor replay(Replica& r, const at::Tensor& x, int64_t rows) {
-    engine->copy(rows == r.input.size(0) ? r.input : r.input.narrow(0, 0, rows), x);
+  template <class Gather>
+  at::Tensor replay(Replica& r, Gather& gather, int64_t rows) {
+    gather(rows == r.input.size(0) ? r.input : r.input.narrow(0, 0, rows));
     r.graph->replay();
     const at::Tensor rows_out = rows == r.output.size(0) ? r.output : r.output.narrow(0, 0, rows);
     at::Tensor out = engine->empty(rows_out.sizes(), rows_out.options());
@@ -525,6 +557,17 @@ GraphedModel make_graphed_model_with_engine(GraphedModel::Forward model, c10::De
 
 at::Tensor GraphedModel::operator()(const at::Tensor& x) const {
   return impl_->call(x);
+}
+
+at::Tensor GraphedModel::call_rows(c10::ArrayRef<at::Tensor> parts) const {
+  return impl_->call_rows(parts);
+}
+
+StackedModel<at::Tensor, at::Tensor> make_stacked_model(GraphedModel graphed,
+                                                        StackingOptions options) {
+  auto gather = [graphed](c10::ArrayRef<at::Tensor> parts) { return graphed.call_rows(parts); };
+  return detail::make_stacked_model_gathering(std::move(graphed), std::move(gather),
+                                              std::move(options));
 }
 
 std::vector<at::Tensor> GraphedModel::call_each(c10::ArrayRef<at::Tensor> xs) const {

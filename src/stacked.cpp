@@ -173,12 +173,21 @@ class GroupRunner {
     }
     std::vector<at::Tensor> parts;
     parts.reserve(group.size());
+    Tensors outputs;
     for (std::size_t j = 0; j < positions; ++j) {
       parts.clear();
       for (std::size_t i : group) parts.push_back(inputs_[i][j]);
+      if constexpr (requires { adapter_.gather; }) {
+        // A model that stacks the rows itself, where they need no staging on another device.
+        if (adapter_.gather && parts.size() > 1 &&
+            (!options_.device || *options_.device == parts.front().device())) {
+          outputs.push_back(adapter_.gather(parts));
+          break;  // a single-tensor adapter: one position
+        }
+      }
       stacked.push_back(stack_inputs(parts, options_.device));
     }
-    Tensors outputs = adapter_.call(stacked);
+    if (outputs.empty()) outputs = adapter_.call(stacked);
     for (std::size_t k = 0; k < outputs.size(); ++k) {
       const at::Tensor& out = outputs[k];
       if (!out.defined() || out.dim() == 0 || out.size(0) != total)
@@ -238,6 +247,7 @@ void run_batch(Batch<In, Out>& batch, const Adapter& adapter, const StackingOpti
 // Adapts a single-tensor model to the list-of-tensors machinery.
 struct SingleAdapter {
   std::function<at::Tensor(const at::Tensor&)> model;
+  std::function<at::Tensor(c10::ArrayRef<at::Tensor>)> gather{};  // optional: see forward()
   Tensors tensors(const at::Tensor& t) const { return {t}; }
   Tensors call(const Tensors& stacked) const { return {model(stacked.front())}; }
   static at::Tensor cut(const BatchOutputs& b, std::size_t g) {
@@ -273,12 +283,22 @@ std::string describe_tensor(const at::Tensor& t) {
          (t.device().is_cpu() ? "" : " on " + t.device().str());
 }
 
-StackedModel<at::Tensor, at::Tensor> make_stacked_model(
-    std::function<at::Tensor(const at::Tensor&)> model, StackingOptions options) {
+namespace detail {
+StackedModel<at::Tensor, at::Tensor> make_stacked_model_gathering(
+    std::function<at::Tensor(const at::Tensor&)> model,
+    std::function<at::Tensor(c10::ArrayRef<at::Tensor>)> gather, StackingOptions options) {
   if (!model) throw Error(ErrorCode::kInvalidArgument, "make_stacked_model: the model is empty");
   check_options(options);
-  return {[adapter = SingleAdapter{std::move(model)}, options = std::move(options)](
-              Batch<at::Tensor, at::Tensor>& batch) { run_batch(batch, adapter, options); }};
+  return {[adapter = SingleAdapter{std::move(model), std::move(gather)},
+           options = std::move(options)](Batch<at::Tensor, at::Tensor>& batch) {
+    run_batch(batch, adapter, options);
+  }};
+}
+}  // namespace detail
+
+StackedModel<at::Tensor, at::Tensor> make_stacked_model(
+    std::function<at::Tensor(const at::Tensor&)> model, StackingOptions options) {
+  return detail::make_stacked_model_gathering(std::move(model), {}, std::move(options));
 }
 
 StackedModel<Tensors, Tensors> make_stacked_model_multi(

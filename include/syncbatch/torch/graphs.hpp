@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "syncbatch/batched_submitter.hpp"
+#include "syncbatch/torch/stacked.hpp"
 
 namespace syncbatch {
 
@@ -105,6 +106,14 @@ class GraphedModel {
   /// Errors: what the model throws on `x` (no graph is kept for a call that fails).
   at::Tensor operator()(const at::Tensor& x) const;
 
+  /// Runs the model on the rows of `parts` stacked along dim 0, as
+  /// `(*this)(at::cat(parts, 0))` would, but gathers them straight into the graph's static
+  /// input (one copy, where cat and the copy in take two launches and an allocation). Stacked
+  /// mode uses it through make_stacked_model(GraphedModel). Parts the gather cannot take
+  /// (another device, mismatched shapes) go through at::cat first, with its errors.
+  /// Errors: Error(kInvalidArgument) for no parts; what at::cat or the model throws.
+  at::Tensor call_rows(c10::ArrayRef<at::Tensor> parts) const;
+
   /// Runs the model on each of `xs` separately and returns what `(*this)(xs[i])` would: each
   /// call is its own forward on its own input (no rows are stacked, nothing is padded), so the
   /// results are those of per-call mode. What changes is the launching: same-shaped calls are
@@ -160,6 +169,13 @@ class GraphedModel {
 ///       make_fused_calls_model(graphed), {.policy = EveryN{64}},
 ///       TorchBackend(device, {.on_worker_start = [&] { graphed.warm_up_each(example); }}));
 StackedModel<at::Tensor, at::Tensor> make_fused_calls_model(GraphedModel graphed);
+
+/// Stacked mode over graph replays: make_stacked_model(std::function, options) with `graphed`
+/// as the model, except that each group's rows, when they are already on the model's device,
+/// are gathered straight into the graph's static input (call_rows) instead of concatenated
+/// first. Chosen over the std::function overload whenever a GraphedModel is passed.
+StackedModel<at::Tensor, at::Tensor> make_stacked_model(GraphedModel graphed,
+                                                        StackingOptions options = {});
 
 /// The buckets `options` describes, ascending and distinct. Errors: Error(kInvalidArgument).
 std::vector<int64_t> graph_buckets(const GraphOptions& options);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cstdint>
 #include <functional>
@@ -57,6 +58,14 @@ StackedModel<at::Tensor, at::Tensor> make_stacked_model(
 /// (stacked position by position), the model returns a list of tensors, each split by rows.
 StackedModel<Tensors, Tensors> make_stacked_model_multi(
     std::function<Tensors(const Tensors&)> model, StackingOptions options = {});
+
+namespace detail {
+/// make_stacked_model for a model that can also take a group's rows as parts and stack them
+/// itself (GraphedModel::call_rows): used for groups of one input whose rows need no staging.
+StackedModel<at::Tensor, at::Tensor> make_stacked_model_gathering(
+    std::function<at::Tensor(const at::Tensor&)> model,
+    std::function<at::Tensor(c10::ArrayRef<at::Tensor>)> gather, StackingOptions options);
+}  // namespace detail
 
 /// "float32 [2, 32]" (and " on cuda:0" off the CPU): how error messages name a tensor.
 std::string describe_tensor(const at::Tensor& t);
