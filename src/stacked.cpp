@@ -2,6 +2,7 @@
 #include "syncbatch/torch/stacked.hpp"
 
 #include <ATen/ATen.h>
+#include <c10/util/SmallVector.h>
 
 #include <memory>
 #include <sstream>
@@ -63,33 +64,36 @@ Error bad_request(const std::string& message) {
   return Error(ErrorCode::kBadRequest, message);
 }
 
+// One request's input tensors, by position; a single-tensor request needs no allocation.
+using Row = c10::SmallVector<at::Tensor, 1>;
+
 // Checks one request's tensors; returns an error message, or "" when they can be stacked.
-std::string check_inputs(const Tensors& inputs, const std::vector<InputSpec>& expect) {
+std::string check_inputs(const Row& inputs, const std::vector<InputSpec>& expect) {
   if (inputs.empty()) return "expected at least one input tensor, got none";
   if (!expect.empty() && inputs.size() != expect.size())
     return "expected " + std::to_string(expect.size()) + " input tensors, got " +
            std::to_string(inputs.size());
   for (std::size_t j = 0; j < inputs.size(); ++j) {
     const at::Tensor& t = inputs[j];
-    const std::string which = "input " + std::to_string(j) + ": ";
-    if (!t.defined()) return which + "expected a defined tensor, got an undefined one";
+    const auto which = [j] { return "input " + std::to_string(j) + ": "; };
+    if (!t.defined()) return which() + "expected a defined tensor, got an undefined one";
     if (t.dim() == 0)
-      return which + "expected a tensor with a batch dimension (rank >= 1), got a scalar";
-    if (t.size(0) == 0) return which + "expected at least one row, got " + describe_tensor(t);
+      return which() + "expected a tensor with a batch dimension (rank >= 1), got a scalar";
+    if (t.size(0) == 0) return which() + "expected at least one row, got " + describe_tensor(t);
     if (expect.empty()) continue;
     const InputSpec& spec = expect[j];
     const bool same =
         t.scalar_type() == spec.dtype &&
         static_cast<std::size_t>(t.dim()) == spec.trailing_shape.size() + 1 &&
         std::equal(spec.trailing_shape.begin(), spec.trailing_shape.end(), t.sizes().begin() + 1);
-    if (!same) return which + "expected " + describe_spec(spec) + ", got " + describe_tensor(t);
+    if (!same) return which() + "expected " + describe_spec(spec) + ", got " + describe_tensor(t);
   }
   return "";
 }
 
 // Requests that can share one forward: same count, and per input the same dtype, device and
 // shape after the batch dimension.
-bool same_signature(const Tensors& a, const Tensors& b) {
+bool same_signature(const Row& a, const Row& b) {
   if (a.size() != b.size()) return false;
   for (std::size_t j = 0; j < a.size(); ++j) {
     if (a[j].scalar_type() != b[j].scalar_type() || a[j].device() != b[j].device() ||
@@ -140,7 +144,7 @@ struct BatchOutputs {
 template <class In, class Out, class Adapter>
 class GroupRunner {
  public:
-  GroupRunner(Batch<In, Out>& batch, const std::vector<Tensors>& inputs, const Adapter& adapter,
+  GroupRunner(Batch<In, Out>& batch, const std::vector<Row>& inputs, const Adapter& adapter,
               const StackingOptions& options)
       : batch_(batch), inputs_(inputs), adapter_(adapter), options_(options) {}
 
@@ -214,14 +218,14 @@ class GroupRunner {
   }
 
   Batch<In, Out>& batch_;
-  const std::vector<Tensors>& inputs_;
+  const std::vector<Row>& inputs_;
   const Adapter& adapter_;
   const StackingOptions& options_;
 };
 
 template <class In, class Out, class Adapter>
 void run_batch(Batch<In, Out>& batch, const Adapter& adapter, const StackingOptions& options) {
-  std::vector<Tensors> inputs;
+  std::vector<Row> inputs;
   inputs.reserve(batch.size());
   for (std::size_t i = 0; i < batch.size(); ++i) inputs.push_back(adapter.tensors(batch.input(i)));
   std::vector<std::vector<std::size_t>> groups;
@@ -248,7 +252,7 @@ void run_batch(Batch<In, Out>& batch, const Adapter& adapter, const StackingOpti
 struct SingleAdapter {
   std::function<at::Tensor(const at::Tensor&)> model;
   std::function<at::Tensor(c10::ArrayRef<at::Tensor>)> gather{};  // optional: see forward()
-  Tensors tensors(const at::Tensor& t) const { return {t}; }
+  Row tensors(const at::Tensor& t) const { return Row{t}; }
   Tensors call(const Tensors& stacked) const { return {model(stacked.front())}; }
   static at::Tensor cut(const BatchOutputs& b, std::size_t g) {
     return b.outputs.front().narrow(0, b.offsets[g], b.rows[g]);
@@ -257,7 +261,7 @@ struct SingleAdapter {
 
 struct MultiAdapter {
   std::function<Tensors(const Tensors&)> model;
-  Tensors tensors(const Tensors& t) const { return t; }
+  Row tensors(const Tensors& t) const { return Row(t.begin(), t.end()); }
   Tensors call(const Tensors& stacked) const { return model(stacked); }
   static Tensors cut(const BatchOutputs& b, std::size_t g) {
     Tensors mine;
