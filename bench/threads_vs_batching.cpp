@@ -146,10 +146,13 @@ int main(int argc, char** argv) {
   // Graph replay: per-call mode replays each batch's calls fused, up to 64 forwards per graph;
   // stacked mode pads each batch to its bucket (powers of two up to --max-batch). Workers
   // capture before serving.
-  const GraphedModel graphed_one([&](const at::Tensor& x) { return mlp(x); }, device,
-                                 {.buckets = {1}, .max_fused_calls = 64});
-  const GraphedModel graphed_batch([&](const at::Tensor& x) { return mlp(x); }, device,
-                                   {.max_rows = static_cast<int64_t>(max_batch)});
+  // Each worker stream of each submitter (up to four share graphed_batch) captures its own.
+  const GraphedModel graphed_one(
+      [&](const at::Tensor& x) { return mlp(x); }, device,
+      {.buckets = {1}, .max_fused_calls = 64, .max_graphs = 16 * (workers + 1)});
+  const GraphedModel graphed_batch(
+      [&](const at::Tensor& x) { return mlp(x); }, device,
+      {.max_rows = static_cast<int64_t>(max_batch), .max_graphs = 4 * 16 * (workers + 1)});
   std::optional<Submitter> per_call_graph;
   if (graphs) {
     per_call_graph.emplace(

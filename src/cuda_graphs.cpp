@@ -4,6 +4,12 @@
 // - CUDAGraph::capture_begin(pool, mode) (2.x) captures in thread-local mode, so other threads
 //   (other workers, callers) may keep launching and allocating while one thread captures. Older
 //   LibTorch has capture_begin(pool) only (global mode).
+//
+// Captures and graph destruction are serialized process-wide (graph_lifecycle_mutex): a
+// CUDAGraph registers itself with the CUDA generator's state when its capture begins and
+// unregisters in its destructor, in a set LibTorch does not lock. Two workers capturing at once
+// corrupted it: with 12 worker streams capturing on one H200 (2026-11-29) the process later
+// aborted in ~CUDAGraph ("The graph should be registered to the state").
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/cuda/EmptyTensor.h>
@@ -15,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include "syncbatch/torch/detail/graph_engine.hpp"
 
@@ -35,10 +42,23 @@ void begin_capture(Graph& graph) {
   }
 }
 
+// Held while a graph is captured or destroyed: see the note at the top.
+std::mutex& graph_lifecycle_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
 class CudaGraph final : public CapturedGraph {
  public:
-  void replay() override { graph.replay(); }
-  at::cuda::CUDAGraph graph;
+  CudaGraph() { graph.emplace(); }
+  ~CudaGraph() override {
+    std::lock_guard lock(graph_lifecycle_mutex());
+    graph.reset();
+  }
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+  void replay() override { graph->replay(); }
+  std::optional<at::cuda::CUDAGraph> graph;
 };
 
 class CudaGraphEngine final : public GraphEngine {
@@ -57,25 +77,25 @@ class CudaGraphEngine final : public GraphEngine {
     // (one per device, so graphs made for the default stream share its cuBLAS workspace only
     // with each other, and those replay one after another).
     const bool on_default = caller == c10::cuda::getDefaultCUDAStream(index);
-    std::unique_lock<std::mutex> side_lock;  // one capture at a time on a side stream
-    if (on_default) side_lock = std::unique_lock(side_capture_mu_);
     const c10::cuda::CUDAStream stream = on_default ? side_stream(index) : caller;
     if (on_default) order(caller, stream);
     auto graph = std::make_unique<CudaGraph>();
     {
+      // One capture at a time in the process (and so on the side stream too).
+      std::lock_guard lifecycle(graph_lifecycle_mutex());
       c10::cuda::CUDAStreamGuard stream_guard(stream);
       for (int i = 0; i < warmup_runs; ++i) (void)forward(input);
       bool capturing = false;
       try {
-        begin_capture(graph->graph);
+        begin_capture(*graph->graph);
         capturing = true;
         output = forward(input);
         capturing = false;
-        graph->graph.capture_end();
+        graph->graph->capture_end();
       } catch (const std::exception& e) {
         if (capturing) {
           try {
-            graph->graph.capture_end();  // leaves capture mode; fails for an invalidated capture
+            graph->graph->capture_end();  // leaves capture mode; fails for an invalidated capture
           } catch (...) {  // NOLINT(bugprone-empty-catch): the first error is the one reported
           }
         }
@@ -129,7 +149,6 @@ class CudaGraphEngine final : public GraphEngine {
   }
 
   std::mutex mu_;
-  std::mutex side_capture_mu_;
   std::map<c10::DeviceIndex, c10::cuda::CUDAStream> side_streams_;  // live for the process
 };
 

@@ -687,6 +687,40 @@ TEST_P(GraphedModelOnDevice, FusedCallsMatchEagerCallsForEveryCount) {
   }
 }
 
+// Eight workers, each with its stream, capture their graphs at the same time, serve, and free
+// them, three times over. LibTorch keeps each graph in a set of the CUDA generator that it does
+// not lock; unserialized captures corrupted it and a later graph destructor aborted.
+TEST_P(GraphedModelOnDevice, ManyWorkersCaptureAndFreeConcurrently) {
+  const c10::Device device = GetParam();
+  const Mlp mlp(32, 64, 8, device);
+  const at::Tensor example = at::randn({1, 32}, at::TensorOptions().device(device));
+  for (int round = 0; round < 3; ++round) {
+    GraphedModel graphed([&](const at::Tensor& x) { return mlp(x); }, device,
+                         {.max_rows = 32, .max_graphs = 256});
+    {
+      using Submitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
+      Submitter stacked(
+          make_stacked_model(graphed), {.workers = 8, .policy = EveryN{32}},
+          TorchBackend(device, {.on_worker_start = [&] { graphed.warm_up(example); }}));
+      if (device.is_cuda()) {
+        EXPECT_EQ(graphed.stats().captured, 8u * 6u);  // buckets 1..32 on each worker's stream
+      }
+      std::vector<std::thread> producers;
+      std::atomic<int> mismatches{0};
+      for (int t = 0; t < 8; ++t)
+        producers.emplace_back([&] {
+          c10::InferenceMode inference;
+          for (int i = 0; i < 50; ++i) {
+            const at::Tensor x = at::randn({1 + i % 4, 32}, at::TensorOptions().device(device));
+            if (!matches_eager(stacked.submit(x).get(), mlp(x))) ++mismatches;
+          }
+        });
+      for (auto& p : producers) p.join();
+      EXPECT_EQ(mismatches.load(), 0) << "round " << round;
+    }  // the workers are gone; the last copy of graphed frees its graphs below
+  }
+}
+
 TEST_P(GraphedModelOnDevice, WorksInASyncScopeLoop) {
   const c10::Device device = GetParam();
   c10::InferenceMode inference;
