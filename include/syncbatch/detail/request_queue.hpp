@@ -43,13 +43,12 @@ class RequestQueue {
   PushResult try_push(T item) {
     const std::uint64_t prev = state_.fetch_add(kOne, std::memory_order_acq_rel);
     if ((prev & kClosedBit) != 0 || (prev >> 1) >= capacity_) {
-      state_.fetch_sub(kOne, std::memory_order_acq_rel);
-      // A closed queue may be draining: its consumers wait for the count to reach zero.
-      if ((prev & kClosedBit) != 0) {
-        wake_all_consumers();
-        return PushResult::kClosed;
-      }
-      return PushResult::kFull;
+      const std::uint64_t now = state_.fetch_sub(kOne, std::memory_order_acq_rel) - kOne;
+      // A closed queue may be draining: its consumers wait for the count to reach zero, which
+      // this reservation held up, even when it found the queue full before close() came (a
+      // consumer then slept on a count of one that nothing else would bring to zero).
+      if ((now & kClosedBit) != 0) wake_all_consumers();
+      return (prev & kClosedBit) != 0 ? PushResult::kClosed : PushResult::kFull;
     }
     // Cannot fail for want of nodes: at most capacity_ items are admitted and the queue holds
     // capacity_ + 1 preallocated nodes.
@@ -81,7 +80,10 @@ class RequestQueue {
   T try_pop() {
     T item = nullptr;
     if (!queue_.pop(item)) return nullptr;
-    state_.fetch_sub(kOne, std::memory_order_acq_rel);
+    // The last item of a closed queue: other consumers may be asleep, having seen the queue
+    // empty while this item's count still stood, and must wake to see it drained.
+    if (state_.fetch_sub(kOne, std::memory_order_acq_rel) - kOne == kClosedBit)
+      wake_all_consumers();
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (producers_sleeping_.load(std::memory_order_relaxed) &&
         producers_sleeping_.exchange(false, std::memory_order_acq_rel)) {
