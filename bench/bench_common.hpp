@@ -207,9 +207,6 @@ struct TimedTorchBackend {
           std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
     }
     void before_run(Clock::time_point arrived) { worker.before_run(arrived); }
-    // Pipelined (SubmitterOptions::pipeline): the wait happens on the completion thread and is
-    // not counted as the worker's.
-    TorchBackend::Worker::SyncPoint mark() { return worker.mark(); }
   };
   Worker make_worker(std::size_t index) const { return Worker{inner.make_worker(index), clock}; }
 };

@@ -9,9 +9,7 @@
 // Closed loop: each client waits for its result before sending the next. Prints throughput,
 // client-side p50/p99 latency and the ratios stacked/per-op and stacked/ideal. With
 // --callbacks both, stacked mode again with T requests in flight and no client threads: each
-// completion callback sends the next request (an event-loop server), so no thread sleeps. With
-// --pipeline both, stacked mode again with SubmitterOptions::pipeline (batches complete on a
-// thread of the worker's own while it issues the next).
+// completion callback sends the next request (an event-loop server), so no thread sleeps.
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -96,7 +94,6 @@ int main(int argc, char** argv) {
                      {"waker", "off"},
                      {"callbacks", "off"},
                      {"cat-first", "off"},
-                     {"pipeline", "off"},
                      {"json", ""}});
   pin_threads();
   const c10::Device device = device_flag(flags);
@@ -125,9 +122,6 @@ int main(int argc, char** argv) {
   if (flags.str("cat-first") != "off" && flags.str("cat-first") != "both")
     flags.fail("--cat-first: expected off or both, got '" + flags.str("cat-first") + "'");
   const bool cat_first = flags.str("cat-first") == "both" && graphs;
-  if (flags.str("pipeline") != "off" && flags.str("pipeline") != "both")
-    flags.fail("--pipeline: expected off or both, got '" + flags.str("pipeline") + "'");
-  const bool pipeline = flags.str("pipeline") == "both";
   // The stacked submitters time their workers (model call and sync) for the profile columns.
   using TimedSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TimedTorchBackend>;
   struct TimedStacked {
@@ -135,25 +129,20 @@ int main(int argc, char** argv) {
     std::optional<TimedSubmitter> submitter;
   };
   auto make_stacked = [&](TimedStacked& s, StackedModel<at::Tensor, at::Tensor> model,
-                          bool waker_thread, std::function<void()> on_start,
-                          bool pipeline = false) {
+                          bool waker_thread, std::function<void()> on_start) {
     s.submitter.emplace(
         timed(std::move(model), s.clock),
         SubmitterOptions{.queue_capacity = 4096,
                          .workers = workers,
                          .policy = EveryN{max_batch},
-                         .waker_thread = waker_thread,
-                         .pipeline = pipeline},
+                         .waker_thread = waker_thread},
         TimedTorchBackend{TorchBackend(device, {.mode = mode, .on_worker_start = on_start}),
                           &s.clock});
   };
   const auto eager = [&](const at::Tensor& x) { return mlp(x); };
-  TimedStacked stacked_s, stacked_graph_s, stacked_w, stacked_graph_w, stacked_graph_cat, stacked_p,
-      stacked_graph_p;
+  TimedStacked stacked_s, stacked_graph_s, stacked_w, stacked_graph_w, stacked_graph_cat;
   make_stacked(stacked_s, make_stacked_model(eager), false, {});
   if (waker) make_stacked(stacked_w, make_stacked_model(eager), true, {});
-  // --pipeline both: the stacked submitters again with SubmitterOptions::pipeline.
-  if (pipeline) make_stacked(stacked_p, make_stacked_model(eager), false, {}, true);
   // Graph replay: per-call mode replays each batch's calls fused, up to 64 forwards per graph;
   // stacked mode pads each batch to its bucket (powers of two up to --max-batch). Workers
   // capture before serving.
@@ -174,8 +163,6 @@ int main(int argc, char** argv) {
     const auto warm = [&] { graphed_batch.warm_up(example); };
     make_stacked(stacked_graph_s, make_stacked_model(graphed_batch), false, warm);
     if (waker) make_stacked(stacked_graph_w, make_stacked_model(graphed_batch), true, warm);
-    if (pipeline)
-      make_stacked(stacked_graph_p, make_stacked_model(graphed_batch), false, warm, true);
     // --cat-first both: the graphed model again as a plain function, so each batch's rows are
     // concatenated and then copied into the graph's input, where make_stacked_model(graphed)
     // gathers them straight into it (GraphedModel::call_rows).
@@ -217,13 +204,6 @@ int main(int argc, char** argv) {
   if (waker) add({"stacked+waker ops/s", "p99 us", "worker %"});
   if (waker && graphs) add({"stacked graph+waker ops/s", "p99 us", "worker %"});
   if (cat_first) add({"stacked graph, cat first ops/s", "p99 us", "gather/cat first"});
-  if (pipeline) add({"stacked+pipeline ops/s", "p99 us", "mean batch", "/per-op", "/ideal"});
-  if (pipeline && graphs)
-    add({"stacked graph+pipeline ops/s", "p99 us", "mean batch", "/per-op", "/ideal"});
-  if (pipeline && callbacks)
-    add({"stacked+pipeline, callbacks ops/s", "p99 us", "mean batch", "/per-op", "/ideal"});
-  if (pipeline && callbacks && graphs)
-    add({"stacked graph+pipeline, callbacks ops/s", "p99 us", "mean batch", "/per-op", "/ideal"});
   if (callbacks)
     add({"stacked, callbacks ops/s", "p50 us", "p99 us", "mean batch", "/per-op", "/ideal",
          "worker %"});
@@ -257,21 +237,17 @@ int main(int argc, char** argv) {
         cell = callback_loop(*s.submitter, inputs, threads, warmup, seconds);
       });
     };
-    Cell st, pcg, stg, stw, stgw, stc, stgc, stgcat, stp, stgp, stpc, stgpc;
+    Cell st, pcg, stg, stw, stgw, stc, stgc, stgcat;
     const WorkerShare st_share = stacked_cell(stacked_s, st);
     WorkerShare stg_share, stw_share, stgw_share, stc_share, stgc_share;
     if (waker) stw_share = stacked_cell(stacked_w, stw);
     if (callbacks) stc_share = callback_cell(stacked_s, stc);
-    if (pipeline) stacked_cell(stacked_p, stp);
-    if (pipeline && callbacks) callback_cell(stacked_p, stpc);
     if (graphs) {
       pcg = submitter_cell(*per_call_graph, inputs, threads, warmup, seconds);
       stg_share = stacked_cell(stacked_graph_s, stg);
       if (waker) stgw_share = stacked_cell(stacked_graph_w, stgw);
       if (callbacks) stgc_share = callback_cell(stacked_graph_s, stgc);
       if (cat_first) stacked_cell(stacked_graph_cat, stgcat);
-      if (pipeline) stacked_cell(stacked_graph_p, stgp);
-      if (pipeline && callbacks) callback_cell(stacked_graph_p, stgpc);
     }
     // Ideal: one thread, batches of T rows already stacked, one sync per batch.
     const at::Tensor batch = at::randn({threads, width}, opts);
@@ -323,14 +299,6 @@ int main(int argc, char** argv) {
     if (cat_first)
       std::printf(" %.0f | %.0f | %.2fx |", stgcat.ops_per_s, stgcat.p99_us,
                   stg.ops_per_s / stgcat.ops_per_s);
-    const auto print_pipelined = [&](const Cell& c) {
-      std::printf(" %.0f | %.0f | %.1f | %.2fx | %.2f |", c.ops_per_s, c.p99_us, c.mean_batch,
-                  c.ops_per_s / per_op.ops_per_s, c.ops_per_s / ideal.ops_per_s);
-    };
-    if (pipeline) print_pipelined(stp);
-    if (pipeline && graphs) print_pipelined(stgp);
-    if (pipeline && callbacks) print_pipelined(stpc);
-    if (pipeline && callbacks && graphs) print_pipelined(stgpc);
     if (callbacks) print_callbacks(stc, stc_share);
     if (callbacks && graphs) print_callbacks(stgc, stgc_share);
     std::printf("\n");
@@ -382,16 +350,7 @@ int main(int argc, char** argv) {
         .set("stacked_graph_callbacks_p99_us", stgc.p99_us)
         .set("stacked_graph_callbacks_mean_batch", stgc.mean_batch)
         .set("stacked_graph_callbacks_worker_model_share", stgc_share.model)
-        .set("stacked_graph_callbacks_worker_complete_share", stgc_share.complete)
-        .set("stacked_pipeline_ops", stp.ops_per_s)
-        .set("stacked_pipeline_p99_us", stp.p99_us)
-        .set("stacked_graph_pipeline_ops", stgp.ops_per_s)
-        .set("stacked_graph_pipeline_p99_us", stgp.p99_us)
-        .set("stacked_pipeline_callbacks_ops", stpc.ops_per_s)
-        .set("stacked_pipeline_callbacks_p99_us", stpc.p99_us)
-        .set("stacked_graph_pipeline_callbacks_ops", stgpc.ops_per_s)
-        .set("stacked_graph_pipeline_callbacks_p99_us", stgpc.p99_us)
-        .set("stacked_graph_pipeline_callbacks_mean_batch", stgpc.mean_batch);
+        .set("stacked_graph_callbacks_worker_complete_share", stgc_share.complete);
   }
   json.write(flags.str("json"),
              meta_json(device, "\"bench\": \"threads_vs_batching\", \"layers\": " +

@@ -69,18 +69,6 @@ void synchronize_device_with(const Impl* impl, c10::Device device) {
   }
 }
 
-// Waits for an event recorded earlier (where c10::Event can), else for its stream.
-template <class Event>
-void wait_recorded(Event* event, const c10::Stream& stream) {
-  if constexpr (HasEventSynchronize<Event>) {
-    if (event != nullptr) {
-      event->synchronize();
-      return;
-    }
-  }
-  stream.synchronize();
-}
-
 template <class Event>
 void synchronize_event(Event& event, const c10::Stream& stream) {
   if constexpr (HasEventSynchronize<Event>) {
@@ -150,8 +138,7 @@ TorchBackend::Worker::Worker(c10::Device device, c10::Stream stream,
                              const TorchBackendOptions& options)
     : stream_(stream),
       stream_guard_(stream),
-      sync_(device, options.mode, stream, options.fallback_to_device),
-      fallback_to_device_(options.fallback_to_device) {
+      sync_(device, options.mode, stream, options.fallback_to_device) {
   if (options.inference_mode) inference_mode_.emplace();
   if (options.wait_for_default_stream && !device.is_cpu() &&
       stream != guard_impl(device.type())->getDefaultStream(device))
@@ -165,34 +152,6 @@ void TorchBackend::Worker::before_run(std::chrono::steady_clock::time_point arri
   covered_until_ = std::chrono::steady_clock::now();
   inputs_ready_->record(guard_impl(stream_.device_type())->getDefaultStream(stream_.device()));
   inputs_ready_->block(stream_);
-}
-
-TorchBackend::Worker::SyncPoint TorchBackend::Worker::mark() {
-  const c10::Device device = sync_.device();
-  const SyncMode mode = sync_.fell_back() ? SyncMode::kDevice : sync_.mode();
-  SyncPoint point(device, mode, stream_, fallback_to_device_);
-  if constexpr (HasEventSynchronize<c10::Event>) {
-    if (mode == SyncMode::kEvent && !device.is_cpu()) {
-      point.event_.emplace(device.type());
-      point.event_->record(stream_);
-    }
-  }
-  return point;
-}
-
-void TorchBackend::Worker::SyncPoint::wait() {
-  if (device_.is_cpu()) return;  // CPU ops have completed when they return
-  const auto* impl = c10::impl::getDeviceGuardImpl(device_.type());
-  if (mode_ == SyncMode::kDevice) {
-    synchronize_device_with(impl, device_);
-    return;
-  }
-  try {
-    wait_recorded(event_ ? &*event_ : nullptr, stream_);
-  } catch (const c10::Error&) {
-    if (!fallback_to_device_) throw;
-    synchronize_device_with(impl, device_);
-  }
 }
 
 TorchBackend::Worker TorchBackend::make_worker(std::size_t) const {

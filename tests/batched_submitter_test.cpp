@@ -6,7 +6,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <functional>
 #include <latch>
 #include <memory>
 #include <mutex>
@@ -27,42 +26,20 @@ struct Issued {
 };
 thread_local std::vector<std::shared_ptr<std::atomic<bool>>>* tl_issued = nullptr;
 
-struct Gate;
-
 struct FakeDevice {
   std::shared_ptr<std::atomic<int>> syncs = std::make_shared<std::atomic<int>>(0);
   std::shared_ptr<std::atomic<int>> fail_sync_number = std::make_shared<std::atomic<int>>(-1);
-  // Pipelined (SubmitterOptions::pipeline): the mark that throws, and a gate every sync point's
-  // wait passes first.
-  std::shared_ptr<std::atomic<int>> marks = std::make_shared<std::atomic<int>>(0);
-  std::shared_ptr<std::atomic<int>> fail_mark_number = std::make_shared<std::atomic<int>>(-1);
-  Gate* hold_waits = nullptr;
-
-  using Work = std::vector<std::shared_ptr<std::atomic<bool>>>;
-  // Completes `work`, or throws for the sync whose number is fail_sync_number.
-  void sync_work(Work& work) const {
-    const int n = syncs->fetch_add(1) + 1;
-    if (n == fail_sync_number->load()) throw std::runtime_error("device fault");
-    for (auto& f : work) f->store(true);
-    work.clear();
-  }
 
   struct Worker {
     explicit Worker(const FakeDevice& d) : device(d) { tl_issued = &issued; }
-    void sync() { device.sync_work(issued); }
-    // The work issued so far, completed by wait() on whichever thread calls it.
-    struct Point {
-      const FakeDevice* device;
-      Work work;
-      void wait();
-    };
-    Point mark() {
-      if (device.marks->fetch_add(1) + 1 == device.fail_mark_number->load())
-        throw std::runtime_error("device fault while marking");
-      return Point{&device, std::exchange(issued, {})};
+    void sync() {
+      const int n = device.syncs->fetch_add(1) + 1;
+      if (n == device.fail_sync_number->load()) throw std::runtime_error("device fault");
+      for (auto& f : issued) f->store(true);
+      issued.clear();
     }
     const FakeDevice& device;
-    Work issued;
+    std::vector<std::shared_ptr<std::atomic<bool>>> issued;
   };
   Worker make_worker(std::size_t) const { return Worker(*this); }
 };
@@ -88,11 +65,6 @@ struct Gate {
   }
 };
 
-void FakeDevice::Worker::Point::wait() {
-  if (device->hold_waits != nullptr) device->hold_waits->pass();
-  device->sync_work(work);
-}
-
 TEST(BatchedSubmitter, ResultsMatchTheModelAndAreReadyOnlyAfterTheirSync) {
   FakeSubmitter s([](int& x) { return issue(x); }, {.policy = EveryN{4}}, FakeDevice{});
   std::vector<Future<Issued>> futures;
@@ -105,11 +77,7 @@ TEST(BatchedSubmitter, ResultsMatchTheModelAndAreReadyOnlyAfterTheirSync) {
   }
 }
 
-// Also pipelined (SubmitterOptions::pipeline): each worker's batches complete on a thread of
-// its own, after their sync points.
-class BatchedSubmitterStress : public ::testing::TestWithParam<bool> {};
-
-TEST_P(BatchedSubmitterStress, ManyProducersNothingLostOrDoubled) {
+TEST(BatchedSubmitter, StressManyProducersNothingLostOrDoubled) {
   constexpr int kProducers = 16;
   constexpr int kPerProducer = 5000;
   FakeDevice device;
@@ -119,7 +87,7 @@ TEST_P(BatchedSubmitterStress, ManyProducersNothingLostOrDoubled) {
         model_calls.fetch_add(1);
         return issue(x);
       },
-      {.queue_capacity = 256, .workers = 2, .policy = EveryN{8}, .pipeline = GetParam()}, device);
+      {.queue_capacity = 256, .workers = 2, .policy = EveryN{8}}, device);
   const auto start = std::chrono::steady_clock::now();
   std::vector<std::thread> producers;
   std::atomic<int> wrong{0}, not_done{0};
@@ -161,64 +129,6 @@ TEST_P(BatchedSubmitterStress, ManyProducersNothingLostOrDoubled) {
   EXPECT_EQ(hist_batches, st.batches);
   EXPECT_GE(st.batches, kTotal / 8);
   EXPECT_DOUBLE_EQ(st.mean_batch_size(), static_cast<double>(kTotal) / st.batches);
-}
-
-INSTANTIATE_TEST_SUITE_P(Completion, BatchedSubmitterStress, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? "pipelined" : "on_worker"; });
-
-// A pipelined worker goes on to its next batches while an earlier one waits for its sync, at
-// most kPipelineDepth batches ahead; no result is ready before its own sync point completed.
-TEST(Pipeline, WorkerRunsAheadOfItsCompletionsByAtMostTheDepth) {
-  Gate held;
-  FakeDevice device;
-  device.hold_waits = &held;
-  std::atomic<int> model_calls{0};
-  FakeSubmitter s(
-      [&](int& x) {
-        model_calls.fetch_add(1);
-        return issue(x);
-      },
-      {.policy = EveryN{1}, .pipeline = true}, device);
-  std::vector<Future<Issued>> futures;
-  for (int i = 0; i < 10; ++i) futures.push_back(s.submit(i));
-  held.wait_entered(1);  // the first batch's sync point is held
-  while (model_calls.load() < static_cast<int>(kPipelineDepth) + 1)
-    std::this_thread::sleep_for(100us);
-  std::this_thread::sleep_for(20ms);
-  // Two handed over (one held in its wait, one queued behind it) and the third issued, waiting
-  // for room: no further.
-  EXPECT_EQ(model_calls.load(), static_cast<int>(kPipelineDepth) + 1);
-  for (const auto& f : futures) EXPECT_FALSE(f.ready());
-  held.open = true;
-  for (int i = 0; i < 10; ++i) {
-    const Issued r = futures[i].get();
-    EXPECT_EQ(r.value, i * 3 + 1);
-    EXPECT_TRUE(r.done->load()) << "request " << i << " was ready before its sync point";
-  }
-  s.shutdown();
-  EXPECT_EQ(s.stats().batches, 10u);
-  EXPECT_EQ(device.syncs->load(), 10);
-}
-
-TEST(Pipeline, NeedsABackendThatMarksSyncPoints) {
-  struct SyncOnly {
-    struct Worker {
-      void sync() {}
-    };
-    Worker make_worker(std::size_t) const { return {}; }
-  };
-  try {
-    BatchedSubmitter<int, int, SyncOnly> s([](int& x) { return x; }, {.pipeline = true});
-    ADD_FAILURE() << "accepted a backend without mark()";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
-    EXPECT_NE(std::string(e.what()).find("SubmitterOptions.pipeline: expected a backend whose "
-                                         "worker contexts have mark()"),
-              std::string::npos)
-        << e.what();
-  }
-  BatchedSubmitter<int, int, NoSyncBackend> ok([](int& x) { return x + 1; }, {.pipeline = true});
-  EXPECT_EQ(ok.submit(41).get(), 42);
 }
 
 TEST(BatchedSubmitter, SyncCountIsWhatTheEveryNPolicyDictates) {
@@ -274,44 +184,33 @@ TEST(BatchedSubmitter, ModelExceptionsReachOnlyTheirCaller) {
   EXPECT_EQ(s.stats().failed, 100u);
 }
 
-// Pipelined, a sync point whose mark throws fails its batch the same way.
 TEST(BatchedSubmitter, SyncFailureFailsExactlyThatBatch) {
-  for (bool pipeline : {false, true}) {
-    SCOPED_TRACE(pipeline ? "pipelined" : "on the worker");
-    FakeDevice device;
-    device.fail_sync_number->store(2);
-    if (pipeline) device.fail_mark_number->store(4);
-    Gate gate;
-    FakeSubmitter s(
-        [&](int& x) {
-          if (x == 0) gate.pass();
-          return issue(x);
-        },
-        {.policy = EveryN{4}, .pipeline = pipeline}, device);
-    std::vector<Future<Issued>> futures;
-    futures.push_back(s.submit(0));
-    gate.wait_entered(1);
-    for (int i = 1; i < 20; ++i) futures.push_back(s.submit(i));
-    gate.open = true;
-    for (int i = 0; i < 20; ++i) {
-      const bool failed_sync = i >= 4 && i < 8, failed_mark = pipeline && i >= 12 && i < 16;
-      if (failed_sync || failed_mark) {
-        try {
-          futures[i].get();
-          ADD_FAILURE() << "request " << i << " is in a batch whose sync failed";
-        } catch (const Error& e) {
-          EXPECT_EQ(e.code(), ErrorCode::kSyncFailed);
-          EXPECT_NE(std::string(e.what()).find(failed_mark ? "device fault while marking"
-                                                           : "device fault"),
-                    std::string::npos)
-              << e.what();
-        }
-      } else {
-        EXPECT_TRUE(futures[i].get().done->load()) << i;
+  FakeDevice device;
+  device.fail_sync_number->store(2);
+  Gate gate;
+  FakeSubmitter s(
+      [&](int& x) {
+        if (x == 0) gate.pass();
+        return issue(x);
+      },
+      {.policy = EveryN{4}}, device);
+  std::vector<Future<Issued>> futures;
+  futures.push_back(s.submit(0));
+  gate.wait_entered(1);
+  for (int i = 1; i < 12; ++i) futures.push_back(s.submit(i));
+  gate.open = true;
+  for (int i = 0; i < 12; ++i) {
+    if (i >= 4 && i < 8) {
+      try {
+        futures[i].get();
+        ADD_FAILURE() << "request " << i << " is in the batch whose sync failed";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::kSyncFailed);
+        EXPECT_NE(std::string(e.what()).find("device fault"), std::string::npos);
       }
+    } else {
+      EXPECT_TRUE(futures[i].get().done->load()) << i;
     }
-    s.shutdown();
-    EXPECT_EQ(s.stats().failed, pipeline ? 8u : 4u);
   }
 }
 
@@ -370,15 +269,9 @@ TEST(BatchedSubmitter, BlockModeWaitsForRoom) {
 }
 
 TEST(BatchedSubmitter, ShutdownWhileProducersSubmitLosesNothing) {
-  for (const auto& [on_full, pipeline] :
-       {std::pair{OverflowPolicy::kBlock, false}, std::pair{OverflowPolicy::kReject, false},
-        std::pair{OverflowPolicy::kBlock, true}, std::pair{OverflowPolicy::kReject, true}}) {
+  for (auto on_full : {OverflowPolicy::kBlock, OverflowPolicy::kReject}) {
     FakeSubmitter s([](int& x) { return issue(x); },
-                    {.queue_capacity = 64,
-                     .on_full = on_full,
-                     .workers = 2,
-                     .policy = EveryN{8},
-                     .pipeline = pipeline},
+                    {.queue_capacity = 64, .on_full = on_full, .workers = 2, .policy = EveryN{8}},
                     FakeDevice{});
     constexpr int kProducers = 8;
     std::atomic<std::uint64_t> accepted{0}, shut_out{0}, full{0}, bad{0};
@@ -706,34 +599,6 @@ TEST(SubmitThen, EveryRequestCallsBackExactlyOnceEvenWhenRefused) {
   }
   EXPECT_EQ(values.load(), 16000);
   EXPECT_EQ(errors.load(), 1);
-}
-
-// Callbacks that submit the next request (an event-loop client), pipelined: they run on the
-// completion threads while the workers issue the next batches. Every chain runs to its end.
-TEST(SubmitThen, PipelinedCallbacksMaySubmitAgain) {
-  constexpr int kChains = 32, kLength = 300;
-  IntSubmitter s(SummingModel{}.model(),
-                 {.queue_capacity = 64, .workers = 2, .policy = EveryN{16}, .pipeline = true});
-  std::atomic<int> done{0}, wrong{0}, finished{0};
-  std::vector<std::function<void(int)>> send(kChains);
-  for (int c = 0; c < kChains; ++c)
-    send[c] = [&, c](int step) {
-      s.submit_then(step, [&, c, step](std::exception_ptr e, int v) {
-        if (e || v != step * 10) wrong.fetch_add(1);
-        done.fetch_add(1);
-        if (step + 1 < kLength) {
-          send[c](step + 1);
-        } else {
-          finished.fetch_add(1);
-        }
-      });
-    };
-  for (int c = 0; c < kChains; ++c) send[c](0);
-  while (finished.load() < kChains) std::this_thread::sleep_for(1ms);
-  s.shutdown();
-  EXPECT_EQ(wrong.load(), 0);
-  EXPECT_EQ(done.load(), kChains * kLength);
-  EXPECT_EQ(s.stats().completed, static_cast<std::uint64_t>(kChains * kLength));
 }
 
 TEST(Stats, LatencyPercentilesAreOrderedAndCounted) {

@@ -621,11 +621,6 @@ TEST_P(GraphedModelOnDevice, SubmitterWithGraphsMatchesEager) {
                      TorchBackend(device, backend));
   Submitter stacked(make_stacked_model(graphed, {.output_device = c10::Device(c10::kCPU)}),
                     {.workers = 2, .policy = EveryN{16}}, TorchBackend(device, backend));
-  // Pipelined: the next batch's gather and replay overwrite the static buffers while the last
-  // batch's outputs are still being copied out and completed.
-  Submitter pipelined(make_stacked_model(graphed),
-                      {.workers = 2, .policy = EveryN{16}, .pipeline = true},
-                      TorchBackend(device, backend));
   const std::uint64_t warmed = graphed.stats().captured;
   std::vector<std::thread> producers;
   std::atomic<int> mismatches{0};
@@ -638,10 +633,8 @@ TEST_P(GraphedModelOnDevice, SubmitterWithGraphsMatchesEager) {
         const at::Tensor x = at::randn({1 + (t + i) % 3, 32}, at::TensorOptions().device(device));
         auto a = per_call.submit(x);
         auto b = stacked.submit(x);
-        auto c = pipelined.submit(x);
         const at::Tensor want = mlp(x).cpu();
-        for (const auto& check : {matches_eager(a.get(), want), matches_eager(b.get(), want),
-                                  matches_eager(c.get(), want)}) {
+        for (const auto& check : {matches_eager(a.get(), want), matches_eager(b.get(), want)}) {
           if (check) continue;
           std::lock_guard lock(first_mu);
           if (mismatches++ == 0) first = check.message();
@@ -651,7 +644,7 @@ TEST_P(GraphedModelOnDevice, SubmitterWithGraphsMatchesEager) {
   for (auto& p : producers) p.join();
   EXPECT_EQ(mismatches.load(), 0) << "first: " << first;
   if (device.is_cuda()) {
-    EXPECT_EQ(warmed, 6u * 5u);  // 6 workers with a stream each, buckets 1, 2, 4, 8, 16
+    EXPECT_EQ(warmed, 4u * 5u);  // 4 workers with a stream each, buckets 1, 2, 4, 8, 16
     EXPECT_GT(graphed.stats().replays, 0u);
   }
 }

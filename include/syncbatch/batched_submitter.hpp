@@ -4,10 +4,8 @@
 #include <algorithm>
 #include <atomic>
 #include <concepts>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <latch>
@@ -54,22 +52,7 @@ struct SubmitterOptions {
   /// docs/RESULTS.md). Callbacks (submit_then, async_submit) and callers that find the result
   /// ready are not affected. Costs one thread, asleep while there is nothing to wake.
   bool waker_thread = false;
-  /// Completes each worker's batches on a completion thread of that worker: once a batch's work
-  /// is issued, the worker marks its sync point (the backend context's mark()) and goes on to
-  /// the next batch, while the completion thread waits for the point and completes the batch's
-  /// requests (storing results, running submit_then callbacks, waking waiters). A worker is at
-  /// most kPipelineDepth batches ahead of its completions. For servers whose worker, not the
-  /// device, bounds throughput: with 64 callback clients on one H200 this took stacked mode
-  /// with graphs from 420K to ... requests/s (docs/RESULTS.md). Callbacks then run on the
-  /// completion thread, which has none of the worker context's settings (stream, inference
-  /// mode). Needs a backend whose worker contexts have mark() (TorchBackend, NoSyncBackend);
-  /// others are refused with Error(kInvalidArgument). Costs one thread per worker.
-  bool pipeline = false;
 };
-
-/// The batches a pipelined worker (SubmitterOptions::pipeline) may have issued and not yet seen
-/// completed; it waits before handing over another.
-inline constexpr std::size_t kPipelineDepth = 2;
 
 /// The smallest batch whose wake-ups SubmitterOptions::waker_thread hands to the helper thread:
 /// below it, the worker's own wake-ups cost less than the hand-off.
@@ -90,23 +73,10 @@ concept SubmitterBackend = requires(const B& b, std::size_t worker_index) {
   };
 };
 
-/// A worker context that can also mark a sync point, for SubmitterOptions::pipeline:
-/// `ctx.mark()` (on the worker thread) returns a movable object whose `wait()`, called once from
-/// another thread, returns when all work the worker issued before the mark has completed, as
-/// sync() would have then (waiting longer is allowed), or throws as sync() would.
-template <class Ctx>
-concept MarksSyncPoints = requires(Ctx& ctx) {
-  ctx.mark().wait();
-};
-
 /// The backend for work that completes when the call returns (CPU, tests): sync is a no-op.
 struct NoSyncBackend {
   struct Worker {
-    struct Point {
-      void wait() noexcept {}
-    };
     void sync() noexcept {}
-    Point mark() noexcept { return {}; }
   };
   Worker make_worker(std::size_t) const noexcept { return {}; }
 };
@@ -336,13 +306,7 @@ class BatchedSubmitter {
   using RequestPtr = RequestT*;
   using Queue = detail::RequestQueue<RequestPtr>;
 
-  using Context = decltype(std::declval<const Backend&>().make_worker(std::size_t{}));
-
   static SubmitterOptions validated(SubmitterOptions o) {
-    if (o.pipeline && !MarksSyncPoints<Context>)
-      throw Error(ErrorCode::kInvalidArgument,
-                  "SubmitterOptions.pipeline: expected a backend whose worker contexts have "
-                  "mark() (TorchBackend, NoSyncBackend), got one without");
     if (o.queue_capacity == 0)
       throw Error(ErrorCode::kInvalidArgument,
                   "SubmitterOptions.queue_capacity: expected >= 1, got 0");
@@ -393,14 +357,7 @@ class BatchedSubmitter {
       auto ctx = backend_.make_worker(index);
       reported = true;
       started.count_down();
-      if constexpr (MarksSyncPoints<Context>) {
-        if (options_.pipeline) {
-          Completer<decltype(ctx.mark())> completer(*this);  // drains and joins when it goes
-          worker_loop(ctx, &completer);
-          return;
-        }
-      }
-      worker_loop(ctx, static_cast<NoCompleter*>(nullptr));
+      worker_loop(ctx);
     } catch (...) {
       // Only the backend's make_worker can throw: the loop catches per request and per batch.
       if (!reported) {
@@ -410,8 +367,8 @@ class BatchedSubmitter {
     }
   }
 
-  template <class Ctx, class Pipe>
-  void worker_loop(Ctx& ctx, Pipe* pipe) {
+  template <class Ctx>
+  void worker_loop(Ctx& ctx) {
     SyncPolicy policy = options_.policy;
     std::vector<RequestPtr> batch;
     batch.reserve(std::min<std::size_t>(policy.batch_limit(), 1024));
@@ -426,7 +383,7 @@ class BatchedSubmitter {
             queue_.wait(hold, /*return_on_close=*/true);
             continue;
           }
-          finish_batch(ctx, pipe, policy, batch, work, oldest_arrival);
+          finish_batch(ctx, policy, batch, work, oldest_arrival);
           continue;
         }
         if (queue_.drained()) return;
@@ -456,8 +413,7 @@ class BatchedSubmitter {
       }
       batch.push_back(request);
       work.ops = batch.size();
-      if (policy.should_sync(work, started))
-        finish_batch(ctx, pipe, policy, batch, work, oldest_arrival);
+      if (policy.should_sync(work, started)) finish_batch(ctx, policy, batch, work, oldest_arrival);
     }
   }
 
@@ -493,36 +449,14 @@ class BatchedSubmitter {
     if constexpr (requires { ctx.before_run(arrived); }) ctx.before_run(arrived);
   }
 
-  // When a batch's requests started: its first request's start and its oldest arrival.
-  struct BatchTimes {
-    Clock::time_point first_start;
-    Clock::time_point oldest_arrival;
-  };
-
-  template <class Ctx, class Pipe>
-  void finish_batch(Ctx& ctx, Pipe* pipe, SyncPolicy& policy, std::vector<RequestPtr>& batch,
-                    PendingWork& work, Clock::time_point oldest_arrival) {
+  template <class Ctx>
+  void finish_batch(Ctx& ctx, SyncPolicy& policy, std::vector<RequestPtr>& batch, PendingWork& work,
+                    Clock::time_point oldest_arrival) {
     if (stacked_) {
       Clock::time_point latest = oldest_arrival;
       for (RequestPtr r : batch) latest = std::max(latest, r->arrived());
       before_run(ctx, latest);
       run_stacked(batch);
-    }
-    const BatchTimes times{work.oldest, oldest_arrival};
-    work = PendingWork{};
-    if constexpr (!std::is_same_v<Pipe, NoCompleter>) {
-      // Pipelined: mark the sync point and hand the batch over; its completion comes later.
-      pipe->observe_into(policy);
-      std::optional<decltype(ctx.mark())> point;
-      std::optional<std::string> mark_error;
-      try {
-        point.emplace(ctx.mark());
-      } catch (...) {
-        mark_error = "device sync failed: " + detail::describe_exception(std::current_exception());
-      }
-      pipe->hand_off(batch, std::move(point), std::move(mark_error), times, policy.batch_limit());
-      batch.clear();
-      return;
     }
     const auto before = Clock::now();
     std::optional<std::string> sync_error;
@@ -533,20 +467,6 @@ class BatchedSubmitter {
     }
     const auto after = Clock::now();
     const std::size_t size = batch.size();
-    const std::size_t failures = complete_batch(batch, sync_error, after);
-    // max_latency counts from the oldest request's arrival: the queueing it includes is what
-    // tells Adaptive that the worker is falling behind.
-    policy.observe(BatchObservation{size, after - before, after - times.first_start,
-                                    after - times.oldest_arrival});
-    stats_.on_batch(size, failures, policy.batch_limit());
-    batch.clear();
-  }
-
-  // Completes a synced batch (or one whose sync failed: `sync_error`), wakes its waiters and
-  // drops the submitter's references. Returns the requests that failed.
-  std::size_t complete_batch(const std::vector<RequestPtr>& batch,
-                             const std::optional<std::string>& sync_error,
-                             Clock::time_point after) {
     std::size_t failures = 0;
     for (RequestPtr r : batch) {
       r->drop_input();
@@ -558,105 +478,20 @@ class BatchedSubmitter {
       stats_.record_latency(after - r->arrived(), after);
       intrusive_ptr_release(r);
     }
-    if (options_.waker_thread && batch.size() >= kDelegatedWakeMin) {
+    if (options_.waker_thread && size >= kDelegatedWakeMin) {
       ask_waker();
     } else {
       detail::Completion<Out>::wake_all(wakeups_);
     }
     stats_.on_complete_time(Clock::now() - after);
-    return failures;
+    // max_latency counts from the oldest request's arrival: the queueing it includes is what
+    // tells Adaptive that the worker is falling behind.
+    policy.observe(
+        BatchObservation{size, after - before, after - work.oldest, after - oldest_arrival});
+    stats_.on_batch(size, failures, policy.batch_limit());
+    batch.clear();
+    work = PendingWork{};
   }
-
-  struct NoCompleter {};
-
-  // The completion thread of one pipelined worker (SubmitterOptions::pipeline): takes the
-  // batches the worker issued, in order, waits for each one's sync point, completes it, and
-  // passes the observation back for the worker's policy. Its destructor completes every batch
-  // handed over, then joins.
-  template <class Point>
-  class Completer {
-   public:
-    explicit Completer(BatchedSubmitter& submitter)
-        : submitter_(submitter), thread_([this] { run(); }) {}
-    Completer(const Completer&) = delete;
-    Completer& operator=(const Completer&) = delete;
-    ~Completer() {
-      {
-        std::lock_guard lock(mu_);
-        stop_ = true;
-      }
-      ready_.notify_one();
-      thread_.join();
-    }
-
-    // Takes the batch's requests (leaving `batch` empty); waits while kPipelineDepth batches
-    // are handed over and not completed.
-    void hand_off(std::vector<RequestPtr>& batch, std::optional<Point> point,
-                  std::optional<std::string> mark_error, BatchTimes times, std::size_t limit) {
-      std::unique_lock lock(mu_);
-      room_.wait(lock, [&] { return pending_.size() < kPipelineDepth; });
-      pending_.push_back(
-          Issued{std::exchange(batch, {}), std::move(point), std::move(mark_error), times, limit});
-      lock.unlock();
-      ready_.notify_one();
-    }
-
-    // Feeds the observations of batches completed since the last call to the worker's policy.
-    void observe_into(SyncPolicy& policy) {
-      std::lock_guard lock(mu_);
-      for (const auto& o : observed_) policy.observe(o);
-      observed_.clear();
-    }
-
-   private:
-    struct Issued {
-      std::vector<RequestPtr> requests;
-      std::optional<Point> point;  // unset when marking it failed (mark_error)
-      std::optional<std::string> mark_error;
-      BatchTimes times;
-      std::size_t limit;
-    };
-
-    void run() {
-      std::unique_lock lock(mu_);
-      for (;;) {
-        ready_.wait(lock, [&] { return !pending_.empty() || stop_; });
-        if (pending_.empty()) return;  // stopped, and every batch handed over is complete
-        Issued& b = pending_.front();  // stays queued (counted against the depth) until done
-        lock.unlock();
-        const auto before = Clock::now();
-        std::optional<std::string> sync_error = std::move(b.mark_error);
-        if (b.point) {
-          try {
-            b.point->wait();
-          } catch (...) {
-            sync_error =
-                "device sync failed: " + detail::describe_exception(std::current_exception());
-          }
-        }
-        const auto after = Clock::now();
-        const std::size_t size = b.requests.size();
-        const std::size_t failures = submitter_.complete_batch(b.requests, sync_error, after);
-        submitter_.stats_.on_batch(size, failures, b.limit);
-        const BatchObservation seen{size, after - before, after - b.times.first_start,
-                                    after - b.times.oldest_arrival};
-        b.point.reset();
-        lock.lock();
-        observed_.push_back(seen);
-        pending_.pop_front();
-        room_.notify_one();
-      }
-    }
-
-    BatchedSubmitter& submitter_;
-    std::mutex mu_;
-    std::condition_variable ready_;  // the completion thread waits for a batch or the stop
-    std::condition_variable room_;   // the worker waits for room in the pipeline
-    std::deque<Issued> pending_;
-    std::vector<BatchObservation> observed_;
-    bool stop_ = false;
-    std::thread thread_;  // last: started once the members above exist
-  };
 
   void ask_waker() noexcept {
     wake_requests_.fetch_add(1, std::memory_order_release);

@@ -116,30 +116,6 @@ class TorchBackend {
     Worker(const Worker&) = delete;
     Worker& operator=(const Worker&) = delete;
     void sync() { sync_(); }
-
-    /// A mark of the work this worker has issued so far, for SubmitterOptions::pipeline.
-    /// wait(), called once from any thread, returns when that work has completed, as sync()
-    /// would have at the mark; device sync (and LibTorch before 2.4, which has no event wait)
-    /// waits for the device or stream, later work included. Errors: as sync().
-    class SyncPoint {
-     public:
-      void wait();
-
-     private:
-      friend class Worker;
-      SyncPoint(c10::Device device, SyncMode mode, c10::Stream stream, bool fallback_to_device)
-          : device_(device),
-            mode_(mode),
-            stream_(stream),
-            fallback_to_device_(fallback_to_device) {}
-      c10::Device device_;
-      SyncMode mode_;
-      c10::Stream stream_;
-      bool fallback_to_device_;
-      std::optional<c10::Event> event_;  // recorded at the mark, where it can be waited for
-    };
-    /// Marks the work issued so far (see SyncPoint). Errors: what recording an event throws.
-    SyncPoint mark();
     /// Orders this worker's stream after the default stream's work enqueued before requests
     /// that arrived at `arrived` (see TorchBackendOptions::wait_for_default_stream).
     void before_run(std::chrono::steady_clock::time_point arrived);
@@ -150,7 +126,6 @@ class TorchBackend {
     c10::StreamGuard stream_guard_;
     std::optional<c10::InferenceMode> inference_mode_;
     DeviceSync sync_;
-    bool fallback_to_device_;
     std::optional<c10::Event> inputs_ready_;  // set when the stream is not the default stream
     std::chrono::steady_clock::time_point covered_until_{};  // arrivals before it are ordered
   };
