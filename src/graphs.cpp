@@ -93,6 +93,19 @@ std::vector<int64_t> fused_buckets(const GraphOptions& options) {
 
 }  // namespace
 
+namespace {
+
+// "cuda" means the current CUDA device: give it its index, so that inputs (always on an
+// indexed device, "cuda:0") compare equal to it.
+c10::Device with_index(c10::Device device) {
+  if (device.is_cpu() || device.has_index() || !c10::impl::hasDeviceGuardImpl(device.type()))
+    return device;
+  return c10::Device(device.type(),
+                     c10::impl::getDeviceGuardImpl(device.type())->getDevice().index());
+}
+
+}  // namespace
+
 int64_t bucket_for(int64_t rows, const std::vector<int64_t>& buckets) {
   const auto it = std::lower_bound(buckets.begin(), buckets.end(), rows);
   return it == buckets.end() ? 0 : *it;
@@ -136,7 +149,7 @@ struct GraphedModel::Impl {
 
   Impl(Forward m, c10::Device d, GraphOptions o, std::shared_ptr<detail::GraphEngine> e)
       : model(std::move(m)),
-        device(d),
+        device(with_index(d)),
         options(std::move(o)),
         buckets(graph_buckets(options)),
         call_buckets(fused_buckets(options)),

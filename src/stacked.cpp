@@ -103,12 +103,18 @@ bool same_signature(const Row& a, const Row& b) {
   return true;
 }
 
+// Whether `t` is on `device`, where a device without an index ("cuda") is any of its type.
+bool is_on(const at::Tensor& t, c10::Device device) {
+  return device.has_index() ? t.device() == device : t.device().type() == device.type();
+}
+
 // Concatenates one input position of a group on `target`: on the source device when it is the
 // target, else into one (pinned, for CUDA) host buffer followed by one copy.
 at::Tensor stack_inputs(const std::vector<at::Tensor>& parts,
                         const std::optional<c10::Device>& target) {
   const c10::Device source = parts.front().device();
-  if (!target || *target == source) return parts.size() == 1 ? parts.front() : at::cat(parts, 0);
+  if (!target || is_on(parts.front(), *target))
+    return parts.size() == 1 ? parts.front() : at::cat(parts, 0);
   if (source.is_cpu() && target->is_cuda()) {
     int64_t rows = 0;
     for (const auto& p : parts) rows += p.size(0);
@@ -184,7 +190,7 @@ class GroupRunner {
       if constexpr (requires { adapter_.gather; }) {
         // A model that stacks the rows itself, where they need no staging on another device.
         if (adapter_.gather && parts.size() > 1 &&
-            (!options_.device || *options_.device == parts.front().device())) {
+            (!options_.device || is_on(parts.front(), *options_.device))) {
           outputs.push_back(adapter_.gather(parts));
           break;  // a single-tensor adapter: one position
         }

@@ -721,6 +721,32 @@ TEST_P(GraphedModelOnDevice, ManyWorkersCaptureAndFreeConcurrently) {
   }
 }
 
+// "cuda" (no index) is the current device: inputs on "cuda:0" are on the model's device, so
+// call_each fuses them and call_rows gathers them (they once fell back, call by call).
+TEST_P(GraphedModelOnDevice, ADeviceWithoutIndexIsTheCurrentOne) {
+  const c10::Device device = GetParam();
+  c10::InferenceMode inference;
+  const Mlp mlp(32, 64, 8, device);
+  GraphedModel graphed([&](const at::Tensor& x) { return mlp(x); }, c10::Device(device.type()),
+                       {.max_rows = 8, .max_fused_calls = 8});
+  EXPECT_EQ(graphed.device(), device);
+  std::vector<at::Tensor> xs;
+  for (int i = 0; i < 8; ++i) xs.push_back(at::randn({1, 32}, at::TensorOptions().device(device)));
+  const std::vector<at::Tensor> each = graphed.call_each(xs);
+  const at::Tensor rows = graphed.call_rows(xs);
+  synchronize_device(device);
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    EXPECT_TRUE(matches_eager(each[i], mlp(xs[i]))) << i;
+    EXPECT_TRUE(matches_eager(rows.narrow(0, static_cast<int64_t>(i), 1), mlp(xs[i]))) << i;
+  }
+  const GraphStats s = graphed.stats();
+  if (device.is_cuda()) {
+    EXPECT_EQ(s.fused_replays, 1u);  // the 8 calls in one replay, not 8 replays of one
+    EXPECT_EQ(s.replays, 8u + 1u);   // and the 8 rows in one bucket-8 replay
+    EXPECT_EQ(s.eager_runs, 0u);
+  }
+}
+
 TEST_P(GraphedModelOnDevice, WorksInASyncScopeLoop) {
   const c10::Device device = GetParam();
   c10::InferenceMode inference;

@@ -99,6 +99,7 @@ class GraphedModel {
  public:
   using Forward = std::function<at::Tensor(const at::Tensor&)>;
 
+  /// `device` without an index ("cuda") means the current device of the constructing thread.
   /// Errors: throws Error(kInvalidArgument) for an empty model or a bad option.
   GraphedModel(Forward model, c10::Device device, GraphOptions options = {});
 
