@@ -363,22 +363,20 @@ Cell callback_loop(Submitter& submitter, const std::vector<at::Tensor>& inputs, 
   std::atomic<int> in_flight{0};
   std::function<void(int)> send = [&](int c) {
     chain[c].sent = Clock::now();
-    try {
-      submitter.submit_then(at::Tensor(inputs[c]), [&, c](std::exception_ptr, at::Tensor) {
-        const auto now = Clock::now();
-        if (record.load(std::memory_order_relaxed)) {
-          chain[c].samples.add(now - chain[c].sent);
-          ++chain[c].count;
-        }
-        if (stop.load(std::memory_order_relaxed)) {
-          in_flight.fetch_sub(1, std::memory_order_release);
-        } else {
-          send(c);
-        }
-      });
-    } catch (...) {  // shut down: the chain ends
-      in_flight.fetch_sub(1, std::memory_order_release);
-    }
+    // submit_then throws nothing: a refused request (queue full, shut down) calls back with the
+    // error, and its chain ends there.
+    submitter.submit_then(at::Tensor(inputs[c]), [&, c](std::exception_ptr error, at::Tensor) {
+      const auto now = Clock::now();
+      if (record.load(std::memory_order_relaxed) && !error) {
+        chain[c].samples.add(now - chain[c].sent);
+        ++chain[c].count;
+      }
+      if (error || stop.load(std::memory_order_relaxed)) {
+        in_flight.fetch_sub(1, std::memory_order_release);
+      } else {
+        send(c);
+      }
+    });
   };
   const auto sleep = [](double s) {
     std::this_thread::sleep_for(std::chrono::duration<double>(s));
