@@ -46,10 +46,10 @@ const c10::impl::DeviceGuardImplInterface* guard_impl(c10::DeviceType type) {
 }
 
 // Gives a device without an index (e.g. "cuda") the calling thread's current index.
+// Errors: Error(kInvalidArgument) for a device type this LibTorch does not support.
 c10::Device normalized(c10::Device device) {
-  const auto* impl = guard_impl(device.type());
-  if (device.is_cpu() || device.has_index()) return device;
-  return c10::Device(device.type(), impl->getDevice().index());
+  guard_impl(device.type());
+  return detail::with_current_index(device);
 }
 
 template <class Impl>
@@ -80,6 +80,13 @@ void synchronize_event(Event& event, const c10::Stream& stream) {
 }
 
 }  // namespace
+
+c10::Device detail::with_current_index(c10::Device device) {
+  if (device.is_cpu() || device.has_index() || !c10::impl::hasDeviceGuardImpl(device.type()))
+    return device;
+  return c10::Device(device.type(),
+                     c10::impl::getDeviceGuardImpl(device.type())->getDevice().index());
+}
 
 std::string to_string(SyncMode mode) {
   return mode == SyncMode::kDevice ? "device" : "event";

@@ -17,6 +17,7 @@
 
 #include "syncbatch/error.hpp"
 #include "syncbatch/torch/detail/graph_engine.hpp"
+#include "syncbatch/torch/device_sync.hpp"
 #include "syncbatch/torch/stacked.hpp"
 
 namespace syncbatch {
@@ -93,19 +94,6 @@ std::vector<int64_t> fused_buckets(const GraphOptions& options) {
 
 }  // namespace
 
-namespace {
-
-// "cuda" means the current CUDA device: give it its index, so that inputs (always on an
-// indexed device, "cuda:0") compare equal to it.
-c10::Device with_index(c10::Device device) {
-  if (device.is_cpu() || device.has_index() || !c10::impl::hasDeviceGuardImpl(device.type()))
-    return device;
-  return c10::Device(device.type(),
-                     c10::impl::getDeviceGuardImpl(device.type())->getDevice().index());
-}
-
-}  // namespace
-
 int64_t bucket_for(int64_t rows, const std::vector<int64_t>& buckets) {
   const auto it = std::lower_bound(buckets.begin(), buckets.end(), rows);
   return it == buckets.end() ? 0 : *it;
@@ -149,7 +137,7 @@ struct GraphedModel::Impl {
 
   Impl(Forward m, c10::Device d, GraphOptions o, std::shared_ptr<detail::GraphEngine> e)
       : model(std::move(m)),
-        device(with_index(d)),
+        device(detail::with_current_index(d)),  // "cuda": inputs come on "cuda:0"
         options(std::move(o)),
         buckets(graph_buckets(options)),
         call_buckets(fused_buckets(options)),

@@ -8,6 +8,8 @@
 #include <sstream>
 #include <utility>
 
+#include "syncbatch/torch/device_sync.hpp"
+
 namespace syncbatch {
 namespace {
 
@@ -103,9 +105,9 @@ bool same_signature(const Row& a, const Row& b) {
   return true;
 }
 
-// Whether `t` is on `device`, where a device without an index ("cuda") is any of its type.
+// Whether `t` is on `device`, where a device without an index ("cuda") is the current one.
 bool is_on(const at::Tensor& t, c10::Device device) {
-  return device.has_index() ? t.device() == device : t.device().type() == device.type();
+  return t.device() == detail::with_current_index(device);
 }
 
 // Concatenates one input position of a group on `target`: on the source device when it is the

@@ -67,6 +67,13 @@ class DeviceSync {
   std::unique_ptr<EventHolder> event_;
 };
 
+namespace detail {
+/// `device` with the calling thread's current index where it has none ("cuda" -> "cuda:0"):
+/// tensors are always on an indexed device. Unchanged for the CPU, and for a device type this
+/// LibTorch does not support.
+c10::Device with_current_index(c10::Device device);
+}  // namespace detail
+
 /// Waits for all work on `device` (kDevice above). A free function for one-off use.
 void synchronize_device(c10::Device device);
 
