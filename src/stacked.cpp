@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/SmallVector.h>
 
+#include <algorithm>
 #include <memory>
 #include <sstream>
 #include <utility>
@@ -89,6 +90,17 @@ std::string check_inputs(const Row& inputs, const std::vector<InputSpec>& expect
         static_cast<std::size_t>(t.dim()) == spec.trailing_shape.size() + 1 &&
         std::equal(spec.trailing_shape.begin(), spec.trailing_shape.end(), t.sizes().begin() + 1);
     if (!same) return which() + "expected " + describe_spec(spec) + ", got " + describe_tensor(t);
+  }
+  // Every input is cut into the same rows: one request's row i is row i of each input.
+  const int64_t rows = inputs.front().size(0);
+  if (std::any_of(inputs.begin(), inputs.end(),
+                  [&](const at::Tensor& t) { return t.size(0) != rows; })) {
+    std::string m =
+        "expected every input to have the same number of rows (one row per example), got";
+    for (std::size_t j = 0; j < inputs.size(); ++j)
+      m += (j == 0 ? " input " : ", input ") + std::to_string(j) + ": " +
+           std::to_string(inputs[j].size(0)) + (inputs[j].size(0) == 1 ? " row" : " rows");
+    return m;
   }
   return "";
 }

@@ -229,6 +229,81 @@ TEST_P(StackedOnEachDevice, SeveralInputsAndOutputs) {
   }
 }
 
+// Regression: rows were counted from input 0 only, so a request with 1 row in input 0 and 2 in
+// input 1, batched with one of 2 and 1, made totals that matched, and each got rows of the
+// other's input 1. Such requests now fail alone, naming each input's rows; every good request
+// of the same batch gets exactly what the model gives it alone.
+TEST_P(StackedOnEachDevice, InputsWithDifferentRowCountsFailAloneAndMixNoRows) {
+  const c10::Device device = GetParam();
+  auto model = [](const Tensors& in) -> Tensors { return {in[0] * 10 + in[1], in[1] - in[0]}; };
+  Gate gate;
+  BatchedSubmitter<Tensors, Tensors, TorchBackend> s(
+      make_stacked_model_multi([&](const Tensors& in) {
+        gate.pass();
+        return model(in);
+      }),
+      {.policy = EveryN{16}}, TorchBackend(device));
+  auto warm = s.submit({at::randn({1, 3}, device), at::randn({1, 3}, device)});
+  gate.wait_entered();  // the next submissions form one batch
+  std::vector<Tensors> good;
+  std::vector<Future<Tensors>> good_futures;
+  auto submit_good = [&](int64_t rows) {
+    good.push_back({at::randn({rows, 3}, device), at::randn({rows, 3}, device)});
+    good_futures.push_back(s.submit(good.back()));
+  };
+  submit_good(1);
+  auto one_two = s.submit({at::randn({1, 3}, device), at::randn({2, 3}, device)});
+  submit_good(2);
+  auto two_one = s.submit({at::randn({2, 3}, device), at::randn({1, 3}, device)});
+  submit_good(3);
+  submit_good(1);
+  gate.open = true;
+  warm.get();
+  for (auto* f : {&one_two, &two_one}) {
+    try {
+      f->get();
+      ADD_FAILURE() << "a request with unequal row counts was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kBadRequest);
+      const std::string m = e.what();
+      EXPECT_NE(m.find("input 0"), std::string::npos) << m;
+      EXPECT_NE(m.find("input 1"), std::string::npos) << m;
+      EXPECT_NE(m.find("1 row"), std::string::npos) << m;
+      EXPECT_NE(m.find("2 rows"), std::string::npos) << m;
+    }
+  }
+  for (std::size_t i = 0; i < good.size(); ++i) {
+    const Tensors got = good_futures[i].get();
+    const Tensors want = model(good[i]);
+    ASSERT_EQ(got.size(), 2u);
+    EXPECT_TRUE(at::equal(got[0], want[0])) << "good request " << i;
+    EXPECT_TRUE(at::equal(got[1], want[1])) << "good request " << i;
+  }
+  s.shutdown();
+  EXPECT_EQ(s.stats().failed, 2u);
+}
+
+// A model whose outputs have different row counts fails with a message naming the output,
+// instead of each caller being cut rows by output 0's count.
+TEST_P(StackedOnEachDevice, OutputsWithDifferentRowCountsAreAClearError) {
+  const c10::Device device = GetParam();
+  BatchedSubmitter<Tensors, Tensors, TorchBackend> s(
+      make_stacked_model_multi([](const Tensors& in) -> Tensors {
+        return {in[0] * 2, at::cat({in[0], in[0].narrow(0, 0, 1)}, 0)};
+      }),
+      {.policy = EveryN{8}}, TorchBackend(device));
+  try {
+    s.submit({at::randn({2, 3}, device)}).get();
+    ADD_FAILURE() << "outputs with unequal rows were cut and returned";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kBadRequest);
+    const std::string m = e.what();
+    EXPECT_NE(m.find("output 1"), std::string::npos) << m;
+    EXPECT_NE(m.find("[3, 3]"), std::string::npos) << m;
+    EXPECT_NE(m.find("for 2 input rows"), std::string::npos) << m;
+  }
+}
+
 TEST_P(StackedOnEachDevice, CpuInputsAreStagedAndOutputsReturnedWhereAsked) {
   const c10::Device device = GetParam();
   const Mlp mlp(16, 16, 4, device);

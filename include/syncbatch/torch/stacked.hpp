@@ -56,6 +56,9 @@ StackedModel<at::Tensor, at::Tensor> make_stacked_model(
 
 /// As above for models with several inputs and outputs: each request is a list of tensors
 /// (stacked position by position), the model returns a list of tensors, each split by rows.
+/// Every input of a request must have the same number of rows (row i of the request is row i of
+/// each input); a request whose inputs differ fails alone with Error(kBadRequest) naming each
+/// input's rows. Every output must have one row per input row of the batch.
 StackedModel<Tensors, Tensors> make_stacked_model_multi(
     std::function<Tensors(const Tensors&)> model, StackingOptions options = {});
 
