@@ -6,9 +6,12 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <latch>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -19,6 +22,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/json.hpp>
 
 #include "server.hpp"
 #include "syncbatch/error.hpp"
@@ -194,6 +198,117 @@ TEST_P(HttpServerModes, RejectsBadRequestsWithAReasonAndKeepsServing) {
   }
   const at::Tensor x = at::randn({1, kWidth});
   EXPECT_EQ(post(port, "application/octet-stream", raw_bytes(x)).status, 200u);
+}
+
+// A raw HTTP exchange: `request` sent as bytes, the reply read until the server closes or
+// `until` appears (the whole reply when the body length is known from the caller's request).
+std::string exchange_raw(unsigned short port, const std::string& request) {
+  boost::asio::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port));
+  boost::asio::write(socket, boost::asio::buffer(request));
+  socket.shutdown(tcp::socket::shutdown_send);
+  std::string reply;
+  boost::system::error_code ec;
+  char chunk[4096];
+  for (;;) {
+    const std::size_t n = socket.read_some(boost::asio::buffer(chunk), ec);
+    reply.append(chunk, n);
+    if (ec) break;
+  }
+  return reply;
+}
+
+// Regression: numbers outside float32 (1e400 parses as inf, 3e38 * 4 overflows in the model)
+// were run, and the output's inf and nan were written into a 200 body as bare words that no
+// JSON parser accepts. Inputs must now be finite float32, and JSON outputs are valid JSON or an
+// error naming the element; raw outputs keep their bytes.
+TEST_P(HttpServerModes, NonFiniteNumbersNeverReachABody) {
+  // y = x summed over the row, 4 times: inputs near FLT_MAX overflow to inf, and inf - inf = nan.
+  const Model model{[](const at::Tensor& x) {
+                      return at::stack({x.sum(1), x.sum(1) * -1, x.sum(1) - x.sum(1)}, 1);
+                    },
+                    4, "sums"};
+  Server server(model, {.threads = 2, .mode = GetParam()});
+  const unsigned short port = server.port();
+  struct Case {
+    std::string body;
+    std::string says;
+  };
+  const std::vector<Case> bad_inputs{
+      {"[-1e400,1,1,1]", "element 0: expected a finite number in float32 range"},
+      {"[1,1e39,1,1]", "element 1: expected a finite number in float32 range"},
+      {"[[1,1,1,1],[1,1,1,-4e38]]", "row 1, element 3: expected a finite number"},
+  };
+  for (const Case& c : bad_inputs) {
+    const Reply r = post(port, "application/json", c.body);
+    EXPECT_EQ(r.status, 400u) << c.body << " -> " << r.body;
+    EXPECT_NE(r.body.find(c.says), std::string::npos) << r.body;
+  }
+  // Finite inputs whose outputs are not: no 200 with an invalid body.
+  const Reply overflow = post(port, "application/json", "[-3e38,-3e38,-3e38,-3e38]");
+  EXPECT_EQ(overflow.status, 500u) << overflow.body;
+  EXPECT_NE(overflow.body.find("output row 0, element 0 is -inf"), std::string::npos)
+      << overflow.body;
+  EXPECT_NE(overflow.body.find("application/octet-stream"), std::string::npos) << overflow.body;
+  // The same request as raw float32: the bytes as the model made them.
+  const float big[4] = {-3e38f, -3e38f, -3e38f, -3e38f};
+  const Reply raw =
+      post(port, "application/octet-stream", std::string(reinterpret_cast<const char*>(big), 16));
+  ASSERT_EQ(raw.status, 200u) << raw.body;
+  const at::Tensor y = from_raw(raw.body, 3);
+  EXPECT_TRUE(std::isinf(y[0][0].item<float>()));
+  EXPECT_TRUE(std::isnan(y[0][2].item<float>()));
+  // Raw inputs are held to the same rule as JSON ones.
+  const float nan_in[4] = {1, 2, std::numeric_limits<float>::quiet_NaN(), 4};
+  const Reply raw_nan = post(port, "application/octet-stream",
+                             std::string(reinterpret_cast<const char*>(nan_in), 16));
+  EXPECT_EQ(raw_nan.status, 400u) << raw_nan.body;
+  EXPECT_NE(raw_nan.body.find("row 0, element 2: expected a finite float32, got nan"),
+            std::string::npos)
+      << raw_nan.body;
+  // Every 200 body for good finite inputs still parses as JSON.
+  const Reply ok = post(port, "application/json", "[1,2,3,4]");
+  ASSERT_EQ(ok.status, 200u) << ok.body;
+  boost::system::error_code ec;
+  boost::json::parse(ok.body, ec);
+  EXPECT_FALSE(ec) << ok.body;
+}
+
+// Regression: a non-number element was echoed whole in the 400 message (500 KB in, 500 KB back).
+TEST_P(HttpServerModes, ErrorMessagesQuoteAShortExcerpt) {
+  Server server(small_model(), {.threads = 2, .mode = GetParam(), .max_body_bytes = 1 << 20});
+  const std::string huge = "\"" + std::string(200000, 'x') + "\"";
+  const Reply r = post(server.port(), "application/json", "[1,2,3,4,5,6,7," + huge + "]");
+  EXPECT_EQ(r.status, 400u);
+  EXPECT_NE(r.body.find("element 7: expected a number, got \"xxxx"), std::string::npos)
+      << r.body.substr(0, 200);
+  EXPECT_LT(r.body.size(), 300u) << "the message echoes the element whole";
+}
+
+// Regression: a transfer coding other than chunked was ignored (the body read as if plain) and
+// answered 200. RFC 9112 section 6.1: a server that does not understand a transfer coding
+// answers 501. Sent through a raw socket, as a client could.
+TEST_P(HttpServerModes, UnknownTransferCodingsAnswer501) {
+  Server server(small_model(), {.threads = 2, .mode = GetParam()});
+  const std::string body = "[1,2,3,4,5,6,7,8]";
+  char size[16];
+  std::snprintf(size, sizeof size, "%zx", body.size());
+  const std::string chunked = std::string(size) + "\r\n" + body + "\r\n0\r\n\r\n";
+  auto request = [&](const std::string& coding) {
+    return "POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           "Transfer-Encoding: " +
+           coding + "\r\nConnection: close\r\n\r\n" + chunked;
+  };
+  for (const std::string coding : {"gzip, chunked", "deflate,chunked", "x-custom , chunked"}) {
+    const std::string reply = exchange_raw(server.port(), request(coding));
+    EXPECT_EQ(reply.substr(0, 12), "HTTP/1.1 501") << coding << ": " << reply.substr(0, 200);
+    EXPECT_NE(reply.find("chunked"), std::string::npos) << reply;
+  }
+  const std::string plain = exchange_raw(server.port(), request("chunked"));
+  EXPECT_EQ(plain.substr(0, 12), "HTTP/1.1 200") << plain.substr(0, 200);
+  const std::string upper = exchange_raw(server.port(), request("Chunked"));
+  EXPECT_EQ(upper.substr(0, 12), "HTTP/1.1 200") << upper.substr(0, 200);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, HttpServerModes,

@@ -8,13 +8,16 @@
 
 #include <bit>
 #include <charconv>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string_view>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include <boost/asio/as_tuple.hpp>
@@ -81,6 +84,28 @@ std::string plural(int64_t n, const char* what) {
   return std::to_string(n) + " " + what + (n == 1 ? "" : "s");
 }
 
+// What error messages quote of a client's value: at most 80 characters of it.
+std::string excerpt(std::string text) {
+  constexpr std::size_t kMax = 80;
+  if (text.size() > kMax)
+    text = text.substr(0, kMax) + "... (" + std::to_string(text.size()) + " characters)";
+  return text;
+}
+
+std::string excerpt(const boost::json::value& v) {
+  return excerpt(boost::json::serialize(v));
+}
+
+std::string number_text(double d) {
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof buf, d);
+  return std::string(buf, r.ptr);
+}
+
+std::string element(int64_t row, std::size_t j) {
+  return "row " + std::to_string(row) + ", element " + std::to_string(j);
+}
+
 void append_row(const boost::json::array& row, int64_t width, int64_t index,
                 std::vector<float>& out) {
   if (static_cast<int64_t>(row.size()) != width)
@@ -89,10 +114,17 @@ void append_row(const boost::json::array& row, int64_t width, int64_t index,
                         ", got " + plural(static_cast<int64_t>(row.size()), "element")};
   for (std::size_t j = 0; j < row.size(); ++j) {
     if (!row[j].is_number())
-      throw HttpError{bh::status::bad_request, "row " + std::to_string(index) + ", element " +
-                                                   std::to_string(j) + ": expected a number, got " +
-                                                   boost::json::serialize(row[j])};
-    out.push_back(static_cast<float>(row[j].to_number<double>()));
+      throw HttpError{bh::status::bad_request,
+                      element(index, j) + ": expected a number, got " + excerpt(row[j])};
+    // A number JSON can write but float32 cannot hold (1e400 parses as inf; 1e39 overflows
+    // float32) is refused rather than run as inf.
+    const double d = row[j].to_number<double>();
+    if (!std::isfinite(d) || std::fabs(d) > std::numeric_limits<float>::max())
+      throw HttpError{
+          bh::status::bad_request,
+          element(index, j) + ": expected a finite number in float32 range (magnitude at most " +
+              number_text(std::numeric_limits<float>::max()) + "), got " + number_text(d)};
+    out.push_back(static_cast<float>(d));
   }
 }
 
@@ -110,10 +142,9 @@ Decoded decode_json(std::string_view body, int64_t width, int64_t max_rows) {
     throw HttpError{bh::status::bad_request, "malformed JSON body: " + ec.message() +
                                                  " (expected [x, ...] or [[x, ...], ...])"};
   if (!v.is_array() || v.as_array().empty())
-    throw HttpError{
-        bh::status::bad_request,
-        "expected a non-empty JSON array of numbers, or of rows, got " +
-            std::string(v.is_array() ? "an empty array" : boost::json::serialize(v)).substr(0, 80)};
+    throw HttpError{bh::status::bad_request,
+                    "expected a non-empty JSON array of numbers, or of rows, got " +
+                        (v.is_array() ? std::string("an empty array") : excerpt(v))};
   const boost::json::array& a = v.as_array();
   Decoded d;
   d.encoding = Encoding::kJson;
@@ -128,9 +159,9 @@ Decoded decode_json(std::string_view body, int64_t width, int64_t max_rows) {
   d.values.reserve(static_cast<std::size_t>(d.rows * width));
   for (std::size_t i = 0; i < a.size(); ++i) {
     if (!a[i].is_array())
-      throw HttpError{bh::status::bad_request, "row " + std::to_string(i) +
-                                                   ": expected an array of numbers, got " +
-                                                   boost::json::serialize(a[i]).substr(0, 80)};
+      throw HttpError{
+          bh::status::bad_request,
+          "row " + std::to_string(i) + ": expected an array of numbers, got " + excerpt(a[i])};
     append_row(a[i].as_array(), width, static_cast<int64_t>(i), d.values);
   }
   return d;
@@ -152,6 +183,12 @@ Decoded decode_raw(const std::vector<char>& body, int64_t width, int64_t max_row
   if constexpr (std::endian::native == std::endian::big)
     for (float& f : d.values)
       f = std::bit_cast<float>(__builtin_bswap32(std::bit_cast<uint32_t>(f)));
+  for (std::size_t i = 0; i < d.values.size(); ++i)
+    if (!std::isfinite(d.values[i]))
+      throw HttpError{
+          bh::status::bad_request,
+          element(static_cast<int64_t>(i) / width, i % static_cast<std::size_t>(width)) +
+              ": expected a finite float32, got " + number_text(d.values[i])};
   return d;
 }
 
@@ -174,6 +211,15 @@ void encode(const at::Tensor& y, const Decoded& d, Response& res) {
     std::memcpy(body.data(), p, body.size());
     return;
   }
+  // JSON has no inf or nan: an output that is not finite is an error naming it, never a body
+  // no parser accepts. Raw float32 answers above keep every value as the model made it.
+  for (int64_t i = 0; i < rows * cols; ++i)
+    if (!std::isfinite(p[i]))
+      throw HttpError{bh::status::internal_server_error,
+                      "output " + element(i / cols, static_cast<std::size_t>(i % cols)) + " is " +
+                          number_text(p[i]) +
+                          ", which JSON cannot carry; send the request as "
+                          "application/octet-stream to get the raw float32 values"};
   std::string s;
   s.reserve(static_cast<std::size_t>(rows * cols) * 12 + 8);
   if (d.nested) s += '[';
@@ -189,6 +235,17 @@ void encode(const at::Tensor& y, const Decoded& d, Response& res) {
   if (d.nested) s += ']';
   res.set(bh::field::content_type, "application/json");
   body.assign(s.begin(), s.end());
+}
+
+// The first transfer coding of a request other than chunked (the only one this server decodes),
+// if any.
+template <class Fields>
+std::optional<std::string> unsupported_transfer_coding(const bh::request_header<Fields>& req) {
+  const auto range = req.equal_range(bh::field::transfer_encoding);
+  for (auto it = range.first; it != range.second; ++it)
+    for (const auto& token : bh::token_list(it->value()))
+      if (!beast::iequals(token, "chunked")) return std::string(token);
+  return std::nullopt;
 }
 
 Response text_response(bh::status status, const std::string& message, unsigned version) {
@@ -316,7 +373,24 @@ struct Server::Impl {
       parser.header_limit(16 * 1024);
       stream.expires_after(std::chrono::seconds(60));
       auto [ec, n] =
-          co_await bh::async_read(stream, buffer, parser, net::as_tuple(net::use_awaitable));
+          co_await bh::async_read_header(stream, buffer, parser, net::as_tuple(net::use_awaitable));
+      if (!ec) {
+        if (auto coding = unsupported_transfer_coding(parser.get())) {
+          // RFC 9112 6.1: a transfer coding the server does not understand is answered 501,
+          // and the body it wraps cannot be read, so the connection closes.
+          Response res =
+              text_response(bh::status::not_implemented,
+                            "Transfer-Encoding: expected chunked alone, got '" + excerpt(*coding) +
+                                "', which this server does not decode",
+                            parser.get().version());
+          res.keep_alive(false);
+          res.prepare_payload();
+          co_await bh::async_write(stream, res, net::as_tuple(net::use_awaitable));
+          break;
+        }
+        std::tie(ec, n) =
+            co_await bh::async_read(stream, buffer, parser, net::as_tuple(net::use_awaitable));
+      }
       if (ec == bh::error::end_of_stream || ec == net::error::eof || ec == beast::error::timeout ||
           ec == net::error::connection_reset || ec == net::error::operation_aborted)
         break;

@@ -55,10 +55,14 @@ struct ServerOptions {
 ///                    endian, answered likewise with an X-Output-Shape: rows,cols header.
 ///   GET  /healthz    200 "ok"
 ///   GET  /stats      the submitter's counters as JSON
-/// Errors are answered, never crash the server: 400 malformed body or wrong length (the message
-/// names what was expected and what came), 404, 405, 413 body or rows over the limit, 415
-/// other content types, 503 with Retry-After when the queue is full or the server is stopping,
-/// 500 when the model throws.
+/// Input numbers must be finite and within float32 range (JSON and raw alike). JSON has no inf
+/// or nan, so a JSON answer whose output holds one is a 500 naming the element (raw answers
+/// carry every float32 as it is): a 200 body is always valid in its content type.
+/// Errors are answered, never crash the server: 400 malformed body, wrong length or a number
+/// out of range (the message names what was expected and what came, quoting at most 80
+/// characters), 404, 405, 413 body or rows over the limit, 415 other content types, 501 a
+/// transfer coding other than chunked (RFC 9112), 503 with Retry-After when the queue is full
+/// or the server is stopping, 500 when the model throws or gives a non-finite JSON output.
 class Server {
  public:
   Server(Model model, ServerOptions options);
