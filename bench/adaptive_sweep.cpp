@@ -15,6 +15,8 @@ struct Result {
   double rate = 0;  // requests/s achieved
   double p99_us = 0;
   double submitter_p99_us = 0;  // arrival to completion inside the submitter (recent window)
+  double mean_batch = 0;
+  double held_share = 0;  // batches whose worker held for more requests, of all batches
 };
 
 using Submitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
@@ -61,8 +63,9 @@ int main(int argc, char** argv) {
       "adaptive_sweep: stacked mode, %s, LibTorch %s, p99 target %.0f us, %.1f s per cell, "
       "median of %d interleaved runs\n\n"
       "| workload | load | best fixed meeting target | its req/s | adaptive req/s | ratio | "
-      "adaptive p99 us | meets target | adaptive p99 inside the submitter us |\n"
-      "|---|---|---|--:|--:|--:|--:|---|--:|\n",
+      "adaptive p99 us | meets target | adaptive p99 inside the submitter us | adaptive mean "
+      "batch | adaptive batches held |\n"
+      "|---|---|---|--:|--:|--:|--:|---|--:|--:|--:|\n",
       device.str().c_str(), TORCH_VERSION, target_us, flags.num("seconds"), reps);
   JsonRows json;
   for (const std::string& w : flags.list("workloads")) {
@@ -77,7 +80,13 @@ int main(int argc, char** argv) {
                   {.queue_capacity = 1 << 16, .policy = policy}, TorchBackend(device));
       Result r = load == "closed" ? closed(s, x, static_cast<int>(amount), flags.num("seconds"))
                                   : open(s, x, amount, flags.num("seconds"));
-      r.submitter_p99_us = static_cast<double>(s.stats().recent_latency.p99.count()) / 1e3;
+      s.shutdown();
+      const SubmitterStats st = s.stats();
+      r.submitter_p99_us = static_cast<double>(st.recent_latency.p99.count()) / 1e3;
+      r.mean_batch = st.mean_batch_size();
+      r.held_share = st.batches == 0
+                         ? 0.0
+                         : static_cast<double>(st.held_batches) / static_cast<double>(st.batches);
       return r;
     };
     std::vector<std::pair<std::string, double>> loads;
@@ -107,9 +116,10 @@ int main(int argc, char** argv) {
                                    ? std::to_string(static_cast<int>(amount)) + " clients"
                                    : std::to_string(static_cast<int>(amount)) + " req/s";
       const double ratio = best.rate > 0 ? a.rate / best.rate : 0;
-      std::printf("| %s | %s | %s | %.0f | %.0f | %.2f | %.0f | %s | %.0f |\n", w.c_str(),
-                  load.c_str(), best_name.c_str(), best.rate, a.rate, ratio, a.p99_us,
-                  a.p99_us <= target_us ? "yes" : "no", a.submitter_p99_us);
+      std::printf("| %s | %s | %s | %.0f | %.0f | %.2f | %.0f | %s | %.0f | %.1f | %.3f |\n",
+                  w.c_str(), load.c_str(), best_name.c_str(), best.rate, a.rate, ratio, a.p99_us,
+                  a.p99_us <= target_us ? "yes" : "no", a.submitter_p99_us, a.mean_batch,
+                  a.held_share);
       std::fflush(stdout);
       json.row()
           .set("workload", w)
@@ -118,7 +128,9 @@ int main(int argc, char** argv) {
           .set("best_fixed_rate", best.rate)
           .set("adaptive_rate", a.rate)
           .set("adaptive_p99_us", a.p99_us)
-          .set("adaptive_submitter_p99_us", a.submitter_p99_us);
+          .set("adaptive_submitter_p99_us", a.submitter_p99_us)
+          .set("adaptive_mean_batch", a.mean_batch)
+          .set("adaptive_held_share", a.held_share);
     }
   }
   json.write(flags.str("json"), meta_json(device, "\"bench\": \"adaptive_sweep\""));

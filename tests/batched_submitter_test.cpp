@@ -581,6 +581,62 @@ TEST(Deadlines, ARequestNotStartedByItsDeadlineIsNotRun) {
   EXPECT_EQ(s.stats().completed, 3u);
 }
 
+// Stacked mode: a request's deadline is checked when its batch's forward starts, not when a
+// worker takes it from the queue. TimeBased{300ms} holds the forming batch far past the first
+// request's 30 ms deadline: that request completes kDeadlineExceeded and the model never sees
+// it; the other request of the batch runs.
+TEST(Deadlines, StackedModeChecksTheDeadlineWhenTheForwardStarts) {
+  auto seen = std::make_shared<std::vector<int>>();
+  IntSubmitter s(StackedModel<int, int>{[seen](Batch<int, int>& b) {
+                   for (std::size_t i = 0; i < b.size(); ++i) {
+                     seen->push_back(b.input(i));
+                     b.set_value(i, b.input(i) * 10);
+                   }
+                 }},
+                 {.policy = TimeBased{300ms, 64}});
+  const auto submitted = Clock::now();
+  auto late = s.submit(1, submitted + 30ms);  // taken at once, then held in the forming batch
+  auto fine = s.submit(2);
+  try {
+    late.get();
+    ADD_FAILURE() << "a request whose deadline passed in the forming batch was run";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDeadlineExceeded);
+    EXPECT_NE(std::string(e.what()).find("deadline"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(fine.get(), 20);
+  EXPECT_GE(Clock::now() - submitted, 300ms) << "the batch was not held";
+  s.shutdown();
+  EXPECT_EQ(*seen, std::vector<int>{2}) << "the expired request reached the model";
+  EXPECT_EQ(s.stats().expired, 1u);
+  EXPECT_EQ(s.stats().failed, 1u);
+  EXPECT_EQ(s.stats().completed, 2u);
+}
+
+// When every request of a held batch expires, the model is not called at all.
+TEST(Deadlines, AStackedBatchWhoseRequestsAllExpiredIsNotRun) {
+  std::atomic<int> calls{0};
+  IntSubmitter s(StackedModel<int, int>{[&](Batch<int, int>& b) {
+                   calls.fetch_add(1);
+                   for (std::size_t i = 0; i < b.size(); ++i) b.set_value(i, b.input(i));
+                 }},
+                 {.policy = TimeBased{200ms, 64}});
+  auto a = s.submit(1, Clock::now() + 20ms);
+  auto b = s.submit(2, Clock::now() + 20ms);
+  for (auto* f : {&a, &b}) {
+    try {
+      f->get();
+      ADD_FAILURE() << "an expired request ran";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kDeadlineExceeded);
+    }
+  }
+  s.shutdown();
+  EXPECT_EQ(calls.load(), 0);
+  EXPECT_EQ(s.stats().expired, 2u);
+  EXPECT_EQ(s.stats().completed, 2u);
+}
+
 TEST(SubmitThen, EveryRequestCallsBackExactlyOnceEvenWhenRefused) {
   std::atomic<int> values{0}, errors{0};
   auto on_done = [&](std::exception_ptr e, int v) {

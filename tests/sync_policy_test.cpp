@@ -74,11 +74,14 @@ TEST(SyncPolicy, AdaptiveLearnsHowManyThereAreToGather) {
   int held = 0;
   for (int i = 0; i < 100; ++i) {
     const PendingWork w{1, kT0};
-    if (lone.hold_until(w) != kT0) ++held;
-    lone.observe(BatchObservation{1, 1ms, 8ms, 8ms});
+    const bool waits = lone.hold_until(w) != kT0;
+    if (waits) ++held;
+    // What the worker reports: whether it held, and that the hold brought nobody.
+    lone.observe(BatchObservation{1, 1ms, 8ms, 8ms, waits, 0});
   }
   EXPECT_LE(lone.batch_limit(), 2u);
   EXPECT_LE(held, 25) << "a lone client waited on most of its batches";
+  EXPECT_LE(held, 8) << "holds that brought nothing did not back off";
   // Eight clients whose requests come back in two phases of four: holding gathers all eight,
   // and the limit settles on eight.
   Adaptive eight(80ms, 1, 64);
@@ -86,10 +89,37 @@ TEST(SyncPolicy, AdaptiveLearnsHowManyThereAreToGather) {
     const std::size_t limit = eight.batch_limit();
     const bool waits = eight.hold_until(PendingWork{4, kT0}) != kT0;
     const std::size_t ops = std::min<std::size_t>(limit, waits ? 8 : 4);
-    eight.observe(BatchObservation{ops, 1ms, 8ms, 8ms});
+    eight.observe(BatchObservation{ops, 1ms, 8ms, 8ms, waits, waits ? ops - 4 : 0});
   }
   EXPECT_GE(eight.batch_limit(), 8u);
   EXPECT_LE(eight.batch_limit(), 9u);
+}
+
+// Holds that bring nothing are skipped for 1, 3, 7 ... 63 short batches; a hold that brings a
+// request restores holding at once.
+TEST(SyncPolicy, AdaptiveBacksOffHoldsThatBringNothing) {
+  Adaptive a(80ms, 4, 64);                        // limit 4: batches of 1 are short
+  a.observe(BatchObservation{4, 1ms, 8ms, 8ms});  // a full batch: hold an eighth of 8 ms
+  const PendingWork w{1, kT0};
+  std::vector<int> gaps;  // short batches run unheld between two holds
+  int unheld = 0;
+  for (int i = 0; i < 200 && gaps.size() < 7; ++i) {
+    const bool waits = a.hold_until(w) != kT0;
+    if (waits) {
+      gaps.push_back(unheld);
+      unheld = 0;
+    } else {
+      ++unheld;
+    }
+    a.observe(BatchObservation{1, 1ms, 8ms, 8ms, waits, 0});
+  }
+  EXPECT_EQ(gaps, (std::vector<int>{0, 1, 3, 7, 15, 31, 63}));
+  // A hold comes round again and brings a request: every short batch holds again.
+  for (int i = 0; i < 63 && a.hold_until(w) == kT0; ++i)
+    a.observe(BatchObservation{1, 1ms, 8ms, 8ms, false, 0});
+  ASSERT_NE(a.hold_until(w), kT0);
+  a.observe(BatchObservation{2, 1ms, 8ms, 8ms, true, 1});
+  EXPECT_NE(a.hold_until(w), kT0) << "a hold that brought a request was not kept";
 }
 
 TEST(SyncPolicy, BatchLimitAndClockUse) {

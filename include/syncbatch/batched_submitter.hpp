@@ -191,8 +191,15 @@ struct StackedModel {
 ///
 /// Guarantees:
 /// - Every accepted request completes exactly once: with the model's result, with the model's
-///   error for that request, with Error(kDeadlineExceeded) if it was not started by its
-///   deadline, or with Error(kSyncFailed) if its batch's sync threw.
+///   error for that request, with Error(kDeadlineExceeded) if its deadline passed before it
+///   started (below), or with Error(kSyncFailed) if its batch's sync threw.
+/// - Deadlines: a request starts when the model call that computes it starts. Per-call mode:
+///   its own call, made as soon as a worker takes it from the queue. Stacked mode: its batch's
+///   forward, made once the batch has formed (a policy may hold a forming batch for more
+///   requests). A request whose deadline is earlier than that moment completes with
+///   Error(kDeadlineExceeded) and is not run (stacked: it is left out of the forward, and a
+///   batch left empty is neither run nor synced). A request that started is completed as usual,
+///   whenever its batch's sync ends.
 /// - A request completes only after the sync of its batch has completed.
 /// - shutdown() (and the destructor) stops accepting, then drains: every accepted request
 ///   completes before it returns.
@@ -237,7 +244,8 @@ class BatchedSubmitter {
   ~BatchedSubmitter() { shutdown(); }
 
   /// Enqueues one request and returns the handle to its result. Thread-safe.
-  /// A request not started by `deadline` completes with Error(kDeadlineExceeded), unrun.
+  /// A request whose model call (stacked: its batch's forward) has not started by `deadline`
+  /// completes with Error(kDeadlineExceeded), unrun (see the class comment).
   /// With OverflowPolicy::kBlock, waits while the queue is full.
   /// Errors: throws Error(kShutDown) after shutdown() began, Error(kQueueFull) when the queue is
   /// full and the policy is kReject. The input is consumed either way.
@@ -306,6 +314,14 @@ class BatchedSubmitter {
   using RequestPtr = RequestT*;
   using Queue = detail::RequestQueue<RequestPtr>;
 
+  // The batch a worker is forming: what its policy sees, and what the worker saw.
+  struct Forming {
+    PendingWork pending;
+    Clock::time_point oldest_arrival{};
+    bool held = false;                  // the worker waited for more requests (hold_until)
+    std::size_t joined_while_held = 0;  // requests taken after that wait began
+  };
+
   static SubmitterOptions validated(SubmitterOptions o) {
     if (o.queue_capacity == 0)
       throw Error(ErrorCode::kInvalidArgument,
@@ -372,18 +388,18 @@ class BatchedSubmitter {
     SyncPolicy policy = options_.policy;
     std::vector<RequestPtr> batch;
     batch.reserve(std::min<std::size_t>(policy.batch_limit(), 1024));
-    PendingWork work;
-    Clock::time_point oldest_arrival{};
+    Forming work;
     for (;;) {
       RequestPtr request = queue_.try_pop();
       if (request == nullptr) {
         if (!batch.empty()) {
-          const auto hold = policy.hold_until(work);
+          const auto hold = policy.hold_until(work.pending);
           if (!queue_.closed() && Clock::now() < hold) {
+            work.held = true;
             queue_.wait(hold, /*return_on_close=*/true);
             continue;
           }
-          finish_batch(ctx, policy, batch, work, oldest_arrival);
+          finish_batch(ctx, policy, batch, work);
           continue;
         }
         if (queue_.drained()) return;
@@ -392,11 +408,8 @@ class BatchedSubmitter {
       }
       const auto started = Clock::now();
       if (started > request->deadline()) {
-        fail_alone(
-            *request,
-            std::make_exception_ptr(Error(ErrorCode::kDeadlineExceeded,
-                                          "the request was not started before its deadline")),
-            /*expired=*/true);
+        fail_alone(*request, deadline_error("was not started before its deadline"),
+                   /*expired=*/true);
         continue;
       }
       stats_.queue_delay().record(started - request->arrived());
@@ -408,13 +421,38 @@ class BatchedSubmitter {
       // arrived: under a backlog, requests that already waited must still be batched together
       // (timing from arrival would sync each one alone, and the backlog would only grow).
       if (batch.empty()) {
-        work.oldest = started;
-        oldest_arrival = request->arrived();
+        work.pending.oldest = started;
+        work.oldest_arrival = request->arrived();
       }
+      if (work.held) ++work.joined_while_held;
       batch.push_back(request);
-      work.ops = batch.size();
-      if (policy.should_sync(work, started)) finish_batch(ctx, policy, batch, work, oldest_arrival);
+      work.pending.ops = batch.size();
+      if (policy.should_sync(work.pending, started)) finish_batch(ctx, policy, batch, work);
     }
+  }
+
+  static std::exception_ptr deadline_error(const char* what) {
+    return std::make_exception_ptr(
+        Error(ErrorCode::kDeadlineExceeded, std::string("the request ") + what));
+  }
+
+  // Stacked mode: requests whose deadline passed while their batch formed complete now, with
+  // kDeadlineExceeded, and are left out of the forward.
+  void expire_late(std::vector<RequestPtr>& batch) {
+    const auto now = Clock::now();
+    const auto late = [now](RequestPtr r) { return now > r->deadline(); };
+    if (std::none_of(batch.begin(), batch.end(), late)) return;
+    std::vector<RequestPtr> kept;
+    kept.reserve(batch.size());
+    for (RequestPtr r : batch) {
+      if (late(r)) {
+        fail_alone(*r, deadline_error("passed its deadline before its batch ran"),
+                   /*expired=*/true);
+      } else {
+        kept.push_back(r);
+      }
+    }
+    batch.swap(kept);
   }
 
   // Per-call mode: runs the model on one request. A request the model threw on completes now,
@@ -450,9 +488,14 @@ class BatchedSubmitter {
   }
 
   template <class Ctx>
-  void finish_batch(Ctx& ctx, SyncPolicy& policy, std::vector<RequestPtr>& batch, PendingWork& work,
-                    Clock::time_point oldest_arrival) {
+  void finish_batch(Ctx& ctx, SyncPolicy& policy, std::vector<RequestPtr>& batch, Forming& work) {
+    const Clock::time_point oldest_arrival = work.oldest_arrival;
     if (stacked_) {
+      expire_late(batch);
+      if (batch.empty()) {  // every request expired: nothing to run, nothing to sync
+        work = Forming{};
+        return;
+      }
       Clock::time_point latest = oldest_arrival;
       for (RequestPtr r : batch) latest = std::max(latest, r->arrived());
       before_run(ctx, latest);
@@ -486,11 +529,11 @@ class BatchedSubmitter {
     stats_.on_complete_time(Clock::now() - after);
     // max_latency counts from the oldest request's arrival: the queueing it includes is what
     // tells Adaptive that the worker is falling behind.
-    policy.observe(
-        BatchObservation{size, after - before, after - work.oldest, after - oldest_arrival});
-    stats_.on_batch(size, failures, policy.batch_limit());
+    policy.observe(BatchObservation{size, after - before, after - work.pending.oldest,
+                                    after - oldest_arrival, work.held, work.joined_while_held});
+    stats_.on_batch(size, failures, policy.batch_limit(), work.held);
     batch.clear();
-    work = PendingWork{};
+    work = Forming{};
   }
 
   void ask_waker() noexcept {

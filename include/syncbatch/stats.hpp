@@ -38,6 +38,9 @@ struct SubmitterStats {
   std::uint64_t syncs = 0;        ///< Device syncs issued.
   std::uint64_t queued = 0;       ///< Requests waiting in the queue when the snapshot was taken.
   std::uint64_t batch_limit = 0;  ///< The policy's batch limit after the latest batch.
+  /// Of `batches`, those whose worker waited for more requests before running them (the
+  /// policy's hold_until).
+  std::uint64_t held_batches = 0;
 
   std::uint64_t unbatched_failed = 0;  ///< Of `failed`, those that never joined a batch.
   /// Worker time (all workers together) spent after each batch's sync completing its requests:
@@ -63,6 +66,7 @@ struct SubmitterStats {
     failed += o.failed;
     expired += o.expired;
     batches += o.batches;
+    held_batches += o.held_batches;
     syncs += o.syncs;
     queued += o.queued;
     unbatched_failed += o.unbatched_failed;
@@ -211,8 +215,9 @@ class StatsCounters {
   void on_complete_time(std::chrono::nanoseconds d) noexcept {
     complete_ns_.fetch_add(static_cast<std::uint64_t>(d.count()), std::memory_order_relaxed);
   }
-  void on_batch(std::size_t size, std::size_t failures, std::size_t limit) noexcept {
+  void on_batch(std::size_t size, std::size_t failures, std::size_t limit, bool held) noexcept {
     completed_.fetch_add(size, std::memory_order_relaxed);
+    if (held) held_batches_.fetch_add(1, std::memory_order_relaxed);
     if (failures != 0) failed_.fetch_add(failures, std::memory_order_relaxed);
     batches_.fetch_add(1, std::memory_order_relaxed);
     syncs_.fetch_add(1, std::memory_order_relaxed);
@@ -243,6 +248,7 @@ class StatsCounters {
     s.expired = expired_.load(std::memory_order_relaxed);
     s.unbatched_failed = unbatched_failed_.load(std::memory_order_relaxed);
     s.batches = batches_.load(std::memory_order_relaxed);
+    s.held_batches = held_batches_.load(std::memory_order_relaxed);
     s.syncs = syncs_.load(std::memory_order_relaxed);
     s.batch_limit = batch_limit_.load(std::memory_order_relaxed);
     s.queued = queued;
@@ -268,6 +274,7 @@ class StatsCounters {
   std::atomic<std::uint64_t> expired_{0};
   std::atomic<std::uint64_t> unbatched_failed_{0};
   std::atomic<std::uint64_t> batches_{0};
+  std::atomic<std::uint64_t> held_batches_{0};
   std::atomic<std::uint64_t> syncs_{0};
   std::atomic<std::uint64_t> batch_limit_{0};
   std::atomic<std::uint64_t> complete_ns_{0};

@@ -42,6 +42,10 @@ struct BatchObservation {
   Clock::duration sync_wait{};    ///< Time blocked inside the sync call itself.
   Clock::duration batch_time{};   ///< From the first op's start to the end of the sync.
   Clock::duration max_latency{};  ///< Oldest op: arrival to completion.
+  /// Whether the caller waited for more work (until `hold_until`) before this sync.
+  bool held = false;
+  /// Of `ops`, those that arrived while the caller waited: what the hold brought.
+  std::size_t joined_while_held = 0;
 };
 
 /// The requirements on a sync policy. A type that misses one fails here, at compile time.
@@ -116,8 +120,8 @@ struct TimeBased {
 /// headroom; on overshoot, multiplicative decrease when the batch itself is too slow (Clipper's
 /// AIMD), but multiplicative *increase* when full batches overshoot because requests queued
 /// (the worker is falling behind and bigger batches raise throughput), which plain AIMD gets
-/// backwards. Never holds an op longer than `latency_target` to gather more, and syncs at once
-/// when no more work is available.
+/// backwards. Never holds an op longer than `latency_target` to gather more, and holds only
+/// while holding brings requests (see hold_until).
 class Adaptive {
  public:
   /// Errors: none here; validate() reports bad arguments.
@@ -136,8 +140,11 @@ class Adaptive {
   /// time, at most an eighth of the target. Where a batch of one costs almost what a full one
   /// does (a heavy model), that turns batches split in two phases (1 and N-1, or N/2 and N/2)
   /// into batches of N. Holds under 50 us (batches under 400 us) are skipped: not worth a sleep.
+  /// A hold that brings no request (one closed-loop client: nothing can arrive while its own
+  /// request waits) only adds latency: after each such hold the next 1, 3, 7 ... 63 batches
+  /// are not held, and one hold that brings a request restores holding at once.
   Clock::time_point hold_until(const PendingWork& w) const noexcept {
-    if (w.ops >= batch_limit()) return w.oldest;
+    if (w.ops >= batch_limit() || holds_to_skip_ > 0) return w.oldest;
     const auto hold = hold_time();
     return hold < kMinHold ? w.oldest : w.oldest + hold;
   }
@@ -152,9 +159,21 @@ class Adaptive {
   /// 20% headroom, full batches grow the limit by one. A batch that held for more and still
   /// came out short shows how many requests there are to gather: the limit drops to its size,
   /// and grows again only after a few full batches (so a lone client is rarely kept waiting).
+  /// `o.held` and `o.joined_while_held` say whether the caller held and what it brought.
   void observe(const BatchObservation& o) noexcept {
     const bool full = o.ops >= batch_limit();
-    const bool held = !full && hold_time() >= kMinHold;  // the hold this batch was given
+    const bool held = o.held && !full;  // held for more and still came out short
+    if (o.held) {
+      if (o.joined_while_held == 0) {
+        idle_holds_ = std::min(idle_holds_ + 1, kMaxIdleHolds);
+        holds_to_skip_ = (1 << idle_holds_) - 1;
+      } else {
+        idle_holds_ = 0;
+        holds_to_skip_ = 0;
+      }
+    } else if (holds_to_skip_ > 0 && !full) {
+      --holds_to_skip_;
+    }
     const auto bt = static_cast<double>(o.batch_time.count());
     batch_time_ = batch_time_ == 0 ? bt : batch_time_ * 0.75 + bt * 0.25;
     if (o.max_latency > latency_target_) {
@@ -201,6 +220,7 @@ class Adaptive {
   static constexpr double kIncreaseBehind = 2.0;
   static constexpr Clock::duration kMinHold = std::chrono::microseconds(50);
   static constexpr int kFullBatchesBeforeProbe = 4;
+  static constexpr int kMaxIdleHolds = 6;  // up to 63 batches unheld after idle holds
 
   Clock::duration hold_time() const noexcept {
     return std::min(Clock::duration(static_cast<Clock::rep>(batch_time_ / 8)), latency_target_ / 8);
@@ -211,6 +231,8 @@ class Adaptive {
   double limit_;
   double batch_time_ = 0;  // Clock ticks, moving average
   int probe_after_ = 0;    // full batches to see before growing again
+  int idle_holds_ = 0;     // holds in a row that brought no request
+  int holds_to_skip_ = 0;  // short batches to run unheld before holding again
 };
 
 /// A policy chosen at run time (from configuration, a flag): one of the policies above.
