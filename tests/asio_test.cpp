@@ -1,5 +1,6 @@
 // async_submit with each kind of Asio completion token. Torch-free: runs under TSan and ASan.
 #include "syncbatch/asio.hpp"
+#include "syncbatch/multi_device.hpp"
 
 #include <gtest/gtest.h>
 
@@ -23,7 +24,7 @@ namespace asio = boost::asio;
 using IntSubmitter = BatchedSubmitter<int, int>;
 
 IntSubmitter make_submitter(std::size_t workers = 1) {
-  return IntSubmitter(StackedModel<int, int>{[](Batch<int, int>& b) {
+  return IntSubmitter(BatchModel<int, int>{[](Batch<int, int>& b) {
                         for (std::size_t i = 0; i < b.size(); ++i) {
                           if (b.input(i) < 0)
                             b.set_error(i, std::make_exception_ptr(std::domain_error("negative")));
@@ -40,6 +41,30 @@ TEST(AsyncSubmit, UseFuture) {
   EXPECT_EQ(f.get(), 42);
   std::future<int> bad = async_submit(s, -1, asio::use_future);
   EXPECT_THROW(bad.get(), std::domain_error);
+}
+
+// async_submit takes any Submitter: MultiDeviceSubmitter too, with a coroutine as the token.
+TEST(AsyncSubmit, AcceptsAMultiDeviceSubmitter) {
+  static_assert(Submitter<IntSubmitter>);
+  static_assert(Submitter<MultiDeviceSubmitter<int, int>>);
+  static_assert(!Submitter<int>);
+  std::vector<Replica<int, int, NoSyncBackend>> replicas;
+  for (int r = 0; r < 2; ++r)
+    replicas.push_back({PerCallModel<int, int>([r](int& x) { return x * 10 + r; }), {}});
+  MultiDeviceSubmitter<int, int> s(std::move(replicas), {.policy = EveryN{4}});
+  EXPECT_EQ(async_submit(s, 4, asio::use_future).get() / 10, 4);
+  asio::io_context io;
+  std::vector<int> got;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        for (int i = 0; i < 20; ++i)
+          got.push_back(co_await async_submit(s, i, asio::use_awaitable));
+      },
+      asio::detached);
+  io.run();
+  ASSERT_EQ(got.size(), 20u);
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(got[i] / 10, i) << "replica " << got[i] % 10;
 }
 
 TEST(AsyncSubmit, CallbackRunsOnItsExecutorNotTheWorker) {

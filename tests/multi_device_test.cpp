@@ -76,7 +76,7 @@ TEST(MultiDevice, ASlowReplicaReceivesLess) {
 }
 
 TEST(MultiDevice, StackedAndPerCallReplicasMix) {
-  StackedModel<int, int> stacked{[](Batch<int, int>& b) {
+  BatchModel<int, int> stacked{[](Batch<int, int>& b) {
     for (std::size_t i = 0; i < b.size(); ++i) b.set_value(i, b.input(i) * 10 + 1);
   }};
   Multi m({IntReplica{tagged(0), {}}, IntReplica{stacked, {}}});

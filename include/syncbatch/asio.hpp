@@ -1,6 +1,7 @@
-// async_submit: BatchedSubmitter for Boost.Asio programs, with any completion token.
+// async_submit: a submitter for Boost.Asio programs, with any completion token.
 #pragma once
 
+#include <concepts>
 #include <exception>
 #include <utility>
 
@@ -11,8 +12,29 @@
 #include <boost/asio/prefer.hpp>
 
 #include "syncbatch/batched_submitter.hpp"
+#include "syncbatch/clock.hpp"
 
 namespace syncbatch {
+
+namespace detail {
+/// A completion callback of the shape submit_then() takes, for the Submitter concept.
+template <class Out>
+struct IgnoreResult {
+  void operator()(std::exception_ptr, Out) const noexcept {}
+};
+}  // namespace detail
+
+/// What async_submit needs of a submitter: its Input and Output types, and
+/// `submit_then(Input, callback, deadline)` calling `callback(std::exception_ptr, Output)` once.
+/// BatchedSubmitter and MultiDeviceSubmitter are Submitters.
+template <class S>
+concept Submitter = requires {
+  typename S::Input;
+  typename S::Output;
+}
+&&requires(S& s, typename S::Input in, Clock::time_point deadline) {
+  s.submit_then(std::move(in), detail::IgnoreResult<typename S::Output>{}, deadline);
+};
 
 /// Submits `input` and completes `token` with signature `void(std::exception_ptr, Out)` once
 /// the request's batch has synced. Any Asio completion token works: `use_awaitable`
@@ -25,15 +47,16 @@ namespace syncbatch {
 /// executor's outstanding work is tracked until the completion runs, so an io_context does not
 /// run out of work while a request is in flight.
 ///
-/// Errors: a request that is not accepted (shut down, or queue full with kReject) or not
-/// started by `deadline` completes with a syncbatch::Error; the model's exception for this
-/// request completes it with that exception.
-/// Thread safety: as BatchedSubmitter::submit().
-template <class In, class Out, class Backend, class Token>
-auto async_submit(BatchedSubmitter<In, Out, Backend>& submitter, In input, Token&& token,
+/// Errors: a request that is not accepted (shut down, or queue full with kReject) or whose
+/// deadline passes before it starts completes with a syncbatch::Error; the model's exception
+/// for this request completes it with that exception.
+/// Thread safety: as the submitter's submit_then().
+template <Submitter S, class Token>
+auto async_submit(S& submitter, typename S::Input input, Token&& token,
                   Clock::time_point deadline = Clock::time_point::max()) {
+  using Out = typename S::Output;
   return boost::asio::async_initiate<Token, void(std::exception_ptr, Out)>(
-      [&submitter, deadline](auto handler, In in) {
+      [&submitter, deadline](auto handler, typename S::Input in) {
         auto work = boost::asio::prefer(boost::asio::get_associated_executor(handler),
                                         boost::asio::execution::outstanding_work.tracked);
         submitter.submit_then(

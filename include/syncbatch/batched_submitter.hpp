@@ -15,8 +15,10 @@
 #include <thread>
 #include <type_traits>
 #include <utility>
+#include <variant>
 #include <vector>
 
+#include "syncbatch/detail/request.hpp"
 #include "syncbatch/detail/request_queue.hpp"
 #include "syncbatch/error.hpp"
 #include "syncbatch/future.hpp"
@@ -47,10 +49,11 @@ struct SubmitterOptions {
   /// Who wakes the threads asleep in Future::get() once their batch completes. false: the
   /// worker, right after the batch's sync. true: a helper thread of the submitter, for batches
   /// of kDelegatedWakeMin requests or more, so the worker goes on to the next batch while the
-  /// kernel wakes the callers one after another. For many blocking callers on many cores: with
-  /// 64 client threads on a 16-vCPU host, waking them took 41-50% of the worker's time (see
-  /// docs/RESULTS.md). Callbacks (submit_then, async_submit) and callers that find the result
-  /// ready are not affected. Costs one thread, asleep while there is nothing to wake.
+  /// kernel wakes the callers one after another. For many blocking callers on many cores, where
+  /// waking them takes a large share of the worker's time (SubmitterStats::complete_time shows
+  /// it; docs/BENCHMARKS.md has measurements). Callbacks (submit_then, async_submit) and callers
+  /// that find the result ready are not affected. Costs one thread, asleep while there is
+  /// nothing to wake.
   bool waker_thread = false;
 };
 
@@ -58,18 +61,20 @@ struct SubmitterOptions {
 /// below it, the worker's own wake-ups cost less than the hand-off.
 inline constexpr std::size_t kDelegatedWakeMin = 8;
 
-/// A backend gives each worker thread a context, created on that thread, whose sync() waits
-/// until all work the worker issued since the last sync has completed on the device.
-///
-/// A context may also have `before_run(Clock::time_point arrived)`: called before a request (or
-/// stacked batch) whose latest arrival was `arrived` runs, so that the worker can order its
-/// stream after the work that produced the inputs (TorchBackend makes its stream wait for the
-/// device's default stream).
+/// A backend gives each worker thread a context, created on that thread, with two members:
+/// - `sync()`: waits until all work the worker issued since the last sync has completed on the
+///   device;
+/// - `before_run(Clock::time_point arrived)`: called before a request (per-call mode) or a batch
+///   (batch mode) whose latest arrival was `arrived` runs, so that the worker can order its
+///   stream after the work that produced the inputs (TorchBackend makes its stream wait for the
+///   device's default stream). A backend with nothing to order defines it empty.
+/// Both are required: a context that misses one, or misspells it, fails this concept.
 template <class B>
 concept SubmitterBackend = requires(const B& b, std::size_t worker_index) {
   {b.make_worker(worker_index)};
-  requires requires(decltype(b.make_worker(worker_index)) ctx) {
+  requires requires(decltype(b.make_worker(worker_index)) ctx, Clock::time_point arrived) {
     ctx.sync();
+    ctx.before_run(arrived);
   };
 };
 
@@ -77,51 +82,12 @@ concept SubmitterBackend = requires(const B& b, std::size_t worker_index) {
 struct NoSyncBackend {
   struct Worker {
     void sync() noexcept {}
+    void before_run(Clock::time_point) noexcept {}
   };
   Worker make_worker(std::size_t) const noexcept { return {}; }
 };
 
 namespace detail {
-
-/// One request: its result slot, its input and its deadline, in one allocation.
-template <class In, class Out>
-class Request : public Completion<Out> {
- public:
-  Request(std::atomic<std::uint32_t>* wakeups, In&& input, Clock::time_point arrived,
-          Clock::time_point deadline)
-      : Completion<Out>(wakeups),
-        input_(std::move(input)),
-        arrived_(arrived),
-        deadline_(deadline) {}
-  In& input() noexcept { return *input_; }
-  void drop_input() noexcept { input_.reset(); }
-  Clock::time_point arrived() const noexcept { return arrived_; }
-  Clock::time_point deadline() const noexcept { return deadline_; }
-
- private:
-  std::optional<In> input_;
-  Clock::time_point arrived_;
-  Clock::time_point deadline_;
-};
-
-/// A request completed by calling `F(std::exception_ptr, Out)` on the worker thread.
-template <class In, class Out, class F>
-class CallbackRequest final : public Request<In, Out> {
- public:
-  CallbackRequest(std::atomic<std::uint32_t>* wakeups, In&& input, Clock::time_point arrived,
-                  Clock::time_point deadline, F&& f)
-      : Request<In, Out>(wakeups, std::move(input), arrived, deadline), f_(std::move(f)) {}
-  void complete() noexcept override {
-    try {
-      auto [error, value] = this->take_pair();
-      f_(std::move(error), std::move(value));
-    } catch (...) {  // NOLINT(bugprone-empty-catch): documented: callbacks must not throw
-    }
-  }
-
- private:
-  F f_;
-};
 
 inline std::string describe_exception(const std::exception_ptr& e) {
   try {
@@ -135,7 +101,7 @@ inline std::string describe_exception(const std::exception_ptr& e) {
 
 }  // namespace detail
 
-/// The requests of one batch, as a stacked-mode model sees them. The model must give each
+/// The requests of one batch, as a BatchModel sees them. The model must give each
 /// request a value or an error; one it leaves without either fails with Error(kBadRequest).
 ///
 /// Thread safety: used by one worker thread, inside the model call.
@@ -167,12 +133,22 @@ class Batch {
 template <class In, class Out>
 using PerCallModel = std::function<Out(In&)>;
 
-/// Stacked mode: the model runs once per batch (e.g. concatenating the inputs into one forward,
-/// see syncbatch::make_stacked_model for tensors).
+/// Batch mode: the model runs once per batch and gives each of its requests a value or an
+/// error. syncbatch::make_stacked_model builds one that concatenates tensor requests into one
+/// forward (dynamic batching); make_fused_calls_model one that keeps per-call results but
+/// replays a batch's calls together.
 template <class In, class Out>
-struct StackedModel {
+struct BatchModel {
   std::function<void(Batch<In, Out>&)> run;
 };
+
+/// The former name of BatchModel.
+template <class In, class Out>
+using StackedModel [[deprecated("renamed BatchModel")]] = BatchModel<In, Out>;
+
+/// The model of a BatchedSubmitter: one call per request, or one per batch.
+template <class In, class Out>
+using SubmitterModel = std::variant<PerCallModel<In, Out>, BatchModel<In, Out>>;
 
 /// Accepts requests from any number of threads and runs them on worker threads, each of which
 /// issues one device sync per batch of requests (as its SyncPolicy says) and then completes
@@ -181,8 +157,8 @@ struct StackedModel {
 /// Two modes, chosen by the model passed in:
 /// - per-call (`PerCallModel`): each request is its own model call, run as soon as a worker
 ///   takes it; what is batched is the sync.
-/// - stacked (`StackedModel`): the worker gathers a batch, then calls the model once with all
-///   of it (dynamic batching).
+/// - batch (`BatchModel`, e.g. stacked): the worker gathers a batch, then calls the model once
+///   with all of it (dynamic batching).
 ///
 ///   BatchedSubmitter<torch::Tensor, torch::Tensor, TorchBackend> submitter(
 ///       [&](torch::Tensor& x) { return model->forward(x); }, options, TorchBackend(device));
@@ -194,10 +170,10 @@ struct StackedModel {
 ///   error for that request, with Error(kDeadlineExceeded) if its deadline passed before it
 ///   started (below), or with Error(kSyncFailed) if its batch's sync threw.
 /// - Deadlines: a request starts when the model call that computes it starts. Per-call mode:
-///   its own call, made as soon as a worker takes it from the queue. Stacked mode: its batch's
-///   forward, made once the batch has formed (a policy may hold a forming batch for more
+///   its own call, made as soon as a worker takes it from the queue. Batch mode: its batch's
+///   model call, made once the batch has formed (a policy may hold a forming batch for more
 ///   requests). A request whose deadline is earlier than that moment completes with
-///   Error(kDeadlineExceeded) and is not run (stacked: it is left out of the forward, and a
+///   Error(kDeadlineExceeded) and is not run (batch mode: it is left out of the batch, and a
 ///   batch left empty is neither run nor synced). A request that started is completed as usual,
 ///   whenever its batch's sync ends.
 /// - A request completes only after the sync of its batch has completed.
@@ -212,28 +188,19 @@ class BatchedSubmitter {
  public:
   using Input = In;
   using Output = Out;
-  using Model = PerCallModel<In, Out>;
+  using Model = SubmitterModel<In, Out>;
 
-  /// Per-call mode. Starts the workers and waits until each has made its backend context.
+  /// Per-call mode for a PerCallModel (or any callable `Out(In&)`), batch mode for a
+  /// BatchModel. Starts the workers and waits until each has made its backend context.
   /// Errors: throws Error(kInvalidArgument) for a bad option or an empty model; rethrows what
   /// the backend throws while making a worker context (no worker is left running then).
   BatchedSubmitter(Model model, SubmitterOptions options = {}, Backend backend = {})
-      : per_call_(std::move(model)),
+      : model_(std::move(model)),
         options_(validated(std::move(options))),
         backend_(std::move(backend)),
         queue_(options_.queue_capacity) {
-    if (!per_call_)
+    if (!std::visit([](const auto& m) { return static_cast<bool>(callable(m)); }, model_))
       throw Error(ErrorCode::kInvalidArgument, "BatchedSubmitter: the model is empty");
-    start();
-  }
-
-  /// Stacked mode. Same errors as above.
-  BatchedSubmitter(StackedModel<In, Out> model, SubmitterOptions options = {}, Backend backend = {})
-      : stacked_(std::move(model.run)),
-        options_(validated(std::move(options))),
-        backend_(std::move(backend)),
-        queue_(options_.queue_capacity) {
-    if (!stacked_) throw Error(ErrorCode::kInvalidArgument, "BatchedSubmitter: the model is empty");
     start();
   }
 
@@ -306,13 +273,16 @@ class BatchedSubmitter {
 
   const SubmitterOptions& options() const noexcept { return options_; }
 
-  /// True in stacked mode.
-  bool stacked() const noexcept { return static_cast<bool>(stacked_); }
+  /// True in batch mode (a BatchModel, e.g. stacked).
+  bool stacked() const noexcept { return std::holds_alternative<BatchModel<In, Out>>(model_); }
 
  private:
   using RequestT = detail::Request<In, Out>;
   using RequestPtr = RequestT*;
   using Queue = detail::RequestQueue<RequestPtr>;
+  using BatchFn = std::function<void(Batch<In, Out>&)>;
+  template <class F>
+  static constexpr bool kPerCall = std::is_same_v<F, PerCallModel<In, Out>>;
 
   // The batch a worker is forming: what its policy sees, and what the worker saw.
   struct Forming {
@@ -373,7 +343,8 @@ class BatchedSubmitter {
       auto ctx = backend_.make_worker(index);
       reported = true;
       started.count_down();
-      worker_loop(ctx);
+      // The mode is chosen once per worker: each loop is compiled for its own model type.
+      std::visit([&](auto& model) { worker_loop(ctx, callable(model)); }, model_);
     } catch (...) {
       // Only the backend's make_worker can throw: the loop catches per request and per batch.
       if (!reported) {
@@ -383,8 +354,13 @@ class BatchedSubmitter {
     }
   }
 
-  template <class Ctx>
-  void worker_loop(Ctx& ctx) {
+  static const PerCallModel<In, Out>& callable(const PerCallModel<In, Out>& m) noexcept {
+    return m;
+  }
+  static const BatchFn& callable(const BatchModel<In, Out>& m) noexcept { return m.run; }
+
+  template <class Ctx, class F>
+  void worker_loop(Ctx& ctx, const F& model) {
     SyncPolicy policy = options_.policy;
     std::vector<RequestPtr> batch;
     batch.reserve(std::min<std::size_t>(policy.batch_limit(), 1024));
@@ -399,7 +375,7 @@ class BatchedSubmitter {
             queue_.wait(hold, /*return_on_close=*/true);
             continue;
           }
-          finish_batch(ctx, policy, batch, work);
+          finish_batch(ctx, model, policy, batch, work);
           continue;
         }
         if (queue_.drained()) return;
@@ -413,9 +389,9 @@ class BatchedSubmitter {
         continue;
       }
       stats_.queue_delay().record(started - request->arrived());
-      if (per_call_) {
-        before_run(ctx, request->arrived());
-        if (!run_request(*request)) continue;
+      if constexpr (kPerCall<F>) {
+        ctx.before_run(request->arrived());
+        if (!run_request(model, *request)) continue;
       }
       // The batch's clock starts when the worker takes its first request, not when that request
       // arrived: under a backlog, requests that already waited must still be batched together
@@ -427,7 +403,7 @@ class BatchedSubmitter {
       if (work.held) ++work.joined_while_held;
       batch.push_back(request);
       work.pending.ops = batch.size();
-      if (policy.should_sync(work.pending, started)) finish_batch(ctx, policy, batch, work);
+      if (policy.should_sync(work.pending, started)) finish_batch(ctx, model, policy, batch, work);
     }
   }
 
@@ -436,7 +412,7 @@ class BatchedSubmitter {
         Error(ErrorCode::kDeadlineExceeded, std::string("the request ") + what));
   }
 
-  // Stacked mode: requests whose deadline passed while their batch formed complete now, with
+  // Batch mode: requests whose deadline passed while their batch formed complete now, with
   // kDeadlineExceeded, and are left out of the forward.
   void expire_late(std::vector<RequestPtr>& batch) {
     const auto now = Clock::now();
@@ -457,10 +433,10 @@ class BatchedSubmitter {
 
   // Per-call mode: runs the model on one request. A request the model threw on completes now,
   // with that exception, and returns false; otherwise its output waits for the batch's sync.
-  bool run_request(RequestT& request) {
+  bool run_request(const PerCallModel<In, Out>& model, RequestT& request) {
     std::exception_ptr error;
     try {
-      request.set_value(per_call_(request.input()));
+      request.set_value(model(request.input()));
       return true;  // the input lives until the batch's sync: the device may still read it
     } catch (...) {
       error = std::current_exception();
@@ -482,15 +458,11 @@ class BatchedSubmitter {
     stats_.on_unbatched_failure(expired);
   }
 
-  template <class Ctx>
-  static void before_run(Ctx& ctx, Clock::time_point arrived) {
-    if constexpr (requires { ctx.before_run(arrived); }) ctx.before_run(arrived);
-  }
-
-  template <class Ctx>
-  void finish_batch(Ctx& ctx, SyncPolicy& policy, std::vector<RequestPtr>& batch, Forming& work) {
+  template <class Ctx, class F>
+  void finish_batch(Ctx& ctx, const F& model, SyncPolicy& policy, std::vector<RequestPtr>& batch,
+                    Forming& work) {
     const Clock::time_point oldest_arrival = work.oldest_arrival;
-    if (stacked_) {
+    if constexpr (!kPerCall<F>) {
       expire_late(batch);
       if (batch.empty()) {  // every request expired: nothing to run, nothing to sync
         work = Forming{};
@@ -498,8 +470,8 @@ class BatchedSubmitter {
       }
       Clock::time_point latest = oldest_arrival;
       for (RequestPtr r : batch) latest = std::max(latest, r->arrived());
-      before_run(ctx, latest);
-      run_stacked(batch);
+      ctx.before_run(latest);
+      run_batch(model, batch);
     }
     const auto before = Clock::now();
     std::optional<std::string> sync_error;
@@ -557,11 +529,11 @@ class BatchedSubmitter {
     }
   }
 
-  // Stacked mode: one model call for the whole batch; whatever it leaves unanswered fails.
-  void run_stacked(std::vector<RequestPtr>& batch) {
+  // Batch mode: one model call for the whole batch; whatever it leaves unanswered fails.
+  void run_batch(const BatchFn& model, std::vector<RequestPtr>& batch) {
     try {
       Batch<In, Out> view(batch);
-      stacked_(view);
+      model(view);
     } catch (...) {
       const auto error = std::current_exception();
       for (RequestPtr r : batch)
@@ -570,12 +542,11 @@ class BatchedSubmitter {
     for (RequestPtr r : batch) {
       if (!r->has_value() && !r->has_error())
         r->set_error(std::make_exception_ptr(
-            Error(ErrorCode::kBadRequest, "the stacked model gave this request no result")));
+            Error(ErrorCode::kBadRequest, "the batch model gave this request no result")));
     }
   }
 
-  PerCallModel<In, Out> per_call_;
-  std::function<void(Batch<In, Out>&)> stacked_;
+  const Model model_;
   const SubmitterOptions options_;
   const Backend backend_;
   Queue queue_;

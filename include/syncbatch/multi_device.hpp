@@ -7,18 +7,17 @@
 #include <memory>
 #include <string>
 #include <utility>
-#include <variant>
 #include <vector>
 
 #include "syncbatch/batched_submitter.hpp"
 
 namespace syncbatch {
 
-/// One device's share of a MultiDeviceSubmitter: its own model replica (per-call or stacked)
+/// One device's share of a MultiDeviceSubmitter: its own model replica (per-call or batch)
 /// and its own backend (on CUDA: TorchBackend(cuda:i), whose workers own streams of that device).
 template <class In, class Out, class Backend>
 struct Replica {
-  std::variant<PerCallModel<In, Out>, StackedModel<In, Out>> model;
+  SubmitterModel<In, Out> model;
   Backend backend;
 };
 
@@ -34,6 +33,8 @@ struct Replica {
 template <class In, class Out, SubmitterBackend Backend = NoSyncBackend>
 class MultiDeviceSubmitter {
  public:
+  using Input = In;
+  using Output = Out;
   using Submitter = BatchedSubmitter<In, Out, Backend>;
 
   /// Starts every replica with `options` (each gets its own queue of options.queue_capacity).
@@ -45,13 +46,9 @@ class MultiDeviceSubmitter {
       throw Error(ErrorCode::kInvalidArgument,
                   "MultiDeviceSubmitter: expected at least one replica, got none");
     submitters_.reserve(replicas.size());
-    for (auto& r : replicas) {
-      submitters_.push_back(std::visit(
-          [&](auto& model) {
-            return std::make_unique<Submitter>(std::move(model), options, std::move(r.backend));
-          },
-          r.model));
-    }
+    for (auto& r : replicas)
+      submitters_.push_back(
+          std::make_unique<Submitter>(std::move(r.model), options, std::move(r.backend)));
   }
 
   /// Routes one request (see the class comment) and returns its Future.
@@ -75,8 +72,9 @@ class MultiDeviceSubmitter {
   /// One replica's submitter (for its stats, or to reach one device directly).
   Submitter& replica(std::size_t i) { return *submitters_.at(i); }
 
-  /// The replicas' counters added up (histograms and latency percentiles are per replica: see
-  /// replica(i).stats()).
+  /// The replicas' counters and batch-size histograms added up (SubmitterStats::operator+=).
+  /// Latency summaries and batch_limit stay zero here, since percentiles cannot be added: read
+  /// each replica's with replica(i).stats().
   SubmitterStats stats() const noexcept {
     SubmitterStats total;
     for (const auto& s : submitters_) total += s->stats();

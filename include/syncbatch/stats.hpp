@@ -29,13 +29,16 @@ struct SubmitterStats {
   /// Batch-size histogram buckets: bucket i counts batches of size in [2^i, 2^(i+1)).
   static constexpr std::size_t kBuckets = 17;
 
-  std::uint64_t submitted = 0;    ///< Requests accepted by submit().
-  std::uint64_t rejected = 0;     ///< Requests refused by submit() (queue full or shut down).
-  std::uint64_t completed = 0;    ///< Requests completed, with a value or an error.
-  std::uint64_t failed = 0;       ///< Of those, completed with an error.
-  std::uint64_t expired = 0;      ///< Of `failed`, those not started by their deadline.
-  std::uint64_t batches = 0;      ///< Batches run: requests completed by one sync.
-  std::uint64_t syncs = 0;        ///< Device syncs issued.
+  std::uint64_t submitted = 0;  ///< Requests accepted by submit().
+  std::uint64_t rejected = 0;   ///< Requests refused by submit() (queue full or shut down).
+  std::uint64_t completed = 0;  ///< Requests completed, with a value or an error.
+  std::uint64_t failed = 0;     ///< Of those, completed with an error.
+  std::uint64_t expired = 0;    ///< Of `failed`, those not started by their deadline.
+  std::uint64_t batches = 0;    ///< Batches run: requests completed by one sync.
+  /// Device syncs issued: one per batch, so equal to `batches` (a batch whose requests all
+  /// expired before it ran is neither run nor synced, and counts in neither). SyncScope's
+  /// syncs() is where syncs and ops differ.
+  std::uint64_t syncs = 0;
   std::uint64_t queued = 0;       ///< Requests waiting in the queue when the snapshot was taken.
   std::uint64_t batch_limit = 0;  ///< The policy's batch limit after the latest batch.
   /// Of `batches`, those whose worker waited for more requests before running them (the
@@ -57,8 +60,8 @@ struct SubmitterStats {
   /// out.
   LatencySummary recent_latency;
 
-  /// Adds another submitter's counters (MultiDeviceSubmitter's totals). Latency summaries and
-  /// batch_limit are per submitter and are left as they are.
+  /// Adds another submitter's counters and batch-size histogram (MultiDeviceSubmitter's
+  /// totals). Latency summaries and batch_limit are per submitter and are left as they are.
   SubmitterStats& operator+=(const SubmitterStats& o) noexcept {
     submitted += o.submitted;
     rejected += o.rejected;

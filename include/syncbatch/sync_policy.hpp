@@ -21,12 +21,10 @@
 #include <string_view>
 #include <variant>
 
+#include "syncbatch/clock.hpp"
 #include "syncbatch/error.hpp"
 
 namespace syncbatch {
-
-/// The clock every policy and statistic uses.
-using Clock = std::chrono::steady_clock;
 
 /// The unsynced work a policy decides about.
 struct PendingWork {
