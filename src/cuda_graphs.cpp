@@ -7,9 +7,9 @@
 //
 // Captures and graph destruction are serialized process-wide (graph_lifecycle_mutex): a
 // CUDAGraph registers itself with the CUDA generator's state when its capture begins and
-// unregisters in its destructor, in a set LibTorch does not lock. Two workers capturing at once
-// corrupted it: with 12 worker streams capturing on one H200 (2026-11-29) the process later
-// aborted in ~CUDAGraph ("The graph should be registered to the state").
+// unregisters in its destructor, in a set LibTorch does not lock. Workers capturing at once
+// corrupt it, and the process later aborts in ~CUDAGraph ("The graph should be registered to
+// the state"); graphs_test's concurrent-capture device test covers it.
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/cuda/EmptyTensor.h>

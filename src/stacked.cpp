@@ -6,56 +6,12 @@
 
 #include <algorithm>
 #include <memory>
-#include <sstream>
 #include <utility>
 
 #include "syncbatch/torch/device_sync.hpp"
 
 namespace syncbatch {
 namespace {
-
-std::string shape_string(c10::IntArrayRef sizes, bool star_first) {
-  std::ostringstream s;
-  s << '[';
-  for (std::size_t i = 0; i < sizes.size(); ++i) {
-    if (i > 0) s << ", ";
-    if (i == 0 && star_first) {
-      s << '*';
-    } else {
-      s << sizes[i];
-    }
-  }
-  s << ']';
-  return s.str();
-}
-
-// PyTorch's user-facing dtype names (torch.float32), not c10's enum names (Float).
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "float32";
-    case at::kDouble:
-      return "float64";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    case at::kLong:
-      return "int64";
-    case at::kInt:
-      return "int32";
-    case at::kShort:
-      return "int16";
-    case at::kChar:
-      return "int8";
-    case at::kByte:
-      return "uint8";
-    case at::kBool:
-      return "bool";
-    default:
-      return c10::toString(t);
-  }
-}
 
 std::string describe_spec(const InputSpec& spec) {
   std::vector<int64_t> sizes{0};
@@ -186,8 +142,6 @@ class GroupRunner {
  private:
   void forward(const std::vector<std::size_t>& group) {
     const std::size_t positions = inputs_[group.front()].size();
-    Tensors stacked;
-    stacked.reserve(positions);
     std::vector<int64_t> rows;
     rows.reserve(group.size());
     int64_t total = 0;
@@ -195,23 +149,13 @@ class GroupRunner {
       rows.push_back(inputs_[i].front().size(0));
       total += rows.back();
     }
-    std::vector<at::Tensor> parts;
-    parts.reserve(group.size());
-    Tensors outputs;
+    // The group's rows, input position by input position; the adapter stacks and runs them.
+    c10::SmallVector<std::vector<at::Tensor>, 1> parts(positions);
     for (std::size_t j = 0; j < positions; ++j) {
-      parts.clear();
-      for (std::size_t i : group) parts.push_back(inputs_[i][j]);
-      if constexpr (requires { adapter_.gather; }) {
-        // A model that stacks the rows itself, where they need no staging on another device.
-        if (adapter_.gather && parts.size() > 1 &&
-            (!options_.device || is_on(parts.front(), *options_.device))) {
-          outputs.push_back(adapter_.gather(parts));
-          break;  // a single-tensor adapter: one position
-        }
-      }
-      stacked.push_back(stack_inputs(parts, options_.device));
+      parts[j].reserve(group.size());
+      for (std::size_t i : group) parts[j].push_back(inputs_[i][j]);
     }
-    if (outputs.empty()) outputs = adapter_.call(stacked);
+    Tensors outputs = adapter_.forward(parts, options_.device);
     for (std::size_t k = 0; k < outputs.size(); ++k) {
       const at::Tensor& out = outputs[k];
       if (!out.defined() || out.dim() == 0 || out.size(0) != total)
@@ -268,12 +212,20 @@ void run_batch(Batch<In, Out>& batch, const Adapter& adapter, const StackingOpti
   for (const auto& group : groups) runner.run(group);
 }
 
+// One group's rows, by input position, as the adapters receive them.
+using GroupParts = c10::SmallVector<std::vector<at::Tensor>, 1>;
+
 // Adapts a single-tensor model to the list-of-tensors machinery.
 struct SingleAdapter {
-  std::function<at::Tensor(const at::Tensor&)> model;
-  std::function<at::Tensor(c10::ArrayRef<at::Tensor>)> gather{};  // optional: see forward()
+  RowsModel model;
   Row tensors(const at::Tensor& t) const { return Row{t}; }
-  Tensors call(const Tensors& stacked) const { return {model(stacked.front())}; }
+  Tensors forward(const GroupParts& parts, const std::optional<c10::Device>& target) const {
+    const std::vector<at::Tensor>& rows = parts.front();
+    // A model that stacks the rows itself, where they need no staging on another device.
+    if (model.forward_rows && rows.size() > 1 && (!target || is_on(rows.front(), *target)))
+      return {model.forward_rows(rows)};
+    return {model.forward(stack_inputs(rows, target))};
+  }
   static at::Tensor cut(const BatchOutputs& b, std::size_t g) {
     return b.outputs.front().narrow(0, b.offsets[g], b.rows[g]);
   }
@@ -282,7 +234,12 @@ struct SingleAdapter {
 struct MultiAdapter {
   std::function<Tensors(const Tensors&)> model;
   Row tensors(const Tensors& t) const { return Row(t.begin(), t.end()); }
-  Tensors call(const Tensors& stacked) const { return model(stacked); }
+  Tensors forward(const GroupParts& parts, const std::optional<c10::Device>& target) const {
+    Tensors stacked;
+    stacked.reserve(parts.size());
+    for (const auto& position : parts) stacked.push_back(stack_inputs(position, target));
+    return model(stacked);
+  }
   static Tensors cut(const BatchOutputs& b, std::size_t g) {
     Tensors mine;
     mine.reserve(b.outputs.size());
@@ -301,32 +258,21 @@ void check_options(const StackingOptions& options) {
 
 }  // namespace
 
-std::string describe_tensor(const at::Tensor& t) {
-  if (!t.defined()) return "undefined";
-  return dtype_name(t.scalar_type()) + " " + shape_string(t.sizes(), false) +
-         (t.device().is_cpu() ? "" : " on " + t.device().str());
-}
-
-namespace detail {
-StackedModel<at::Tensor, at::Tensor> make_stacked_model_gathering(
-    std::function<at::Tensor(const at::Tensor&)> model,
-    std::function<at::Tensor(c10::ArrayRef<at::Tensor>)> gather, StackingOptions options) {
-  if (!model) throw Error(ErrorCode::kInvalidArgument, "make_stacked_model: the model is empty");
+BatchModel<at::Tensor, at::Tensor> make_stacked_model(RowsModel model, StackingOptions options) {
+  if (!model.forward)
+    throw Error(ErrorCode::kInvalidArgument, "make_stacked_model: the model is empty");
   check_options(options);
-  return {[adapter = SingleAdapter{std::move(model), std::move(gather)},
-           options = std::move(options)](Batch<at::Tensor, at::Tensor>& batch) {
-    run_batch(batch, adapter, options);
-  }};
+  return {[adapter = SingleAdapter{std::move(model)}, options = std::move(options)](
+              Batch<at::Tensor, at::Tensor>& batch) { run_batch(batch, adapter, options); }};
 }
-}  // namespace detail
 
-StackedModel<at::Tensor, at::Tensor> make_stacked_model(
+BatchModel<at::Tensor, at::Tensor> make_stacked_model(
     std::function<at::Tensor(const at::Tensor&)> model, StackingOptions options) {
-  return detail::make_stacked_model_gathering(std::move(model), {}, std::move(options));
+  return make_stacked_model(RowsModel{std::move(model)}, std::move(options));
 }
 
-StackedModel<Tensors, Tensors> make_stacked_model_multi(
-    std::function<Tensors(const Tensors&)> model, StackingOptions options) {
+BatchModel<Tensors, Tensors> make_stacked_model_multi(std::function<Tensors(const Tensors&)> model,
+                                                      StackingOptions options) {
   if (!model)
     throw Error(ErrorCode::kInvalidArgument, "make_stacked_model_multi: the model is empty");
   check_options(options);

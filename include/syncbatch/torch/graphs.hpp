@@ -1,7 +1,9 @@
 // Graph replay for launch-bound models: capture a model's forward once per input signature and
 // row bucket as a CUDA graph, then replay it with each call's data copied into the graph's
-// static input. Works with BatchedSubmitter (per-call or stacked mode) and with SyncScope; for
-// many small calls, call_each() replays up to max_fused_calls of them as one graph.
+// static input. A plain model wrapper: use it wherever a tensor model goes (a per-call model, the
+// model of make_stacked_model or make_fused_calls_model in syncbatch/torch/stacked.hpp, a loop
+// under SyncScope); for many small calls, call_each() replays up to max_fused_calls of them as
+// one graph.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,9 +16,6 @@
 #include <memory>
 #include <string>
 #include <vector>
-
-#include "syncbatch/batched_submitter.hpp"
-#include "syncbatch/torch/stacked.hpp"
 
 namespace syncbatch {
 
@@ -42,7 +41,9 @@ struct GraphOptions {
   /// Most graphs held at once. Each has its own static input and output and its own memory pool
   /// (on CUDA at least one 2 MiB segment); calls that would need more run eagerly.
   std::size_t max_graphs = 64;
-  /// Receives each reason for running eagerly, once per distinct reason. Unset: stderr.
+  /// Receives each reason for running eagerly, once per distinct reason, on the thread that
+  /// met it (e.g. forward it to the server's logger). Unset: nothing is printed; the reasons
+  /// are in stats().fallback_reasons either way.
   std::function<void(const std::string&)> log{};
 };
 
@@ -59,6 +60,8 @@ struct GraphStats {
   std::string unavailable_reason{};
   /// The latest reason a call ran eagerly although graphs are available ("" if none).
   std::string last_fallback{};
+  /// Every distinct reason calls ran eagerly for, in the order they first came.
+  std::vector<std::string> fallback_reasons{};
 };
 
 namespace detail {
@@ -158,25 +161,6 @@ class GraphedModel {
   explicit GraphedModel(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
   std::shared_ptr<Impl> impl_;
 };
-
-/// Per-call mode with fused graph replays, for BatchedSubmitter: pass it where a StackedModel
-/// goes. Each request still runs the model alone on its own input, with the result per-call mode
-/// would give it; the worker hands a batch's requests over together so that call_each() replays
-/// them as a few graphs instead of one each. A request the model fails on gets that error alone
-/// (the batch is rerun call by call to find it).
-///
-///   GraphedModel graphed(forward, device, {.max_fused_calls = 64});
-///   BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend> submitter(
-///       make_fused_calls_model(graphed), {.policy = EveryN{64}},
-///       TorchBackend(device, {.on_worker_start = [&] { graphed.warm_up_each(example); }}));
-StackedModel<at::Tensor, at::Tensor> make_fused_calls_model(GraphedModel graphed);
-
-/// Stacked mode over graph replays: make_stacked_model(std::function, options) with `graphed`
-/// as the model, except that each group's rows, when they are already on the model's device,
-/// are gathered straight into the graph's static input (call_rows) instead of concatenated
-/// first. Chosen over the std::function overload whenever a GraphedModel is passed.
-StackedModel<at::Tensor, at::Tensor> make_stacked_model(GraphedModel graphed,
-                                                        StackingOptions options = {});
 
 /// The buckets `options` describes, ascending and distinct. Errors: Error(kInvalidArgument).
 std::vector<int64_t> graph_buckets(const GraphOptions& options);

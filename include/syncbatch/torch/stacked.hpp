@@ -1,17 +1,23 @@
-// Stacked mode for tensor models: concatenate compatible requests into one forward, split the
-// output back, and isolate the requests a batch fails on.
+// Batch models for tensors: stacked mode (concatenate compatible requests into one forward,
+// split the output back, isolate the requests a batch fails on) and fused per-call mode (each
+// request its own call, a batch's calls replayed together by a model that can, such as
+// GraphedModel). Models are recognized by what they can do (RowGatheringModel,
+// FusedCallsModel), so this room needs nothing of the models' own headers.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <concepts>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "syncbatch/batched_submitter.hpp"
+#include "syncbatch/torch/describe.hpp"
 
 namespace syncbatch {
 
@@ -43,6 +49,16 @@ struct StackingOptions {
   bool isolate_failures = true;
 };
 
+/// A single-tensor model for stacked mode, as the two ways it can run one group of requests:
+/// `forward(x)` on their rows concatenated along dim 0 (required), and, if set,
+/// `forward_rows(parts)` on the rows as parts that it stacks itself (GraphedModel gathers them
+/// straight into a CUDA graph's static input), used for groups of more than one request whose
+/// rows need no staging on another device.
+struct RowsModel {
+  std::function<at::Tensor(const at::Tensor&)> forward;
+  std::function<at::Tensor(c10::ArrayRef<at::Tensor>)> forward_rows{};
+};
+
 /// A stacked-mode model from a batched tensor model `model(x) -> y`, where x stacks the
 /// requests' rows along dim 0 and y has as many rows as x. Each caller gets exactly the rows of
 /// y that came from its rows of x (a view into the batch output).
@@ -51,26 +67,82 @@ struct StackingOptions {
 /// tensor without a batch dimension, or one that does not match `options.expect`; the model's
 /// own exception when it throws on that request; Error(kBadRequest) when the model returns a
 /// different number of rows than it was given.
-StackedModel<at::Tensor, at::Tensor> make_stacked_model(
+/// Errors here: Error(kInvalidArgument) for an empty model or a bad option.
+BatchModel<at::Tensor, at::Tensor> make_stacked_model(RowsModel model,
+                                                      StackingOptions options = {});
+
+/// As above, for a model with only a forward.
+BatchModel<at::Tensor, at::Tensor> make_stacked_model(
     std::function<at::Tensor(const at::Tensor&)> model, StackingOptions options = {});
+
+/// A model that can also take a group's rows as parts and stack them itself (`call_rows`), as
+/// GraphedModel does.
+template <class M>
+concept RowGatheringModel = requires(const M& m, const at::Tensor& x,
+                                     c10::ArrayRef<at::Tensor> parts) {
+  { m(x) } -> std::convertible_to<at::Tensor>;
+  { m.call_rows(parts) } -> std::convertible_to<at::Tensor>;
+};
+
+/// Stacked mode over a RowGatheringModel: each group's rows, when they are already on the
+/// model's device, go to `model.call_rows` (no concatenation first); otherwise as above.
+/// Chosen over the std::function overload whenever such a model (a GraphedModel) is passed.
+template <RowGatheringModel M>
+BatchModel<at::Tensor, at::Tensor> make_stacked_model(M model, StackingOptions options = {}) {
+  auto rows = [model](c10::ArrayRef<at::Tensor> parts) { return model.call_rows(parts); };
+  return make_stacked_model(RowsModel{std::move(model), std::move(rows)}, std::move(options));
+}
 
 /// As above for models with several inputs and outputs: each request is a list of tensors
 /// (stacked position by position), the model returns a list of tensors, each split by rows.
 /// Every input of a request must have the same number of rows (row i of the request is row i of
 /// each input); a request whose inputs differ fails alone with Error(kBadRequest) naming each
 /// input's rows. Every output must have one row per input row of the batch.
-StackedModel<Tensors, Tensors> make_stacked_model_multi(
-    std::function<Tensors(const Tensors&)> model, StackingOptions options = {});
+BatchModel<Tensors, Tensors> make_stacked_model_multi(std::function<Tensors(const Tensors&)> model,
+                                                      StackingOptions options = {});
 
-namespace detail {
-/// make_stacked_model for a model that can also take a group's rows as parts and stack them
-/// itself (GraphedModel::call_rows): used for groups of one input whose rows need no staging.
-StackedModel<at::Tensor, at::Tensor> make_stacked_model_gathering(
-    std::function<at::Tensor(const at::Tensor&)> model,
-    std::function<at::Tensor(c10::ArrayRef<at::Tensor>)> gather, StackingOptions options);
-}  // namespace detail
+/// A model that can run several separate calls together (`call_each(xs)` returns what each
+/// `m(xs[i])` would), as GraphedModel does by replaying them as one CUDA graph.
+template <class M>
+concept FusedCallsModel = requires(const M& m, const at::Tensor& x, c10::ArrayRef<at::Tensor> xs) {
+  { m(x) } -> std::convertible_to<at::Tensor>;
+  { m.call_each(xs) } -> std::same_as<std::vector<at::Tensor>>;
+};
 
-/// "float32 [2, 32]" (and " on cuda:0" off the CPU): how error messages name a tensor.
-std::string describe_tensor(const at::Tensor& t);
+/// Per-call results with fused runs, for BatchedSubmitter: each request still runs the model
+/// alone on its own input, with the result per-call mode would give it; the worker hands a
+/// batch's requests over together so that call_each() runs them as a few fused replays instead
+/// of one each. A request the model fails on gets that error alone (the batch is rerun call by
+/// call to find it).
+///
+///   GraphedModel graphed(forward, device, {.max_fused_calls = 64});
+///   BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend> submitter(
+///       make_fused_calls_model(graphed), {.policy = EveryN{64}},
+///       TorchBackend(device, {.on_worker_start = [&] { graphed.warm_up_each(example); }}));
+template <FusedCallsModel M>
+BatchModel<at::Tensor, at::Tensor> make_fused_calls_model(M model) {
+  return {[model = std::move(model)](Batch<at::Tensor, at::Tensor>& batch) {
+    std::vector<at::Tensor> inputs;
+    inputs.reserve(batch.size());
+    for (std::size_t i = 0; i < batch.size(); ++i) inputs.push_back(batch.input(i));
+    std::vector<at::Tensor> outputs;
+    try {
+      outputs = model.call_each(inputs);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): rerun below, call by call
+    }
+    if (outputs.size() == inputs.size()) {
+      for (std::size_t i = 0; i < inputs.size(); ++i) batch.set_value(i, std::move(outputs[i]));
+      return;
+    }
+    // Some call failed: rerun each alone, so that only the requests it fails on get its error.
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      try {
+        batch.set_value(i, model(inputs[i]));
+      } catch (...) {
+        batch.set_error(i, std::current_exception());
+      }
+    }
+  }};
+}
 
 }  // namespace syncbatch
