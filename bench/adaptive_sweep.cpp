@@ -4,7 +4,11 @@
 //   closed-loop: C clients each waiting for its result; open-loop: Poisson arrivals at R req/s.
 #include <cstdio>
 
-#include "bench_common.hpp"
+#include "flags.hpp"
+#include "load.hpp"
+#include "mlp.hpp"
+#include "report.hpp"
+#include "timing.hpp"
 
 using namespace syncbatch;
 using namespace syncbatch::bench;
@@ -133,6 +137,6 @@ int main(int argc, char** argv) {
           .set("adaptive_held_share", a.held_share);
     }
   }
-  json.write(flags.str("json"), meta_json(device, "\"bench\": \"adaptive_sweep\""));
+  json.write(flags.str("json"), meta_json(device, {{"bench", "adaptive_sweep"}}));
   return 0;
 }

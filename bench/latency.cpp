@@ -4,7 +4,11 @@
 // the achieved throughput and the mean batch size.
 #include <cstdio>
 
-#include "bench_common.hpp"
+#include "flags.hpp"
+#include "load.hpp"
+#include "mlp.hpp"
+#include "report.hpp"
+#include "timing.hpp"
 
 using namespace syncbatch;
 using namespace syncbatch::bench;
@@ -86,6 +90,6 @@ int main(int argc, char** argv) {
     }
   }
   json.write(flags.str("json"),
-             meta_json(device, "\"bench\": \"latency\", \"mode\": \"" + flags.str("mode") + "\""));
+             meta_json(device, {{"bench", "latency"}, {"mode", flags.str("mode")}}));
   return 0;
 }

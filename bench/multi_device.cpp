@@ -5,8 +5,12 @@
 #include <cstdio>
 #include <string>
 
-#include "bench_common.hpp"
+#include "flags.hpp"
+#include "load.hpp"
+#include "mlp.hpp"
+#include "report.hpp"
 #include "syncbatch/multi_device.hpp"
+#include "timing.hpp"
 
 #include <torch/cuda.h>
 
@@ -116,7 +120,7 @@ int main(int argc, char** argv) {
     }
   }
   json.write(flags.str("json"),
-             meta_json(devices.front(), "\"bench\": \"multi_device\", \"devices\": " +
-                                            std::to_string(devices.size())));
+             meta_json(devices.front(), {{"bench", "multi_device"},
+                                         {"devices", static_cast<double>(devices.size())}}));
   return 0;
 }

@@ -7,7 +7,11 @@
 #include <cstdio>
 #include <optional>
 
-#include "bench_common.hpp"
+#include "flags.hpp"
+#include "load.hpp"
+#include "mlp.hpp"
+#include "report.hpp"
+#include "timing.hpp"
 
 using namespace syncbatch;
 using namespace syncbatch::bench;
@@ -161,6 +165,6 @@ int main(int argc, char** argv) {
     }
   }
   json.write(flags.str("json"),
-             meta_json(device, "\"bench\": \"sync_frequency\", \"width\": " + flags.str("width")));
+             meta_json(device, {{"bench", "sync_frequency"}, {"width", flags.num("width")}}));
   return 0;
 }

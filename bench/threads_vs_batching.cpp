@@ -14,7 +14,11 @@
 #include <optional>
 #include <string>
 
-#include "bench_common.hpp"
+#include "flags.hpp"
+#include "load.hpp"
+#include "mlp.hpp"
+#include "report.hpp"
+#include "timing.hpp"
 
 using namespace syncbatch;
 using namespace syncbatch::bench;
@@ -128,7 +132,7 @@ int main(int argc, char** argv) {
     WorkerClock clock;
     std::optional<TimedSubmitter> submitter;
   };
-  auto make_stacked = [&](TimedStacked& s, StackedModel<at::Tensor, at::Tensor> model,
+  auto make_stacked = [&](TimedStacked& s, BatchModel<at::Tensor, at::Tensor> model,
                           bool waker_thread, std::function<void()> on_start) {
     s.submitter.emplace(
         timed(std::move(model), s.clock),
@@ -352,9 +356,9 @@ int main(int argc, char** argv) {
         .set("stacked_graph_callbacks_worker_model_share", stgc_share.model)
         .set("stacked_graph_callbacks_worker_complete_share", stgc_share.complete);
   }
-  json.write(flags.str("json"),
-             meta_json(device, "\"bench\": \"threads_vs_batching\", \"layers\": " +
-                                   flags.str("layers") + ", \"width\": " + flags.str("width") +
-                                   ", \"sync\": \"" + flags.str("sync") + "\""));
+  json.write(flags.str("json"), meta_json(device, {{"bench", "threads_vs_batching"},
+                                                   {"layers", flags.num("layers")},
+                                                   {"width", flags.num("width")},
+                                                   {"sync", flags.str("sync")}}));
   return 0;
 }

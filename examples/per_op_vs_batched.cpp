@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "mlp.hpp"
 #include "syncbatch/torch.hpp"
 
 namespace {
@@ -79,18 +80,6 @@ Args parse(int argc, char** argv) {
   return a;
 }
 
-torch::nn::Sequential make_mlp(int width, int layers, c10::Device device) {
-  torch::manual_seed(0);
-  torch::nn::Sequential mlp;
-  for (int i = 0; i < layers; ++i) {
-    mlp->push_back(torch::nn::Linear(width, width));
-    if (i + 1 < layers) mlp->push_back(torch::nn::ReLU());
-  }
-  mlp->to(device);
-  mlp->eval();
-  return mlp;
-}
-
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -122,9 +111,9 @@ int main(int argc, char** argv) {
   const auto mode =
       args.sync == "device" ? syncbatch::SyncMode::kDevice : syncbatch::SyncMode::kEvent;
   c10::InferenceMode inference;
-  auto mlp = make_mlp(args.width, args.layers, device);
+  const syncbatch::bench::Mlp mlp(args.layers, args.width, device);
   const auto input = torch::randn({1, args.width}, torch::TensorOptions().device(device));
-  auto forward = [&](const torch::Tensor& x) { return mlp->forward(x); };
+  auto forward = [&](const torch::Tensor& x) { return mlp(x); };
 
   // Warm up: idle devices clock down, and first calls pay for allocation and kernel loading.
   {

@@ -2,10 +2,11 @@
 #include <ATen/ATen.h>
 #include <torch/script.h>
 
-#include <cmath>
+#include <cstdio>
 #include <memory>
 #include <stdexcept>
 
+#include "mlp.hpp"
 #include "server.hpp"
 
 namespace syncbatch::http {
@@ -22,22 +23,9 @@ Model load_model(const std::string& spec, int64_t input_width, c10::Device devic
           "model: expected mlp:LAYERSxWIDTH (e.g. mlp:3x256) or a "
           "TorchScript file, got '" +
           spec + "'");
-    // The benchmark MLP: `layers` Linear(width, width) with ReLU between, weights from seed 0.
-    at::manual_seed(0);
-    auto weights = std::make_shared<std::vector<std::pair<at::Tensor, at::Tensor>>>();
-    const auto opts = at::TensorOptions().device(device);
-    for (int i = 0; i < layers; ++i)
-      weights->emplace_back(at::randn({width, width}, opts) / std::sqrt(static_cast<double>(width)),
-                            at::randn({width}, opts) * 0.01);
-    return {[weights](const at::Tensor& in) {
-              at::Tensor y = in;
-              for (std::size_t i = 0; i < weights->size(); ++i) {
-                y = at::linear(y, (*weights)[i].first, (*weights)[i].second);
-                if (i + 1 < weights->size()) y = at::relu(y);
-              }
-              return y;
-            },
-            width, spec};
+    // The benchmark MLP (bench/common/mlp.hpp).
+    const bench::Mlp mlp(layers, width, device);
+    return {mlp, width, spec};
   }
   if (input_width < 1)
     throw std::invalid_argument(
