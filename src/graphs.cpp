@@ -60,21 +60,8 @@ std::shared_ptr<GraphEngine> default_graph_engine() {
 }  // namespace detail
 
 std::vector<int64_t> graph_buckets(const GraphOptions& options) {
-  std::vector<int64_t> buckets = options.buckets;
-  if (buckets.empty()) {
-    if (options.max_rows < 1)
-      throw Error(ErrorCode::kInvalidArgument, "GraphOptions.max_rows: expected at least 1, got " +
-                                                   std::to_string(options.max_rows));
-    for (int64_t b = 1; b < options.max_rows; b *= 2) buckets.push_back(b);
-    buckets.push_back(options.max_rows);
-  }
-  for (int64_t b : buckets)
-    if (b < 1)
-      throw Error(ErrorCode::kInvalidArgument,
-                  "GraphOptions.buckets: expected row counts >= 1, got " + std::to_string(b));
-  std::sort(buckets.begin(), buckets.end());
-  buckets.erase(std::unique(buckets.begin(), buckets.end()), buckets.end());
-  return buckets;
+  if (!options.buckets.empty()) return RowBuckets(options.buckets, "GraphOptions.buckets").sizes();
+  return RowBuckets::powers_of_two(options.max_rows, "GraphOptions.max_rows").sizes();
 }
 
 namespace {
@@ -91,8 +78,7 @@ std::vector<int64_t> fused_buckets(const GraphOptions& options) {
 }  // namespace
 
 int64_t bucket_for(int64_t rows, const std::vector<int64_t>& buckets) {
-  const auto it = std::lower_bound(buckets.begin(), buckets.end(), rows);
-  return it == buckets.end() ? 0 : *it;
+  return RowBuckets(buckets).bucket_for(rows);
 }
 
 std::string graphs_unavailable_reason(c10::Device device) {
@@ -198,13 +184,13 @@ struct GraphContext {
 // smallest bucket >= r, its rows copied in, the padding's outputs dropped.
 class RowReplay {
  public:
-  RowReplay(GraphContext& g, std::vector<int64_t> buckets)
+  RowReplay(GraphContext& g, RowBuckets buckets)
       : g_(g),
         buckets_(std::move(buckets)),
         oversize_reason_("calls with more rows than the largest bucket (" +
-                         std::to_string(buckets_.back()) + ") run eagerly") {}
+                         std::to_string(buckets_.largest()) + ") run eagerly") {}
 
-  const std::vector<int64_t>& buckets() const { return buckets_; }
+  const std::vector<int64_t>& buckets() const { return buckets_.sizes(); }
 
   at::Tensor call(const at::Tensor& x) {
     if (!usable() || !x.defined() || x.dim() == 0 || x.size(0) == 0) return g_.eager(x);
@@ -238,7 +224,7 @@ class RowReplay {
     if (!usable()) return;
     GraphContext::check_example(example, "warm_up");
     const c10::Stream stream = g_.current_stream();
-    for (int64_t bucket : buckets_) {
+    for (int64_t bucket : buckets_.sizes()) {
       const GraphKey key = GraphKey::like(example, stream, Replays::kRows, bucket);
       const auto input = [&] { return example.narrow(0, 0, std::min(bucket, example.size(0))); };
       const auto capture = [&](GraphSlot& slot, const at::Tensor& x) {
@@ -256,7 +242,7 @@ class RowReplay {
   // an eager run needs that.
   template <class Gather, class Whole>
   at::Tensor run(const at::Tensor& like, int64_t rows, Gather gather, Whole whole) {
-    const int64_t bucket = bucket_for(rows, buckets_);
+    const int64_t bucket = buckets_.bucket_for(rows);
     if (bucket == 0) {
       g_.pool.fallback(oversize_reason_);
       return g_.eager(whole());
@@ -304,7 +290,7 @@ class RowReplay {
   }
 
   GraphContext& g_;
-  const std::vector<int64_t> buckets_;
+  const RowBuckets buckets_;
   const std::string oversize_reason_;  // made once: calls may hit it again and again
   std::atomic<bool> failed_{false};    // the model cannot be captured: eager for good
 };
@@ -457,7 +443,7 @@ void check_graph_options(const GraphedModel::Forward& model, const GraphOptions&
 struct GraphedModel::Impl {
   Impl(Forward m, c10::Device d, GraphOptions o, std::shared_ptr<detail::GraphEngine> e)
       : ctx((check_graph_options(m, o), std::move(m)), d, o, std::move(e)),
-        rows(ctx, graph_buckets(o)),
+        rows(ctx, RowBuckets(graph_buckets(o))),
         fused(ctx, rows, fused_buckets(o)) {}
 
   ~Impl() {

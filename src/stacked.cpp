@@ -109,6 +109,9 @@ at::Tensor place_output(const at::Tensor& out, const std::optional<c10::Device>&
   return out.to(*where);
 }
 
+// One group's rows, by input position, as the adapters receive them.
+using GroupParts = c10::SmallVector<std::vector<at::Tensor>, 1>;
+
 // A group's outputs, shared by its requests; request g owns rows [offsets[g], +rows[g]).
 struct BatchOutputs {
   Tensors outputs;
@@ -150,22 +153,20 @@ class GroupRunner {
       total += rows.back();
     }
     // The group's rows, input position by input position; the adapter stacks and runs them.
-    c10::SmallVector<std::vector<at::Tensor>, 1> parts(positions);
+    GroupParts parts(positions);
     for (std::size_t j = 0; j < positions; ++j) {
       parts[j].reserve(group.size());
       for (std::size_t i : group) parts[j].push_back(inputs_[i][j]);
     }
-    Tensors outputs = adapter_.forward(parts, options_.device);
-    for (std::size_t k = 0; k < outputs.size(); ++k) {
-      const at::Tensor& out = outputs[k];
-      if (!out.defined() || out.dim() == 0 || out.size(0) != total)
-        throw bad_request(
-            "the model returned " +
-            (out.defined() ? describe_tensor(out) : std::string("an undefined tensor")) +
-            " as output " + std::to_string(k) + " for " + std::to_string(total) +
-            " input rows: expected one output row per input row");
-      outputs[k] = place_output(out, options_.output_device);
+    const std::vector<BucketRun> runs = options_.batch_buckets.plan(total, options_.bucket_policy);
+    Tensors outputs;
+    if (runs.size() == 1 && runs.front().bucket == total) {
+      outputs = adapter_.forward(parts, options_.device);  // as it comes: no padding, no cut
+      check_outputs(outputs, total);
+    } else {
+      outputs = forward_in_runs(parts, runs);
     }
+    for (at::Tensor& out : outputs) out = place_output(out, options_.output_device);
     // Each caller cuts its rows from the shared outputs on its own thread (Future::get), so the
     // worker does not create one view per request.
     auto shared = std::make_shared<BatchOutputs>();
@@ -179,6 +180,57 @@ class GroupRunner {
     }
     for (std::size_t g = 0; g < group.size(); ++g)
       batch_.template set_shared<BatchOutputs, &Adapter::cut>(group[g], shared, g);
+  }
+
+  static void check_outputs(const Tensors& outputs, int64_t rows) {
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+      const at::Tensor& out = outputs[k];
+      if (!out.defined() || out.dim() == 0 || out.size(0) != rows)
+        throw bad_request(
+            "the model returned " +
+            (out.defined() ? describe_tensor(out) : std::string("an undefined tensor")) +
+            " as output " + std::to_string(k) + " for " + std::to_string(rows) +
+            " input rows: expected one output row per input row");
+    }
+  }
+
+  // Batch buckets: the group's rows stacked once, then run as the plan's runs, each padded up to
+  // its bucket with copies of its last real row; the padding's outputs are dropped and the
+  // runs' outputs joined back in order, so each request's rows come back as one.
+  Tensors forward_in_runs(const GroupParts& parts, const std::vector<BucketRun>& runs) const {
+    Tensors stacked;
+    stacked.reserve(parts.size());
+    for (const auto& position : parts) stacked.push_back(stack_inputs(position, options_.device));
+    std::vector<Tensors> pieces;  // per output, one piece per run
+    int64_t start = 0;
+    for (const BucketRun& run : runs) {
+      Tensors in;
+      in.reserve(stacked.size());
+      for (const at::Tensor& x : stacked)
+        in.push_back(padded(x.narrow(0, start, run.rows), run.bucket));
+      Tensors out = adapter_.forward_stacked(in);
+      check_outputs(out, run.bucket);
+      if (pieces.empty()) pieces.resize(out.size());
+      if (out.size() != pieces.size())
+        throw bad_request("the model returned " + std::to_string(out.size()) +
+                          " outputs for one run and " + std::to_string(pieces.size()) +
+                          " for another");
+      for (std::size_t k = 0; k < out.size(); ++k)
+        pieces[k].push_back(run.rows == run.bucket ? out[k] : out[k].narrow(0, 0, run.rows));
+      start += run.rows;
+    }
+    Tensors joined;
+    joined.reserve(pieces.size());
+    for (auto& p : pieces) joined.push_back(p.size() == 1 ? p.front() : at::cat(p, 0));
+    return joined;
+  }
+
+  // `x` with rows appended up to `rows`, each a copy of x's last row.
+  static at::Tensor padded(const at::Tensor& x, int64_t rows) {
+    if (x.size(0) == rows) return x;
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes[0] = rows - x.size(0);
+    return at::cat({x, x.narrow(0, x.size(0) - 1, 1).expand(sizes)}, 0);
   }
 
   Batch<In, Out>& batch_;
@@ -212,9 +264,6 @@ void run_batch(Batch<In, Out>& batch, const Adapter& adapter, const StackingOpti
   for (const auto& group : groups) runner.run(group);
 }
 
-// One group's rows, by input position, as the adapters receive them.
-using GroupParts = c10::SmallVector<std::vector<at::Tensor>, 1>;
-
 // Adapts a single-tensor model to the list-of-tensors machinery.
 struct SingleAdapter {
   RowsModel model;
@@ -226,6 +275,7 @@ struct SingleAdapter {
       return {model.forward_rows(rows)};
     return {model.forward(stack_inputs(rows, target))};
   }
+  Tensors forward_stacked(const Tensors& stacked) const { return {model.forward(stacked.front())}; }
   static at::Tensor cut(const BatchOutputs& b, std::size_t g) {
     return b.outputs.front().narrow(0, b.offsets[g], b.rows[g]);
   }
@@ -240,6 +290,7 @@ struct MultiAdapter {
     for (const auto& position : parts) stacked.push_back(stack_inputs(position, target));
     return model(stacked);
   }
+  Tensors forward_stacked(const Tensors& stacked) const { return model(stacked); }
   static Tensors cut(const BatchOutputs& b, std::size_t g) {
     Tensors mine;
     mine.reserve(b.outputs.size());

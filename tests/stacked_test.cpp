@@ -304,6 +304,77 @@ TEST_P(StackedOnEachDevice, OutputsWithDifferentRowCountsAreAClearError) {
   }
 }
 
+// Batch buckets in eager stacked mode: the model sees only allowed batch sizes; padding rows'
+// outputs never reach a caller; every request gets exactly what the model gives its rows alone,
+// also a request whose rows span two runs.
+TEST_P(StackedOnEachDevice, BatchBucketsPadAndCutBackExactly) {
+  const c10::Device device = GetParam();
+  auto model = [](const at::Tensor& x) { return x * 3 + 1; };
+  struct Case {
+    BucketPolicy policy;
+    std::vector<int64_t> second_batch;  // the sizes the model sees for 13 rows
+  };
+  const std::vector<Case> cases{{BucketPolicy::kPadUp, {8, 8}},
+                                {BucketPolicy::kBatchDown, {8, 4, 4}},
+                                {BucketPolicy::kLeastPadding, {8, 8}}};
+  for (const Case& c : cases) {
+    Gate gate;
+    std::vector<int64_t> seen;  // written by the worker, read after shutdown()
+    TensorSubmitter s(make_stacked_model(
+                          [&](const at::Tensor& x) {
+                            gate.pass();
+                            seen.push_back(x.size(0));
+                            return model(x);
+                          },
+                          {.batch_buckets = RowBuckets({4, 8}), .bucket_policy = c.policy}),
+                      {.policy = EveryN{64}}, TorchBackend(device));
+    auto warm = s.submit(at::randn({1, 5}, device));
+    gate.wait_entered();
+    std::vector<at::Tensor> inputs;
+    std::vector<Future<at::Tensor>> futures;
+    for (int64_t rows : {1, 2, 3, 1, 6}) {  // 13 rows: the 6-row request spans two runs
+      inputs.push_back(at::randn({rows, 5}, device));
+      futures.push_back(s.submit(inputs.back()));
+    }
+    gate.open = true;
+    EXPECT_EQ(warm.get().size(0), 1) << "a padded request got the padding's rows";
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      const at::Tensor got = futures[i].get();
+      EXPECT_EQ(got.sizes(), inputs[i].sizes());
+      EXPECT_TRUE(at::equal(got, model(inputs[i]))) << "request " << i;
+    }
+    s.shutdown();
+    std::vector<int64_t> want{4};
+    want.insert(want.end(), c.second_batch.begin(), c.second_batch.end());
+    EXPECT_EQ(seen, want) << "policy " << static_cast<int>(c.policy);
+  }
+}
+
+// The same with several inputs and outputs: every position padded and cut alike.
+TEST_P(StackedOnEachDevice, BatchBucketsWithSeveralInputsAndOutputs) {
+  const c10::Device device = GetParam();
+  auto model = [](const Tensors& in) -> Tensors { return {in[0] - in[1], (in[0] * in[1]).sum(1)}; };
+  std::vector<int64_t> seen;
+  BatchedSubmitter<Tensors, Tensors, TorchBackend> s(make_stacked_model_multi(
+                                                         [&](const Tensors& in) {
+                                                           seen.push_back(in[0].size(0));
+                                                           EXPECT_EQ(in[1].size(0), in[0].size(0));
+                                                           return model(in);
+                                                         },
+                                                         {.batch_buckets = RowBuckets({2, 4})}),
+                                                     {.policy = EveryN{1}}, TorchBackend(device));
+  for (int64_t rows : {1, 3, 5}) {
+    const Tensors in{at::randn({rows, 3}, device), at::randn({rows, 3}, device)};
+    const Tensors got = s.submit(in).get();
+    const Tensors want = model(in);
+    ASSERT_EQ(got.size(), 2u);
+    EXPECT_TRUE(at::equal(got[0], want[0])) << rows;
+    EXPECT_TRUE(at::allclose(got[1], want[1])) << rows;
+  }
+  s.shutdown();
+  EXPECT_EQ(seen, (std::vector<int64_t>{2, 4, 4, 2}));  // 5 rows: a run of 4, then 1 padded to 2
+}
+
 TEST_P(StackedOnEachDevice, CpuInputsAreStagedAndOutputsReturnedWhereAsked) {
   const c10::Device device = GetParam();
   const Mlp mlp(16, 16, 4, device);

@@ -17,14 +17,18 @@
 #include <string>
 #include <vector>
 
+#include "syncbatch/row_buckets.hpp"
+
 namespace syncbatch {
 
 /// Options of GraphedModel.
 struct GraphOptions {
-  /// Row counts (dim 0) to capture a graph for. A call with r rows replays the graph of the
+  /// Row counts (dim 0) to capture a graph for (RowBuckets, the idea eager stacked mode's
+  /// StackingOptions::batch_buckets shares). A call with r rows replays the graph of the
   /// smallest bucket >= r, its input padded with the rows of the previous call (or zeros) and
   /// the padded rows' outputs dropped; a call with more rows than the largest bucket runs
-  /// eagerly. Empty: 1, 2, 4, ... up to max_rows, and max_rows itself.
+  /// eagerly (stacked mode with batch_buckets never sends one). Empty: 1, 2, 4, ... up to
+  /// max_rows, and max_rows itself.
   std::vector<int64_t> buckets{};
   /// The largest bucket when `buckets` is empty. At least 1.
   int64_t max_rows = 64;
@@ -162,10 +166,11 @@ class GraphedModel {
   std::shared_ptr<Impl> impl_;
 };
 
-/// The buckets `options` describes, ascending and distinct. Errors: Error(kInvalidArgument).
+/// The buckets `options` describes, ascending and distinct (RowBuckets of `buckets`, or powers
+/// of two up to `max_rows`). Errors: Error(kInvalidArgument).
 std::vector<int64_t> graph_buckets(const GraphOptions& options);
 
-/// The smallest bucket >= rows, or 0 when rows exceeds them all. `buckets` ascending.
+/// The smallest bucket >= rows, or 0 when rows exceeds them all: RowBuckets::bucket_for.
 int64_t bucket_for(int64_t rows, const std::vector<int64_t>& buckets);
 
 /// "" when this build can capture CUDA graphs on `device`, else why not.

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "syncbatch/batched_submitter.hpp"
+#include "syncbatch/row_buckets.hpp"
 #include "syncbatch/torch/describe.hpp"
 
 namespace syncbatch {
@@ -47,6 +48,15 @@ struct StackingOptions {
   /// When the model throws on a group, run each half again (recursively) so that only the
   /// requests it really fails on get the error. Off: the whole group gets it.
   bool isolate_failures = true;
+  /// The batch sizes (rows) the model may see. Empty (the default): each group runs as it
+  /// comes, whatever its rows. Otherwise a group of r rows runs as the runs of
+  /// batch_buckets.plan(r, bucket_policy): each padded up to its bucket with copies of its last
+  /// real row, the padding's outputs dropped, and every request's rows joined back in order
+  /// (a request may span two runs). Outputs are those of the model on the padded rows, so use
+  /// buckets with models whose output rows follow their own input rows only.
+  RowBuckets batch_buckets{};
+  /// How a group whose rows are not an allowed size is cut (see BucketPolicy).
+  BucketPolicy bucket_policy = BucketPolicy::kPadUp;
 };
 
 /// A single-tensor model for stacked mode, as the two ways it can run one group of requests:
