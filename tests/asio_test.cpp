@@ -6,11 +6,16 @@
 
 #include <atomic>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
@@ -65,6 +70,100 @@ TEST(AsyncSubmit, AcceptsAMultiDeviceSubmitter) {
   io.run();
   ASSERT_EQ(got.size(), 20u);
   for (int i = 0; i < 20; ++i) EXPECT_EQ(got[i] / 10, i) << "replica " << got[i] % 10;
+}
+
+// A submitter whose model holds request 0 until `open`, so later requests stay queued.
+struct HeldSubmitter {
+  std::atomic<bool> open{false};
+  std::atomic<bool> entered{false};
+  std::vector<int> ran;  // written by the worker, read after shutdown()
+  IntSubmitter s{[this](int& x) {
+                   if (x == 0) {
+                     entered = true;
+                     while (!open.load())
+                       std::this_thread::sleep_for(std::chrono::microseconds(100));
+                   }
+                   ran.push_back(x);
+                   return x * 2;
+                 },
+                 {.policy = EveryN{1}}};
+  void hold() {
+    s.submit_then(0, [](std::exception_ptr, int) {});
+    while (!entered.load()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+};
+
+bool is_cancelled(const std::exception_ptr& e) {
+  try {
+    if (e) std::rethrow_exception(e);
+  } catch (const Error& err) {
+    return err.code() == ErrorCode::kCancelled;
+  } catch (...) {
+  }
+  return false;
+}
+
+TEST(AsyncSubmit, ABoundCancellationSignalCancelsTheRequest) {
+  HeldSubmitter h;
+  h.hold();
+  asio::io_context io;
+  asio::cancellation_signal signal;
+  std::exception_ptr error;
+  int calls = 0;
+  async_submit(h.s, 5,
+               asio::bind_cancellation_slot(signal.slot(),
+                                            asio::bind_executor(io, [&](std::exception_ptr e, int) {
+                                              ++calls;
+                                              error = e;
+                                            })));
+  asio::post(io, [&] { signal.emit(asio::cancellation_type::terminal); });
+  io.run();  // returns once the handler ran: outstanding work is tracked
+  EXPECT_EQ(calls, 1);
+  EXPECT_TRUE(is_cancelled(error));
+  h.open = true;
+  h.s.shutdown();
+  EXPECT_EQ(h.ran, std::vector<int>{0}) << "the cancelled request ran";
+  EXPECT_EQ(h.s.stats().cancelled, 1u);
+}
+
+// The || awaitable operator with a timer: the timer wins, the request is cancelled and never
+// runs; the other way round, the request wins and the timer is cancelled.
+TEST(AsyncSubmit, OrWithATimerCancelsTheLoser) {
+  using namespace asio::experimental::awaitable_operators;
+  HeldSubmitter h;
+  h.hold();
+  asio::io_context io;
+  std::size_t winner = 99;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        asio::steady_timer timer(co_await asio::this_coro::executor, std::chrono::milliseconds(20));
+        auto r = co_await (async_submit(h.s, 5, asio::use_awaitable) ||
+                           timer.async_wait(asio::use_awaitable));
+        winner = r.index();
+      },
+      asio::detached);
+  io.run();
+  EXPECT_EQ(winner, 1u) << "the timer should win while the request is held in the queue";
+  h.open = true;
+  int value = 0;
+  asio::io_context io2;
+  asio::co_spawn(
+      io2,
+      [&]() -> asio::awaitable<void> {
+        asio::steady_timer timer(co_await asio::this_coro::executor, std::chrono::seconds(30));
+        auto r = co_await (async_submit(h.s, 7, asio::use_awaitable) ||
+                           timer.async_wait(asio::use_awaitable));
+        winner = r.index();
+        if (r.index() == 0) value = std::get<0>(r);
+      },
+      asio::detached);
+  io2.run();
+  EXPECT_EQ(winner, 0u);
+  EXPECT_EQ(value, 14);
+  h.s.shutdown();
+  EXPECT_EQ(h.ran, (std::vector<int>{0, 7}));
+  EXPECT_EQ(h.s.stats().cancelled, 1u);
 }
 
 TEST(AsyncSubmit, CallbackRunsOnItsExecutorNotTheWorker) {

@@ -5,8 +5,10 @@
 #include <exception>
 #include <utility>
 
+#include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/cancellation_type.hpp>
 #include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/prefer.hpp>
@@ -47,9 +49,15 @@ concept Submitter = requires {
 /// executor's outstanding work is tracked until the completion runs, so an io_context does not
 /// run out of work while a request is in flight.
 ///
-/// Errors: a request that is not accepted (shut down, or queue full with kReject) or whose
-/// deadline passes before it starts completes with a syncbatch::Error; the model's exception
-/// for this request completes it with that exception.
+/// Cancellation: through the handler's associated cancellation slot (`bind_cancellation_slot`,
+/// `experimental::parallel_group`, the `||` awaitable operator with a timer), any cancellation
+/// type cancels the request as Future::cancel() does; the handler then gets Error(kCancelled),
+/// or the value if the request was past the point of no return. Emit the signal on the
+/// handler's executor (as those utilities do).
+///
+/// Errors: a request that is not accepted (shut down, or queue full with kReject), whose
+/// deadline passes before it starts, or that is cancelled completes with a syncbatch::Error;
+/// the model's exception for this request completes it with that exception.
 /// Thread safety: as the submitter's submit_then().
 template <Submitter S, class Token>
 auto async_submit(S& submitter, typename S::Input input, Token&& token,
@@ -59,18 +67,26 @@ auto async_submit(S& submitter, typename S::Input input, Token&& token,
       [&submitter, deadline](auto handler, typename S::Input in) {
         auto work = boost::asio::prefer(boost::asio::get_associated_executor(handler),
                                         boost::asio::execution::outstanding_work.tracked);
-        submitter.submit_then(
+        auto slot = boost::asio::get_associated_cancellation_slot(handler);
+        const Cancellation<Out> cancellation = submitter.submit_then(
             std::move(in),
-            [handler = std::move(handler), work = std::move(work)](std::exception_ptr error,
-                                                                   Out value) mutable {
-              auto ex = work;
+            [handler = std::move(handler), work = std::move(work), slot](std::exception_ptr error,
+                                                                         Out value) mutable {
+              auto ex = std::move(work);  // called once: the request may outlive this call
               boost::asio::post(std::move(ex),
-                                [handler = std::move(handler), error = std::move(error),
+                                [handler = std::move(handler), slot, error = std::move(error),
                                  value = std::move(value)]() mutable {
+                                  // On the handler's executor, where the slot is emitted: the
+                                  // operation is over.
+                                  if (slot.is_connected()) slot.clear();
                                   std::move(handler)(std::move(error), std::move(value));
                                 });
             },
             deadline);
+        // Any cancellation type cancels (see BatchedSubmitter: a request is cancelled at
+        // whatever stage it is in, and completes exactly once either way).
+        if (slot.is_connected() && cancellation)
+          slot.assign([cancellation](boost::asio::cancellation_type) { cancellation.cancel(); });
       },
       token, std::move(input));
 }

@@ -168,7 +168,17 @@ using SubmitterModel = std::variant<PerCallModel<In, Out>, BatchModel<In, Out>>;
 /// Guarantees:
 /// - Every accepted request completes exactly once: with the model's result, with the model's
 ///   error for that request, with Error(kDeadlineExceeded) if its deadline passed before it
-///   started (below), or with Error(kSyncFailed) if its batch's sync threw.
+///   started (below), with Error(kCancelled) if it was cancelled (below), or with
+///   Error(kSyncFailed) if its batch's sync threw.
+/// - Cancellation (Future::cancel(), the Cancellation that submit_then returns, an Asio
+///   cancellation slot through async_submit), by the stage the request is in:
+///   queued: it completes with kCancelled at once, on the cancelling thread, and is never run
+///   (it keeps its queue slot until a worker pops and drops it);
+///   taken, forming a batch (or about to start its per-call model call): it is left out of the
+///   model call and completes with kCancelled then;
+///   running (its model call started): it completes with kCancelled when its batch completes,
+///   its result dropped, unless that completion began before the cancel, in which case it
+///   completes with its value. Cancelling a completed request does nothing.
 /// - Deadlines: a request starts when the model call that computes it starts. Per-call mode:
 ///   its own call, made as soon as a worker takes it from the queue. Batch mode: its batch's
 ///   model call, made once the batch has formed (a policy may hold a forming batch for more
@@ -218,7 +228,7 @@ class BatchedSubmitter {
   /// full and the policy is kReject. The input is consumed either way.
   Future<Out> submit(In input, Clock::time_point deadline = Clock::time_point::max()) {
     auto* request =
-        new detail::Request<In, Out>(&wakeups_, std::move(input), Clock::now(), deadline);
+        new detail::Request<In, Out>(&wakeups_, &stats_, std::move(input), Clock::now(), deadline);
     boost::intrusive_ptr<detail::Completion<Out>> handle(request);  // the Future's reference
     enqueue(request);
     return Future<Out>(std::move(handle));
@@ -229,23 +239,27 @@ class BatchedSubmitter {
   /// thread once the request's batch has synced, or at once on the calling thread with the
   /// Error(kShutDown / kQueueFull) if the request is not accepted. `on_done` must be quick and
   /// must not throw (what it throws is dropped). async_submit (syncbatch/asio.hpp) builds on it.
+  /// Returns the handle that cancels the request (see Cancellation; empty for a refused one).
   /// Errors: none thrown for a refused request; they go to `on_done`.
   template <class F>
-  requires std::invocable<F&, std::exception_ptr, Out>
-  void submit_then(In input, F on_done, Clock::time_point deadline = Clock::time_point::max()) {
+  requires std::invocable<F&, std::exception_ptr, Out> Cancellation<Out> submit_then(
+      In input, F on_done, Clock::time_point deadline = Clock::time_point::max()) {
     auto* request = new detail::CallbackRequest<In, Out, std::decay_t<F>>(
-        &wakeups_, std::move(input), Clock::now(), deadline, std::move(on_done));
+        &wakeups_, &stats_, std::move(input), Clock::now(), deadline, std::move(on_done));
     boost::intrusive_ptr<detail::Completion<Out>> guard(request);
     std::exception_ptr refused;
     try {
       enqueue(request);
-      return;
+      return Cancellation<Out>(std::move(guard));
     } catch (const Error&) {
       refused = std::current_exception();
     }
-    // Completed after the catch block, never inside it: see detail::Completion.
+    // Completed after the catch block, never inside it: see detail::Completion. Taken first, so
+    // nothing can cancel (and complete) it a second time.
+    request->take();
     request->set_error(std::move(refused));
     request->complete();
+    return {};
   }
 
   /// Stops accepting requests, completes every accepted one, and joins the workers. Idempotent
@@ -367,6 +381,10 @@ class BatchedSubmitter {
     Forming work;
     for (;;) {
       RequestPtr request = queue_.try_pop();
+      if (request != nullptr && !request->take()) {  // cancelled while queued: completed then
+        intrusive_ptr_release(request);
+        continue;
+      }
       if (request == nullptr) {
         if (!batch.empty()) {
           const auto hold = policy.hold_until(work.pending);
@@ -390,6 +408,10 @@ class BatchedSubmitter {
       }
       stats_.queue_delay().record(started - request->arrived());
       if constexpr (kPerCall<F>) {
+        if (request->cancel_requested()) {
+          cancel_alone(*request, "before its call started");
+          continue;
+        }
         ctx.before_run(request->arrived());
         if (!run_request(model, *request)) continue;
       }
@@ -412,16 +434,20 @@ class BatchedSubmitter {
         Error(ErrorCode::kDeadlineExceeded, std::string("the request ") + what));
   }
 
-  // Batch mode: requests whose deadline passed while their batch formed complete now, with
-  // kDeadlineExceeded, and are left out of the forward.
-  void expire_late(std::vector<RequestPtr>& batch) {
+  // Batch mode: requests cancelled, or whose deadline passed, while their batch formed complete
+  // now, with kCancelled or kDeadlineExceeded, and are left out of the model call.
+  void drop_unwanted(std::vector<RequestPtr>& batch) {
     const auto now = Clock::now();
-    const auto late = [now](RequestPtr r) { return now > r->deadline(); };
-    if (std::none_of(batch.begin(), batch.end(), late)) return;
+    const auto unwanted = [now](RequestPtr r) {
+      return r->cancel_requested() || now > r->deadline();
+    };
+    if (std::none_of(batch.begin(), batch.end(), unwanted)) return;
     std::vector<RequestPtr> kept;
     kept.reserve(batch.size());
     for (RequestPtr r : batch) {
-      if (late(r)) {
+      if (r->cancel_requested()) {
+        cancel_alone(*r, "before its batch ran");
+      } else if (now > r->deadline()) {
         fail_alone(*r, deadline_error("passed its deadline before its batch ran"),
                    /*expired=*/true);
       } else {
@@ -429,6 +455,17 @@ class BatchedSubmitter {
       }
     }
     batch.swap(kept);
+  }
+
+  // Completes a taken request that was cancelled before its model call, unrun.
+  void cancel_alone(RequestT& request, const char* when) {
+    request.set_error(detail::cancelled_error(when));
+    const auto now = Clock::now();
+    request.complete();
+    detail::Completion<Out>::wake_all(wakeups_);
+    stats_.record_latency(now - request.arrived(), now);
+    intrusive_ptr_release(&request);
+    stats_.on_cancelled_unbatched();
   }
 
   // Per-call mode: runs the model on one request. A request the model threw on completes now,
@@ -463,7 +500,7 @@ class BatchedSubmitter {
                     Forming& work) {
     const Clock::time_point oldest_arrival = work.oldest_arrival;
     if constexpr (!kPerCall<F>) {
-      expire_late(batch);
+      drop_unwanted(batch);
       if (batch.empty()) {  // every request expired: nothing to run, nothing to sync
         work = Forming{};
         return;
@@ -482,12 +519,16 @@ class BatchedSubmitter {
     }
     const auto after = Clock::now();
     const std::size_t size = batch.size();
-    std::size_t failures = 0;
+    std::size_t failures = 0, cancelled = 0;
     for (RequestPtr r : batch) {
       r->drop_input();
       // One exception object per request, not one shared: see detail::Completion.
-      if (sync_error)
+      if (sync_error) {
         r->set_error(std::make_exception_ptr(Error(ErrorCode::kSyncFailed, *sync_error)));
+      } else if (r->cancel_requested()) {  // cancelled while its batch ran: the result is dropped
+        r->set_error(detail::cancelled_error("while its batch ran"));
+        ++cancelled;
+      }
       failures += r->has_error() ? 1 : 0;
       r->complete();
       stats_.record_latency(after - r->arrived(), after);
@@ -498,6 +539,7 @@ class BatchedSubmitter {
     } else {
       detail::Completion<Out>::wake_all(wakeups_);
     }
+    stats_.on_cancelled(cancelled);
     stats_.on_complete_time(Clock::now() - after);
     // max_latency counts from the oldest request's arrival: the queueing it includes is what
     // tells Adaptive that the worker is falling behind.

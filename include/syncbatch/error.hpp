@@ -15,6 +15,7 @@ enum class ErrorCode {
   kSyncFailed,        ///< The device synchronization of the request's batch threw.
   kDeadlineExceeded,  ///< The request was not started before its deadline.
   kBadRequest,        ///< The request could not be run (e.g. it cannot be stacked).
+  kCancelled,         ///< The caller cancelled the request before it completed.
 };
 
 /// A human-readable name for `code`, e.g. "queue_full".
@@ -32,6 +33,8 @@ constexpr std::string_view to_string(ErrorCode code) noexcept {
       return "deadline_exceeded";
     case ErrorCode::kBadRequest:
       return "bad_request";
+    case ErrorCode::kCancelled:
+      return "cancelled";
   }
   return "unknown";
 }

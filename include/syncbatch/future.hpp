@@ -50,14 +50,39 @@ class Future {
     return true;
   }
 
+  /// Asks for the request to be cancelled; it completes exactly once either way, with
+  /// Error(kCancelled) or, if it was already past the point of no return, its value (see
+  /// BatchedSubmitter's class comment for each stage). Precondition: valid(). Thread-safe with
+  /// the worker; never blocks.
+  void cancel() const noexcept { state_->cancel(); }
+
   /// Waits, then returns the result and invalidates this Future. Precondition: valid().
   /// Errors: rethrows the model's exception for this request, or a syncbatch::Error
-  /// (kSyncFailed, kDeadlineExceeded, kBadRequest) that says why the library failed it.
+  /// (kSyncFailed, kDeadlineExceeded, kBadRequest, kCancelled) that says why it failed.
   Out get() {
     state_->wait();
     auto state = std::move(state_);
     return state->take();
   }
+
+ private:
+  boost::intrusive_ptr<detail::Completion<Out>> state_;
+};
+
+/// Cancels one request submitted with submit_then() (async_submit connects it to the handler's
+/// Asio cancellation slot). A copyable handle that keeps the request's state alive; an empty
+/// one (a refused request) cancels nothing. Thread-safe.
+template <class Out>
+class Cancellation {
+ public:
+  Cancellation() = default;
+  explicit Cancellation(boost::intrusive_ptr<detail::Completion<Out>> state) noexcept
+      : state_(std::move(state)) {}
+  /// As Future::cancel(); nothing for an empty handle.
+  void cancel() const noexcept {
+    if (state_) state_->cancel();
+  }
+  explicit operator bool() const noexcept { return state_ != nullptr; }
 
  private:
   boost::intrusive_ptr<detail::Completion<Out>> state_;

@@ -59,8 +59,9 @@ class MultiDeviceSubmitter {
 
   /// As BatchedSubmitter::submit_then(), on the chosen replica.
   template <class F>
-  void submit_then(In input, F on_done, Clock::time_point deadline = Clock::time_point::max()) {
-    pick().submit_then(std::move(input), std::move(on_done), deadline);
+  Cancellation<Out> submit_then(In input, F on_done,
+                                Clock::time_point deadline = Clock::time_point::max()) {
+    return pick().submit_then(std::move(input), std::move(on_done), deadline);
   }
 
   /// Shuts every replica down, draining each. Idempotent.

@@ -34,6 +34,7 @@ struct SubmitterStats {
   std::uint64_t completed = 0;  ///< Requests completed, with a value or an error.
   std::uint64_t failed = 0;     ///< Of those, completed with an error.
   std::uint64_t expired = 0;    ///< Of `failed`, those not started by their deadline.
+  std::uint64_t cancelled = 0;  ///< Of `failed`, those completed with Error(kCancelled).
   std::uint64_t batches = 0;    ///< Batches run: requests completed by one sync.
   /// Device syncs issued: one per batch, so equal to `batches` (a batch whose requests all
   /// expired before it ran is neither run nor synced, and counts in neither). SyncScope's
@@ -68,6 +69,7 @@ struct SubmitterStats {
     completed += o.completed;
     failed += o.failed;
     expired += o.expired;
+    cancelled += o.cancelled;
     batches += o.batches;
     held_batches += o.held_batches;
     syncs += o.syncs;
@@ -215,6 +217,15 @@ class StatsCounters {
     unbatched_failed_.fetch_add(1, std::memory_order_relaxed);
     if (expired) expired_.fetch_add(1, std::memory_order_relaxed);
   }
+  /// A request cancelled before joining a batch (queued, or cancelled before its call).
+  void on_cancelled_unbatched() noexcept {
+    on_unbatched_failure(false);
+    cancelled_.fetch_add(1, std::memory_order_relaxed);
+  }
+  /// Requests of a batch that completed with Error(kCancelled) (counted in on_batch's failures).
+  void on_cancelled(std::size_t n) noexcept {
+    if (n != 0) cancelled_.fetch_add(n, std::memory_order_relaxed);
+  }
   void on_complete_time(std::chrono::nanoseconds d) noexcept {
     complete_ns_.fetch_add(static_cast<std::uint64_t>(d.count()), std::memory_order_relaxed);
   }
@@ -249,6 +260,7 @@ class StatsCounters {
     s.completed = completed_.load(std::memory_order_relaxed);
     s.failed = failed_.load(std::memory_order_relaxed);
     s.expired = expired_.load(std::memory_order_relaxed);
+    s.cancelled = cancelled_.load(std::memory_order_relaxed);
     s.unbatched_failed = unbatched_failed_.load(std::memory_order_relaxed);
     s.batches = batches_.load(std::memory_order_relaxed);
     s.held_batches = held_batches_.load(std::memory_order_relaxed);
@@ -275,6 +287,7 @@ class StatsCounters {
   std::atomic<std::uint64_t> completed_{0};
   std::atomic<std::uint64_t> failed_{0};
   std::atomic<std::uint64_t> expired_{0};
+  std::atomic<std::uint64_t> cancelled_{0};
   std::atomic<std::uint64_t> unbatched_failed_{0};
   std::atomic<std::uint64_t> batches_{0};
   std::atomic<std::uint64_t> held_batches_{0};

@@ -9,8 +9,9 @@ struct NotASubmitter {
   using Output = int;
 #ifdef SYNCBATCH_CF_GOOD
   template <class F>
-  void submit_then(int x, F f, syncbatch::Clock::time_point) {
+  syncbatch::Cancellation<int> submit_then(int x, F f, syncbatch::Clock::time_point) {
     f(nullptr, x);
+    return {};
   }
 #else
   int submit(int x) {

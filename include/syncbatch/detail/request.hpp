@@ -7,6 +7,7 @@
 #include <exception>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include <boost/smart_ptr/intrusive_ref_counter.hpp>
@@ -14,6 +15,7 @@
 #include "syncbatch/clock.hpp"
 #include "syncbatch/detail/spin.hpp"
 #include "syncbatch/error.hpp"
+#include "syncbatch/stats.hpp"
 
 namespace syncbatch::detail {
 
@@ -49,6 +51,10 @@ class Completion
   bool has_error() const noexcept { return error_ != nullptr; }
   bool has_value() const noexcept { return value_.has_value() || shared_.has_value(); }
 
+  /// Caller side: asks for the request to be cancelled (see BatchedSubmitter's class comment
+  /// for what happens at each stage). A state that cannot be cancelled ignores it.
+  virtual void cancel() noexcept {}
+
   /// Worker side: delivers the result. By default it makes the result visible to the Future:
   /// everything written before happens-before any read by a waiter that observed ready(). A
   /// waiter that sleeps is woken by the next wake_all() on the shared word. Requests completed
@@ -62,6 +68,7 @@ class Completion
   }
 
   bool ready() const noexcept { return ready_.load(std::memory_order_acquire); }
+  std::atomic<std::uint32_t>* wakeups() const noexcept { return wakeups_; }
   void wait() const noexcept {
     if (spin_until([this] { return ready(); }, kSpinBudget)) return;
     for (;;) {
@@ -106,13 +113,25 @@ class Completion
   std::exception_ptr error_;           // written by the worker before complete()
 };
 
-/// One request: its result slot, its input and its deadline, in one allocation.
+inline std::exception_ptr cancelled_error(const char* when) {
+  return std::make_exception_ptr(
+      Error(ErrorCode::kCancelled, std::string("the request was cancelled ") + when));
+}
+
+/// One request: its result slot, its input and its deadline, in one allocation; and who
+/// completes it. A request is completed exactly once: by the worker, or by cancel() while it is
+/// still queued. Its stage decides which, by one compare-and-swap:
+///   kQueued --worker takes it--> kTaken --worker completes it--> (done)
+///   kQueued --cancel()---------> kCancelled (completed by cancel(); the worker drops it)
+/// cancel() on a taken request only sets cancel_requested, which the worker reads before the
+/// model call and again when it completes the batch.
 template <class In, class Out>
 class Request : public Completion<Out> {
  public:
-  Request(std::atomic<std::uint32_t>* wakeups, In&& input, Clock::time_point arrived,
-          Clock::time_point deadline)
+  Request(std::atomic<std::uint32_t>* wakeups, StatsCounters* stats, In&& input,
+          Clock::time_point arrived, Clock::time_point deadline)
       : Completion<Out>(wakeups),
+        stats_(stats),
         input_(std::move(input)),
         arrived_(arrived),
         deadline_(deadline) {}
@@ -121,7 +140,38 @@ class Request : public Completion<Out> {
   Clock::time_point arrived() const noexcept { return arrived_; }
   Clock::time_point deadline() const noexcept { return deadline_; }
 
+  /// Worker side: claims a request just popped from the queue. False: it was cancelled while
+  /// queued (and completed then); the worker drops it.
+  bool take() noexcept {
+    Stage expected = Stage::kQueued;
+    return stage_.compare_exchange_strong(expected, Stage::kTaken, std::memory_order_acq_rel);
+  }
+  /// Worker side, after take(): whether cancel() was called since.
+  bool cancel_requested() const noexcept {
+    return cancel_requested_.load(std::memory_order_acquire);
+  }
+
+  void cancel() noexcept override {
+    cancel_requested_.store(true, std::memory_order_release);
+    Stage expected = Stage::kQueued;
+    if (!stage_.compare_exchange_strong(expected, Stage::kCancelled, std::memory_order_acq_rel))
+      return;  // taken: the worker completes it
+    // Still queued: completed here and now; the worker that later pops it drops it. The input
+    // is never read again.
+    drop_input();
+    this->set_error(cancelled_error("while it was queued"));
+    const auto now = Clock::now();
+    this->complete();
+    Completion<Out>::wake_all(*this->wakeups());
+    stats_->record_latency(now - arrived_, now);
+    stats_->on_cancelled_unbatched();
+  }
+
  private:
+  enum class Stage : std::uint8_t { kQueued, kTaken, kCancelled };
+  StatsCounters* stats_;
+  std::atomic<Stage> stage_{Stage::kQueued};
+  std::atomic<bool> cancel_requested_{false};
   std::optional<In> input_;
   Clock::time_point arrived_;
   Clock::time_point deadline_;
@@ -131,9 +181,9 @@ class Request : public Completion<Out> {
 template <class In, class Out, class F>
 class CallbackRequest final : public Request<In, Out> {
  public:
-  CallbackRequest(std::atomic<std::uint32_t>* wakeups, In&& input, Clock::time_point arrived,
-                  Clock::time_point deadline, F&& f)
-      : Request<In, Out>(wakeups, std::move(input), arrived, deadline), f_(std::move(f)) {}
+  CallbackRequest(std::atomic<std::uint32_t>* wakeups, StatsCounters* stats, In&& input,
+                  Clock::time_point arrived, Clock::time_point deadline, F&& f)
+      : Request<In, Out>(wakeups, stats, std::move(input), arrived, deadline), f_(std::move(f)) {}
   void complete() noexcept override {
     try {
       auto [error, value] = this->take_pair();
