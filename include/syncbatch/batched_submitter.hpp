@@ -55,6 +55,15 @@ struct SubmitterOptions {
   /// that find the result ready are not affected. Costs one thread, asleep while there is
   /// nothing to wake.
   bool waker_thread = false;
+  /// The queue timeout of requests submitted without a deadline: they get arrival + this as
+  /// their deadline, so one not started by then completes with Error(kDeadlineExceeded), unrun
+  /// (Triton's default queue timeout with REJECT). Zero (the default): no deadline. At least 0.
+  Clock::duration default_timeout = Clock::duration::zero();
+  /// Load shedding: submit() refuses at once, with Error(kOverloaded), a request with a deadline
+  /// that cannot start by it: the batches ahead of it (its queue position over the batch limit,
+  /// plus a batch running now, shared among the workers) times the measured mean batch time
+  /// would pass the deadline. Requests without a deadline are never shed. Off by default.
+  bool shed_late = false;
 };
 
 /// The smallest batch whose wake-ups SubmitterOptions::waker_thread hands to the helper thread:
@@ -227,8 +236,11 @@ class BatchedSubmitter {
   /// Errors: throws Error(kShutDown) after shutdown() began, Error(kQueueFull) when the queue is
   /// full and the policy is kReject. The input is consumed either way.
   Future<Out> submit(In input, Clock::time_point deadline = Clock::time_point::max()) {
+    const auto now = Clock::now();
+    deadline = effective_deadline(now, deadline);
+    refuse_if_late(now, deadline);
     auto* request =
-        new detail::Request<In, Out>(&wakeups_, &stats_, std::move(input), Clock::now(), deadline);
+        new detail::Request<In, Out>(&wakeups_, &stats_, std::move(input), now, deadline);
     boost::intrusive_ptr<detail::Completion<Out>> handle(request);  // the Future's reference
     enqueue(request);
     return Future<Out>(std::move(handle));
@@ -244,11 +256,14 @@ class BatchedSubmitter {
   template <class F>
   requires std::invocable<F&, std::exception_ptr, Out> Cancellation<Out> submit_then(
       In input, F on_done, Clock::time_point deadline = Clock::time_point::max()) {
+    const auto now = Clock::now();
+    deadline = effective_deadline(now, deadline);
     auto* request = new detail::CallbackRequest<In, Out, std::decay_t<F>>(
-        &wakeups_, &stats_, std::move(input), Clock::now(), deadline, std::move(on_done));
+        &wakeups_, &stats_, std::move(input), now, deadline, std::move(on_done));
     boost::intrusive_ptr<detail::Completion<Out>> guard(request);
     std::exception_ptr refused;
     try {
+      refuse_if_late(now, deadline);
       enqueue(request);
       return Cancellation<Out>(std::move(guard));
     } catch (const Error&) {
@@ -312,6 +327,13 @@ class BatchedSubmitter {
                   "SubmitterOptions.queue_capacity: expected >= 1, got 0");
     if (o.workers == 0)
       throw Error(ErrorCode::kInvalidArgument, "SubmitterOptions.workers: expected >= 1, got 0");
+    if (o.default_timeout < Clock::duration::zero())
+      throw Error(ErrorCode::kInvalidArgument,
+                  "SubmitterOptions.default_timeout: expected >= 0, got " +
+                      std::to_string(
+                          std::chrono::duration_cast<std::chrono::microseconds>(o.default_timeout)
+                              .count()) +
+                      " us");
     o.policy.validate();
     return o;
   }
@@ -332,6 +354,36 @@ class BatchedSubmitter {
         std::rethrow_exception(e);
       }
     }
+  }
+
+  Clock::time_point effective_deadline(Clock::time_point now, Clock::time_point deadline) const {
+    if (deadline != Clock::time_point::max() || options_.default_timeout == Clock::duration::zero())
+      return deadline;
+    return now + options_.default_timeout;
+  }
+
+  // SubmitterOptions::shed_late: throws Error(kOverloaded) for a request predicted to start
+  // after its deadline.
+  void refuse_if_late(Clock::time_point now, Clock::time_point deadline) {
+    if (!options_.shed_late || deadline == Clock::time_point::max()) return;
+    const auto batch_ns = batch_ns_.load(std::memory_order_relaxed);
+    if (batch_ns <= 0) return;  // nothing measured yet
+    const std::size_t queued = queue_.size();
+    const std::size_t limit = std::max<std::size_t>(stats_.batch_limit(), 1);
+    const bool running = static_cast<std::size_t>(stats_.outstanding()) > queued;
+    const double batches = (static_cast<double>(queued / limit) + (running ? 1.0 : 0.0)) /
+                           static_cast<double>(options_.workers);
+    const auto start = now + std::chrono::nanoseconds(static_cast<int64_t>(batches * batch_ns));
+    if (start <= deadline) return;
+    stats_.on_rejected();
+    stats_.on_shed();
+    throw Error(
+        ErrorCode::kOverloaded,
+        "predicted to start " +
+            std::to_string(
+                std::chrono::duration_cast<std::chrono::microseconds>(start - deadline).count()) +
+            " us after its deadline (" + std::to_string(queued) + " requests queued, mean batch " +
+            std::to_string(batch_ns / 1000) + " us); the request was not accepted");
   }
 
   // Hands one reference of `request` to the queue. The caller holds another.
@@ -546,6 +598,13 @@ class BatchedSubmitter {
     policy.observe(BatchObservation{size, after - before, after - work.pending.oldest,
                                     after - oldest_arrival, work.held, work.joined_while_held});
     stats_.on_batch(size, failures, policy.batch_limit(), work.held);
+    // The mean batch time load shedding predicts with (from the batch's first take to its
+    // completion): a moving average, written by any worker.
+    const auto took =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - work.pending.oldest)
+            .count();
+    const auto mean = batch_ns_.load(std::memory_order_relaxed);
+    batch_ns_.store(mean == 0 ? took : (mean * 7 + took) / 8, std::memory_order_relaxed);
     batch.clear();
     work = Forming{};
   }
@@ -593,6 +652,7 @@ class BatchedSubmitter {
   const Backend backend_;
   Queue queue_;
   std::atomic<std::uint32_t> wakeups_{0};        // sleeping Futures wait here; bumped per batch
+  std::atomic<std::int64_t> batch_ns_{0};        // mean batch time, for shed_late
   std::atomic<std::uint64_t> wake_requests_{0};  // batches whose wake-ups the waker owes
   std::atomic<bool> waker_stop_{false};
   std::thread waker_;  // SubmitterOptions::waker_thread

@@ -16,6 +16,7 @@ enum class ErrorCode {
   kDeadlineExceeded,  ///< The request was not started before its deadline.
   kBadRequest,        ///< The request could not be run (e.g. it cannot be stacked).
   kCancelled,         ///< The caller cancelled the request before it completed.
+  kOverloaded,        ///< Refused: by the measured batch time it could not start by its deadline.
 };
 
 /// A human-readable name for `code`, e.g. "queue_full".
@@ -35,6 +36,8 @@ constexpr std::string_view to_string(ErrorCode code) noexcept {
       return "bad_request";
     case ErrorCode::kCancelled:
       return "cancelled";
+    case ErrorCode::kOverloaded:
+      return "overloaded";
   }
   return "unknown";
 }

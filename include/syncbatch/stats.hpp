@@ -30,7 +30,8 @@ struct SubmitterStats {
   static constexpr std::size_t kBuckets = 17;
 
   std::uint64_t submitted = 0;  ///< Requests accepted by submit().
-  std::uint64_t rejected = 0;   ///< Requests refused by submit() (queue full or shut down).
+  std::uint64_t rejected = 0;   ///< Requests refused by submit() (queue full, shut down, shed).
+  std::uint64_t shed = 0;       ///< Of `rejected`, those refused with kOverloaded (shed_late).
   std::uint64_t completed = 0;  ///< Requests completed, with a value or an error.
   std::uint64_t failed = 0;     ///< Of those, completed with an error.
   std::uint64_t expired = 0;    ///< Of `failed`, those not started by their deadline.
@@ -66,6 +67,7 @@ struct SubmitterStats {
   SubmitterStats& operator+=(const SubmitterStats& o) noexcept {
     submitted += o.submitted;
     rejected += o.rejected;
+    shed += o.shed;
     completed += o.completed;
     failed += o.failed;
     expired += o.expired;
@@ -210,6 +212,11 @@ class StatsCounters {
  public:
   void on_submitted() noexcept { submitted_.fetch_add(1, std::memory_order_relaxed); }
   void on_rejected() noexcept { rejected_.fetch_add(1, std::memory_order_relaxed); }
+  void on_shed() noexcept { shed_.fetch_add(1, std::memory_order_relaxed); }
+  /// The policy's batch limit after the latest batch (0 before the first).
+  std::size_t batch_limit() const noexcept {
+    return static_cast<std::size_t>(batch_limit_.load(std::memory_order_relaxed));
+  }
   /// A request that completed before joining a batch (the model threw on it, or it expired).
   void on_unbatched_failure(bool expired) noexcept {
     completed_.fetch_add(1, std::memory_order_relaxed);
@@ -257,6 +264,7 @@ class StatsCounters {
     SubmitterStats s;
     s.submitted = submitted_.load(std::memory_order_relaxed);
     s.rejected = rejected_.load(std::memory_order_relaxed);
+    s.shed = shed_.load(std::memory_order_relaxed);
     s.completed = completed_.load(std::memory_order_relaxed);
     s.failed = failed_.load(std::memory_order_relaxed);
     s.expired = expired_.load(std::memory_order_relaxed);
@@ -284,6 +292,7 @@ class StatsCounters {
  private:
   std::atomic<std::uint64_t> submitted_{0};
   std::atomic<std::uint64_t> rejected_{0};
+  std::atomic<std::uint64_t> shed_{0};
   std::atomic<std::uint64_t> completed_{0};
   std::atomic<std::uint64_t> failed_{0};
   std::atomic<std::uint64_t> expired_{0};
