@@ -351,6 +351,66 @@ TEST(HttpServer, FullQueueAnswers503WithRetryAfterAndLosesNothing) {
   EXPECT_TRUE(at::equal(from_raw(second.body, kWidth), x * 2));
 }
 
+// The queue timeout: a request held in the queue past it is answered 504, not run; a request
+// that by the measured batch time cannot start within it is shed with 503 and Retry-After.
+TEST(HttpServer, QueueTimeoutAnswers504AndSheddingAnswers503) {
+  std::latch running(1);
+  std::atomic<bool> release{false};
+  std::atomic<int> runs{0};
+  Model model{[&](const at::Tensor& x) {
+                runs.fetch_add(1);
+                running.count_down();
+                while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                return x * 2;
+              },
+              kWidth, "blocking"};
+  Server server(model, {.threads = 4,
+                        .mode = Mode::kPerCall,
+                        .policy = EveryN{1},
+                        .timeout = std::chrono::milliseconds(30)});
+  const unsigned short port = server.port();
+  const at::Tensor x = at::ones({1, kWidth});
+  Reply first, second;
+  std::thread a([&] { first = post(port, "application/octet-stream", raw_bytes(x)); });
+  running.wait();  // request 1 holds the worker in the model
+  std::thread b([&] { second = post(port, "application/octet-stream", raw_bytes(x)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // request 2 waits past 30 ms
+  release = true;
+  a.join();
+  b.join();
+  EXPECT_EQ(first.status, 200u) << first.body;
+  EXPECT_EQ(second.status, 504u) << second.body;
+  EXPECT_NE(second.body.find("queue timeout of 30 ms"), std::string::npos) << second.body;
+  EXPECT_EQ(runs.load(), 1) << "the timed-out request ran";
+  EXPECT_THROW(Server(model, {.shed_late = true}), std::invalid_argument);
+
+  // Shedding: 40 ms batches measured, then a request behind a running one cannot start in 20 ms.
+  Model slow{[](const at::Tensor& y) {
+               std::this_thread::sleep_for(std::chrono::milliseconds(40));
+               return y;
+             },
+             kWidth, "slow"};
+  Server shedding(slow, {.threads = 4,
+                         .mode = Mode::kPerCall,
+                         .policy = EveryN{1},
+                         .timeout = std::chrono::milliseconds(20),
+                         .shed_late = true});
+  for (int i = 0; i < 2; ++i)  // each alone: starts at once, so within the timeout
+    EXPECT_EQ(post(shedding.port(), "application/octet-stream", raw_bytes(x)).status, 200u);
+  Reply busy;
+  std::thread c([&] { busy = post(shedding.port(), "application/octet-stream", raw_bytes(x)); });
+  // Until the busy request is in the submitter (queued or running): either way a batch ahead.
+  for (int i = 0; i < 5000 && shedding.stats_json().find("\"submitted\":3") == std::string::npos;
+       ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const Reply shed = post(shedding.port(), "application/octet-stream", raw_bytes(x));
+  c.join();
+  EXPECT_EQ(busy.status, 200u) << busy.body;
+  EXPECT_EQ(shed.status, 503u) << shed.body;
+  EXPECT_EQ(shed.retry_after, "1");
+  EXPECT_NE(shed.body.find("overloaded"), std::string::npos) << shed.body;
+}
+
 TEST(HttpServer, ServesATorchScriptModelSavedFromCpp) {
   // A TorchScript module written in TorchScript source, compiled and saved here: the same file
   // format torch.jit.save writes from Python.

@@ -41,7 +41,8 @@ int main(int argc, char** argv) {
       {"address", "127.0.0.1"}, {"port", "8080"},        {"model", "mlp:3x256"},
       {"input-width", "0"},     {"mode", "stacked"},     {"policy", "adaptive:2ms"},
       {"device", "auto"},       {"threads", "4"},        {"workers", "1"},
-      {"queue", "4096"},        {"max-body", "1048576"}, {"max-rows", "256"}};
+      {"queue", "4096"},        {"max-body", "1048576"}, {"max-rows", "256"},
+      {"timeout-ms", "0"},      {"shed", "off"}};
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i];
     if (f == "--help" || f == "-h") usage(flags, "");
@@ -62,6 +63,10 @@ int main(int argc, char** argv) {
     options.threads = static_cast<int>(number(flags, "threads"));
     options.workers = static_cast<std::size_t>(number(flags, "workers"));
     options.queue_capacity = static_cast<std::size_t>(number(flags, "queue"));
+    options.timeout = std::chrono::milliseconds(number(flags, "timeout-ms"));
+    if (flags["shed"] != "on" && flags["shed"] != "off")
+      usage(flags, "--shed: expected on or off, got '" + flags["shed"] + "'");
+    options.shed_late = flags["shed"] == "on";
     options.max_body_bytes = static_cast<std::size_t>(number(flags, "max-body"));
     options.max_rows = number(flags, "max-rows");
     http::Model model =

@@ -291,10 +291,17 @@ struct Server::Impl {
     if (options.threads < 1)
       throw std::invalid_argument("Server: expected at least 1 thread, got " +
                                   std::to_string(options.threads));
+    if (options.timeout.count() < 0)
+      throw std::invalid_argument("Server: expected a timeout >= 0 ms, got " +
+                                  std::to_string(options.timeout.count()));
+    if (options.shed_late && options.timeout.count() == 0)
+      throw std::invalid_argument("Server: shedding needs a timeout to predict against, got none");
     const SubmitterOptions sopts{.queue_capacity = options.queue_capacity,
                                  .on_full = OverflowPolicy::kReject,
                                  .workers = options.workers,
-                                 .policy = options.policy};
+                                 .policy = options.policy,
+                                 .default_timeout = options.timeout,
+                                 .shed_late = options.shed_late};
     const c10::Device device = options.device;
     if (options.mode == Mode::kPerCall) {
       submitter.emplace(
@@ -451,15 +458,22 @@ struct Server::Impl {
     } catch (const HttpError& e) {
       co_return text_response(e.status, e.message, v);
     } catch (const Error& e) {
-      if (e.code() == ErrorCode::kQueueFull || e.code() == ErrorCode::kShutDown) {
-        Response res = text_response(bh::status::service_unavailable,
-                                     e.code() == ErrorCode::kQueueFull
-                                         ? "the inference queue is full; retry shortly"
-                                         : "the server is shutting down",
-                                     v);
+      if (e.code() == ErrorCode::kQueueFull || e.code() == ErrorCode::kShutDown ||
+          e.code() == ErrorCode::kOverloaded) {
+        Response res = text_response(
+            bh::status::service_unavailable,
+            e.code() == ErrorCode::kQueueFull    ? "the inference queue is full; retry shortly"
+            : e.code() == ErrorCode::kOverloaded ? std::string("overloaded: ") + e.what()
+                                                 : "the server is shutting down",
+            v);
         res.set(bh::field::retry_after, "1");
         co_return res;
       }
+      if (e.code() == ErrorCode::kDeadlineExceeded)
+        co_return text_response(bh::status::gateway_timeout,
+                                "not started within the queue timeout of " +
+                                    std::to_string(options.timeout.count()) + " ms",
+                                v);
       if (e.code() == ErrorCode::kBadRequest)
         co_return text_response(bh::status::bad_request, e.what(), v);
       co_return text_response(bh::status::internal_server_error,

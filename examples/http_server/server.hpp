@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -47,6 +48,12 @@ struct ServerOptions {
   int64_t max_rows = 256;                ///< More rows in one request get 413.
   std::size_t queue_capacity = 4096;     ///< A full queue answers 503 with Retry-After.
   std::size_t workers = 1;               ///< Submitter workers (per-call and stacked).
+  /// Queue timeout (SubmitterOptions::default_timeout): a request not started within it is
+  /// answered 504. Zero: none.
+  std::chrono::milliseconds timeout{0};
+  /// Refuse at once, with 503 and Retry-After, a request that by the measured batch time cannot
+  /// start within `timeout` (SubmitterOptions::shed_late). Needs a timeout.
+  bool shed_late = false;
 };
 
 /// Listens on construction, serves until stop() or destruction. Endpoints:
@@ -61,8 +68,10 @@ struct ServerOptions {
 /// Errors are answered, never crash the server: 400 malformed body, wrong length or a number
 /// out of range (the message names what was expected and what came, quoting at most 80
 /// characters), 404, 405, 413 body or rows over the limit, 415 other content types, 501 a
-/// transfer coding other than chunked (RFC 9112), 503 with Retry-After when the queue is full
-/// or the server is stopping, 500 when the model throws or gives a non-finite JSON output.
+/// transfer coding other than chunked (RFC 9112), 503 with Retry-After when the queue is full,
+/// the request is shed (kOverloaded) or the server is stopping, 504 when the request was not
+/// started within the queue timeout, 500 when the model throws or gives a non-finite JSON
+/// output.
 class Server {
  public:
   Server(Model model, ServerOptions options);
