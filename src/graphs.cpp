@@ -68,11 +68,7 @@ namespace {
 
 // The call counts call_each() fuses: 1, 2, 4, ... up to max_fused_calls.
 std::vector<int64_t> fused_buckets(const GraphOptions& options) {
-  if (options.max_fused_calls < 1)
-    throw Error(ErrorCode::kInvalidArgument,
-                "GraphOptions.max_fused_calls: expected at least 1, got " +
-                    std::to_string(options.max_fused_calls));
-  return graph_buckets({.max_rows = options.max_fused_calls});
+  return RowBuckets::powers_of_two(options.max_fused_calls, "GraphOptions.max_fused_calls").sizes();
 }
 
 }  // namespace

@@ -112,6 +112,14 @@ at::Tensor place_output(const at::Tensor& out, const std::optional<c10::Device>&
 // One group's rows, by input position, as the adapters receive them.
 using GroupParts = c10::SmallVector<std::vector<at::Tensor>, 1>;
 
+// Each input position of a group concatenated on `target` (see stack_inputs).
+Tensors stack_positions(const GroupParts& parts, const std::optional<c10::Device>& target) {
+  Tensors stacked;
+  stacked.reserve(parts.size());
+  for (const auto& position : parts) stacked.push_back(stack_inputs(position, target));
+  return stacked;
+}
+
 // A group's outputs, shared by its requests; request g owns rows [offsets[g], +rows[g]).
 struct BatchOutputs {
   Tensors outputs;
@@ -198,9 +206,7 @@ class GroupRunner {
   // its bucket with copies of its last real row; the padding's outputs are dropped and the
   // runs' outputs joined back in order, so each request's rows come back as one.
   Tensors forward_in_runs(const GroupParts& parts, const std::vector<BucketRun>& runs) const {
-    Tensors stacked;
-    stacked.reserve(parts.size());
-    for (const auto& position : parts) stacked.push_back(stack_inputs(position, options_.device));
+    const Tensors stacked = stack_positions(parts, options_.device);
     std::vector<Tensors> pieces;  // per output, one piece per run
     int64_t start = 0;
     for (const BucketRun& run : runs) {
@@ -285,10 +291,7 @@ struct MultiAdapter {
   std::function<Tensors(const Tensors&)> model;
   Row tensors(const Tensors& t) const { return Row(t.begin(), t.end()); }
   Tensors forward(const GroupParts& parts, const std::optional<c10::Device>& target) const {
-    Tensors stacked;
-    stacked.reserve(parts.size());
-    for (const auto& position : parts) stacked.push_back(stack_inputs(position, target));
-    return model(stacked);
+    return model(stack_positions(parts, target));
   }
   Tensors forward_stacked(const Tensors& stacked) const { return model(stacked); }
   static Tensors cut(const BatchOutputs& b, std::size_t g) {

@@ -15,6 +15,8 @@
 #include <thread>
 #include <vector>
 
+#include "gate.hpp"
+
 namespace syncbatch {
 namespace {
 
@@ -54,18 +56,7 @@ Issued issue(int x) {
 
 using FakeSubmitter = BatchedSubmitter<int, Issued, FakeDevice>;
 
-// Blocks the model until released; tells when the model was entered.
-struct Gate {
-  std::atomic<bool> open{false};
-  std::atomic<int> entered{0};
-  void pass() {
-    entered.fetch_add(1);
-    while (!open.load()) std::this_thread::sleep_for(100us);
-  }
-  void wait_entered(int n) {
-    while (entered.load() < n) std::this_thread::sleep_for(100us);
-  }
-};
+using testing::Gate;
 
 TEST(BatchedSubmitter, ResultsMatchTheModelAndAreReadyOnlyAfterTheirSync) {
   FakeSubmitter s([](int& x) { return issue(x); }, {.policy = EveryN{4}}, FakeDevice{});

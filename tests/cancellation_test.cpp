@@ -14,24 +14,15 @@
 #include <thread>
 #include <vector>
 
+#include "gate.hpp"
+
 namespace syncbatch {
 namespace {
 
 using namespace std::chrono_literals;
 using IntSubmitter = BatchedSubmitter<int, int>;
 
-// Holds the model until opened; tells when the model was entered.
-struct Gate {
-  std::atomic<bool> open{false};
-  std::atomic<int> entered{0};
-  void pass() {
-    entered.fetch_add(1);
-    while (!open.load()) std::this_thread::sleep_for(100us);
-  }
-  void wait_entered(int n) {
-    while (entered.load() < n) std::this_thread::sleep_for(100us);
-  }
-};
+using testing::Gate;
 
 // The value, or -1 for kCancelled; any other outcome fails the test.
 int outcome(Future<int>& f) {

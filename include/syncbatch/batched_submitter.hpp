@@ -511,13 +511,8 @@ class BatchedSubmitter {
 
   // Completes a taken request that was cancelled before its model call, unrun.
   void cancel_alone(RequestT& request, const char* when) {
-    request.set_error(detail::cancelled_error(when));
-    const auto now = Clock::now();
-    request.complete();
-    detail::Completion<Out>::wake_all(wakeups_);
-    stats_.record_latency(now - request.arrived(), now);
-    intrusive_ptr_release(&request);
-    stats_.on_cancelled_unbatched();
+    fail_alone(request, detail::cancelled_error(when), /*expired=*/false);
+    stats_.on_cancelled(1);
   }
 
   // Per-call mode: runs the model on one request. A request the model threw on completes now,
@@ -553,7 +548,7 @@ class BatchedSubmitter {
     const Clock::time_point oldest_arrival = work.oldest_arrival;
     if constexpr (!kPerCall<F>) {
       drop_unwanted(batch);
-      if (batch.empty()) {  // every request expired: nothing to run, nothing to sync
+      if (batch.empty()) {  // every request expired or was cancelled: nothing to run or sync
         work = Forming{};
         return;
       }
@@ -598,13 +593,14 @@ class BatchedSubmitter {
     policy.observe(BatchObservation{size, after - before, after - work.pending.oldest,
                                     after - oldest_arrival, work.held, work.joined_while_held});
     stats_.on_batch(size, failures, policy.batch_limit(), work.held);
-    // The mean batch time load shedding predicts with (from the batch's first take to its
-    // completion): a moving average, written by any worker.
-    const auto took =
-        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - work.pending.oldest)
-            .count();
-    const auto mean = batch_ns_.load(std::memory_order_relaxed);
-    batch_ns_.store(mean == 0 ? took : (mean * 7 + took) / 8, std::memory_order_relaxed);
+    if (options_.shed_late) {
+      // The mean batch time shedding predicts with: the batch time the policy was just given
+      // (first take to the end of the sync), as a moving average written by any worker.
+      const auto took =
+          std::chrono::duration_cast<std::chrono::nanoseconds>(after - work.pending.oldest).count();
+      const auto mean = batch_ns_.load(std::memory_order_relaxed);
+      batch_ns_.store(mean == 0 ? took : (mean * 7 + took) / 8, std::memory_order_relaxed);
+    }
     batch.clear();
     work = Forming{};
   }

@@ -224,12 +224,8 @@ class StatsCounters {
     unbatched_failed_.fetch_add(1, std::memory_order_relaxed);
     if (expired) expired_.fetch_add(1, std::memory_order_relaxed);
   }
-  /// A request cancelled before joining a batch (queued, or cancelled before its call).
-  void on_cancelled_unbatched() noexcept {
-    on_unbatched_failure(false);
-    cancelled_.fetch_add(1, std::memory_order_relaxed);
-  }
-  /// Requests of a batch that completed with Error(kCancelled) (counted in on_batch's failures).
+  /// Requests completed with Error(kCancelled), counted as failures by on_batch or
+  /// on_unbatched_failure.
   void on_cancelled(std::size_t n) noexcept {
     if (n != 0) cancelled_.fetch_add(n, std::memory_order_relaxed);
   }

@@ -164,7 +164,8 @@ class Request : public Completion<Out> {
     this->complete();
     Completion<Out>::wake_all(*this->wakeups());
     stats_->record_latency(now - arrived_, now);
-    stats_->on_cancelled_unbatched();
+    stats_->on_unbatched_failure(/*expired=*/false);
+    stats_->on_cancelled(1);
   }
 
  private:
