@@ -383,6 +383,13 @@ TEST(HttpServer, QueueTimeoutAnswers504AndSheddingAnswers503) {
   EXPECT_NE(second.body.find("queue timeout of 30 ms"), std::string::npos) << second.body;
   EXPECT_EQ(runs.load(), 1) << "the timed-out request ran";
   EXPECT_THROW(Server(model, {.shed_late = true}), std::invalid_argument);
+  try {
+    Server(model, {.timeout = std::chrono::milliseconds(-1)});
+    ADD_FAILURE() << "a negative timeout was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("expected a timeout >= 0 ms, got -1"), std::string::npos)
+        << e.what();
+  }
 
   // Shedding: 40 ms batches measured, then a request behind a running one cannot start in 20 ms.
   Model slow{[](const at::Tensor& y) {
