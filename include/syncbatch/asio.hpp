@@ -27,15 +27,17 @@ struct IgnoreResult {
 }  // namespace detail
 
 /// What async_submit needs of a submitter: its Input and Output types, and
-/// `submit_then(Input, callback, deadline)` calling `callback(std::exception_ptr, Output)` once.
-/// BatchedSubmitter and MultiDeviceSubmitter are Submitters.
+/// `submit_then(Input, callback, RequestOptions)` calling `callback(std::exception_ptr, Output)`
+/// once and returning a Cancellation. BatchedSubmitter and MultiDeviceSubmitter are Submitters.
 template <class S>
 concept Submitter = requires {
   typename S::Input;
   typename S::Output;
 }
-&&requires(S& s, typename S::Input in, Clock::time_point deadline) {
-  s.submit_then(std::move(in), detail::IgnoreResult<typename S::Output>{}, deadline);
+&&requires(S& s, typename S::Input in, const RequestOptions& options) {
+  {
+    s.submit_then(std::move(in), detail::IgnoreResult<typename S::Output>{}, options)
+    } -> std::same_as<Cancellation<typename S::Output>>;
 };
 
 /// Submits `input` and completes `token` with signature `void(std::exception_ptr, Out)` once
@@ -59,12 +61,15 @@ concept Submitter = requires {
 /// deadline passes before it starts, or that is cancelled completes with a syncbatch::Error;
 /// the model's exception for this request completes it with that exception.
 /// Thread safety: as the submitter's submit_then().
+///
+/// `request_options` carries the deadline and the priority level (RequestOptions); the overload
+/// with a time point sets the deadline alone.
 template <Submitter S, class Token>
 auto async_submit(S& submitter, typename S::Input input, Token&& token,
-                  Clock::time_point deadline = Clock::time_point::max()) {
+                  RequestOptions request_options) {
   using Out = typename S::Output;
   return boost::asio::async_initiate<Token, void(std::exception_ptr, Out)>(
-      [&submitter, deadline](auto handler, typename S::Input in) {
+      [&submitter, request_options](auto handler, typename S::Input in) {
         auto work = boost::asio::prefer(boost::asio::get_associated_executor(handler),
                                         boost::asio::execution::outstanding_work.tracked);
         auto slot = boost::asio::get_associated_cancellation_slot(handler);
@@ -82,13 +87,21 @@ auto async_submit(S& submitter, typename S::Input input, Token&& token,
                                   std::move(handler)(std::move(error), std::move(value));
                                 });
             },
-            deadline);
+            request_options);
         // Any cancellation type cancels (see BatchedSubmitter: a request is cancelled at
         // whatever stage it is in, and completes exactly once either way).
         if (slot.is_connected() && cancellation)
           slot.assign([cancellation](boost::asio::cancellation_type) { cancellation.cancel(); });
       },
       token, std::move(input));
+}
+
+/// As above, with a deadline alone.
+template <Submitter S, class Token>
+auto async_submit(S& submitter, typename S::Input input, Token&& token,
+                  Clock::time_point deadline = Clock::time_point::max()) {
+  return async_submit(submitter, std::move(input), std::forward<Token>(token),
+                      RequestOptions{.deadline = deadline});
 }
 
 }  // namespace syncbatch

@@ -33,9 +33,17 @@ enum class OverflowPolicy {
   kReject,  ///< Throw Error(kQueueFull) at once; nothing is enqueued.
 };
 
+/// What happens to a request whose queue timeout (SubmitterOptions::default_timeout) passes
+/// before a worker takes it.
+enum class TimeoutAction {
+  kReject,  ///< It completes with Error(kDeadlineExceeded), unrun.
+  kDelay,   ///< It is moved behind all other queued work, and runs when nothing else waits.
+};
+
 /// Options of a BatchedSubmitter. Plain values; checked by the constructor.
 struct SubmitterOptions {
-  /// Requests that may wait in the queue at once. At least 1.
+  /// Requests that may wait in the queue at once, per priority level (see level_capacity).
+  /// At least 1.
   std::size_t queue_capacity = 1024;
   /// What submit() does when the queue is full.
   OverflowPolicy on_full = OverflowPolicy::kBlock;
@@ -59,11 +67,44 @@ struct SubmitterOptions {
   /// their deadline, so one not started by then completes with Error(kDeadlineExceeded), unrun
   /// (Triton's default queue timeout with REJECT). Zero (the default): no deadline. At least 0.
   Clock::duration default_timeout = Clock::duration::zero();
+  /// What a passed default_timeout does: kReject (above) or kDelay (the request keeps no
+  /// deadline; a worker that finds its timeout passed moves it behind all queued work, of every
+  /// level, where it runs once nothing else waits or the starvation limit picks it; counted in
+  /// SubmitterStats::delayed). Triton's REJECT and DELAY.
+  TimeoutAction on_timeout = TimeoutAction::kReject;
   /// Load shedding: submit() refuses at once, with Error(kOverloaded), a request with a deadline
   /// that cannot start by it: the batches ahead of it (its queue position over the batch limit,
   /// plus a batch running now, shared among the workers) times the measured mean batch time
   /// would pass the deadline. Requests without a deadline are never shed. Off by default.
   bool shed_late = false;
+  /// Priority levels, 0 the highest. Each level has its own queue; a worker takes each request
+  /// of a batch from the highest non-empty level (a batch may mix levels). At least 1.
+  std::size_t priority_levels = 1;
+  /// The level of requests submitted without one. Below priority_levels.
+  std::size_t default_priority = 0;
+  /// Each level's queue capacity, one entry per level, each at least 1. Empty (the default):
+  /// queue_capacity for every level. A full level refuses or blocks (on_full) on its own.
+  std::vector<std::size_t> level_capacity{};
+  /// The starvation bound. 0 (the default): strict priority, a lower level waits while a higher
+  /// one has requests. N > 0: a worker that has taken N requests from higher levels while a
+  /// lower level (or a delayed request, TimeoutAction::kDelay) waited takes its next request
+  /// from that level; so each waiting level gets at least one of every N + 1 takes of a worker,
+  /// and a request waits behind at most N higher-level requests per one taken ahead of it in
+  /// its own level.
+  std::size_t starvation_limit = 0;
+  /// Where arrivals, deadlines, timeouts, shedding and statistics read the time: a test's fake
+  /// clock, or Clock::now. A policy's hold (waiting for more requests) still sleeps on Clock.
+  ClockFn clock = &Clock::now;
+};
+
+/// What one request asks of the submitter beside its input.
+struct RequestOptions {
+  /// Its model call (stacked: its batch's forward) must start by then, or it completes with
+  /// Error(kDeadlineExceeded), unrun. max: none (then SubmitterOptions::default_timeout
+  /// applies).
+  Clock::time_point deadline = Clock::time_point::max();
+  /// Its priority level, 0 the highest; unset: SubmitterOptions::default_priority.
+  std::optional<std::size_t> priority{};
 };
 
 /// The smallest batch whose wake-ups SubmitterOptions::waker_thread hands to the helper thread:
@@ -195,6 +236,9 @@ using SubmitterModel = std::variant<PerCallModel<In, Out>, BatchModel<In, Out>>;
 ///   Error(kDeadlineExceeded) and is not run (batch mode: it is left out of the batch, and a
 ///   batch left empty is neither run nor synced). A request that started is completed as usual,
 ///   whenever its batch's sync ends.
+/// - Priorities: a worker takes each request from the highest non-empty level, first in first
+///   out within a level, unless SubmitterOptions::starvation_limit picks a lower level that
+///   waited; a request moved behind fresh work (TimeoutAction::kDelay) comes after every level.
 /// - A request completes only after the sync of its batch has completed.
 /// - shutdown() (and the destructor) stops accepting, then drains: every accepted request
 ///   completes before it returns.
@@ -217,7 +261,8 @@ class BatchedSubmitter {
       : model_(std::move(model)),
         options_(validated(std::move(options))),
         backend_(std::move(backend)),
-        queue_(options_.queue_capacity) {
+        queue_(lane_capacities(options_), delays(options_)),
+        stats_(options_.clock) {
     if (!std::visit([](const auto& m) { return static_cast<bool>(callable(m)); }, model_))
       throw Error(ErrorCode::kInvalidArgument, "BatchedSubmitter: the model is empty");
     start();
@@ -236,12 +281,20 @@ class BatchedSubmitter {
   /// Errors: throws Error(kShutDown) after shutdown() began, Error(kQueueFull) when the queue is
   /// full and the policy is kReject. The input is consumed either way.
   Future<Out> submit(In input, Clock::time_point deadline = Clock::time_point::max()) {
-    const auto now = Clock::now();
-    deadline = effective_deadline(now, deadline);
-    refuse_if_late(now, deadline);
+    return submit(std::move(input), RequestOptions{.deadline = deadline});
+  }
+
+  /// As above, with a deadline and a priority level.
+  /// Errors: as above, and Error(kInvalidArgument) for a level not below priority_levels.
+  Future<Out> submit(In input, const RequestOptions& request_options) {
+    const auto now = options_.clock();
+    const std::size_t level = level_of(request_options);
+    const auto deadline = effective_deadline(now, request_options.deadline);
+    refuse_if_late(now, deadline, level);
     auto* request =
         new detail::Request<In, Out>(&wakeups_, &stats_, std::move(input), now, deadline);
     boost::intrusive_ptr<detail::Completion<Out>> handle(request);  // the Future's reference
+    prepare(*request, now, request_options.deadline, level);
     enqueue(request);
     return Future<Out>(std::move(handle));
   }
@@ -256,14 +309,24 @@ class BatchedSubmitter {
   template <class F>
   requires std::invocable<F&, std::exception_ptr, Out> Cancellation<Out> submit_then(
       In input, F on_done, Clock::time_point deadline = Clock::time_point::max()) {
-    const auto now = Clock::now();
-    deadline = effective_deadline(now, deadline);
+    return submit_then(std::move(input), std::move(on_done), RequestOptions{.deadline = deadline});
+  }
+
+  /// As above, with a deadline and a priority level. A level not below priority_levels goes to
+  /// `on_done` as Error(kInvalidArgument).
+  template <class F>
+  requires std::invocable<F&, std::exception_ptr, Out> Cancellation<Out> submit_then(
+      In input, F on_done, const RequestOptions& request_options) {
+    const auto now = options_.clock();
+    const auto deadline = effective_deadline(now, request_options.deadline);
     auto* request = new detail::CallbackRequest<In, Out, std::decay_t<F>>(
         &wakeups_, &stats_, std::move(input), now, deadline, std::move(on_done));
     boost::intrusive_ptr<detail::Completion<Out>> guard(request);
     std::exception_ptr refused;
     try {
-      refuse_if_late(now, deadline);
+      const std::size_t level = level_of(request_options);
+      refuse_if_late(now, deadline, level);
+      prepare(*request, now, request_options.deadline, level);
       enqueue(request);
       return Cancellation<Out>(std::move(guard));
     } catch (const Error&) {
@@ -334,8 +397,53 @@ class BatchedSubmitter {
                           std::chrono::duration_cast<std::chrono::microseconds>(o.default_timeout)
                               .count()) +
                       " us");
+    if (o.priority_levels == 0)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "SubmitterOptions.priority_levels: expected >= 1, got 0");
+    if (o.default_priority >= o.priority_levels)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "SubmitterOptions.default_priority: expected a level below priority_levels (" +
+                      std::to_string(o.priority_levels) + "), got " +
+                      std::to_string(o.default_priority));
+    if (!o.level_capacity.empty() && o.level_capacity.size() != o.priority_levels)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "SubmitterOptions.level_capacity: expected one entry per level (" +
+                      std::to_string(o.priority_levels) + ") or none, got " +
+                      std::to_string(o.level_capacity.size()));
+    for (std::size_t i = 0; i < o.level_capacity.size(); ++i)
+      if (o.level_capacity[i] == 0)
+        throw Error(ErrorCode::kInvalidArgument, "SubmitterOptions.level_capacity[" +
+                                                     std::to_string(i) + "]: expected >= 1, got 0");
+    if (o.clock == nullptr)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "SubmitterOptions.clock: expected a function, got nullptr");
     o.policy.validate();
     return o;
+  }
+
+  static std::vector<std::size_t> lane_capacities(const SubmitterOptions& o) {
+    if (!o.level_capacity.empty()) return o.level_capacity;
+    return std::vector<std::size_t>(o.priority_levels, o.queue_capacity);
+  }
+  static bool delays(const SubmitterOptions& o) {
+    return o.on_timeout == TimeoutAction::kDelay && o.default_timeout != Clock::duration::zero();
+  }
+
+  std::size_t level_of(const RequestOptions& r) const {
+    const std::size_t level = r.priority.value_or(options_.default_priority);
+    if (level >= options_.priority_levels)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "priority: expected a level below " + std::to_string(options_.priority_levels) +
+                      " (0 the highest), got " + std::to_string(level));
+    return level;
+  }
+
+  // Sets what the worker reads besides the deadline: the level, and kDelay's timeout.
+  void prepare(RequestT& request, Clock::time_point now, Clock::time_point asked_deadline,
+               std::size_t level) const {
+    request.set_priority(level);
+    if (asked_deadline == Clock::time_point::max() && delays(options_))
+      request.set_delay_at(now + options_.default_timeout);
   }
 
   void start() {
@@ -357,20 +465,22 @@ class BatchedSubmitter {
   }
 
   Clock::time_point effective_deadline(Clock::time_point now, Clock::time_point deadline) const {
-    if (deadline != Clock::time_point::max() || options_.default_timeout == Clock::duration::zero())
+    if (deadline != Clock::time_point::max() ||
+        options_.default_timeout == Clock::duration::zero() ||
+        options_.on_timeout != TimeoutAction::kReject)
       return deadline;
     return now + options_.default_timeout;
   }
 
   // SubmitterOptions::shed_late: throws Error(kOverloaded) for a request predicted to start
-  // after its deadline.
-  void refuse_if_late(Clock::time_point now, Clock::time_point deadline) {
+  // after its deadline. What is ahead of it: the queued requests of its level and higher ones.
+  void refuse_if_late(Clock::time_point now, Clock::time_point deadline, std::size_t level) {
     if (!options_.shed_late || deadline == Clock::time_point::max()) return;
     const auto batch_ns = batch_ns_.load(std::memory_order_relaxed);
     if (batch_ns <= 0) return;  // nothing measured yet
-    const std::size_t queued = queue_.size();
+    const std::size_t queued = queue_.size_through(level);
     const std::size_t limit = std::max<std::size_t>(stats_.batch_limit(), 1);
-    const bool running = static_cast<std::size_t>(stats_.outstanding()) > queued;
+    const bool running = static_cast<std::size_t>(stats_.outstanding()) > queue_.size();
     const double batches = (static_cast<double>(queued / limit) + (running ? 1.0 : 0.0)) /
                            static_cast<double>(options_.workers);
     const auto start = now + std::chrono::nanoseconds(static_cast<int64_t>(batches * batch_ns));
@@ -389,8 +499,10 @@ class BatchedSubmitter {
   // Hands one reference of `request` to the queue. The caller holds another.
   void enqueue(RequestPtr request) {
     intrusive_ptr_add_ref(request);
-    const auto pushed = options_.on_full == OverflowPolicy::kBlock ? queue_.push_wait(request)
-                                                                   : queue_.try_push(request);
+    const std::size_t level = request->priority();
+    const auto pushed = options_.on_full == OverflowPolicy::kBlock
+                            ? queue_.push_wait(request, level)
+                            : queue_.try_push(request, level);
     if (pushed == Queue::PushResult::kOk) {
       stats_.on_submitted();
       return;
@@ -399,8 +511,12 @@ class BatchedSubmitter {
     stats_.on_rejected();
     if (pushed == Queue::PushResult::kClosed)
       throw Error(ErrorCode::kShutDown, "submit() after shutdown(): the request was not accepted");
-    throw Error(ErrorCode::kQueueFull, "the queue holds " + std::to_string(queue_.capacity()) +
-                                           " requests already; the request was not accepted");
+    throw Error(ErrorCode::kQueueFull,
+                (options_.priority_levels == 1
+                     ? std::string("the queue holds ")
+                     : "the queue of priority level " + std::to_string(level) + " holds ") +
+                    std::to_string(queue_.capacity(level)) +
+                    " requests already; the request was not accepted");
   }
 
   void run_worker(std::size_t index, std::latch& started, std::exception_ptr& startup_error) {
@@ -431,8 +547,16 @@ class BatchedSubmitter {
     std::vector<RequestPtr> batch;
     batch.reserve(std::min<std::size_t>(policy.batch_limit(), 1024));
     Forming work;
+    std::vector<std::size_t> passed(queue_.lanes());  // starvation_limit's count, per lane
     for (;;) {
-      RequestPtr request = queue_.try_pop();
+      RequestPtr request = pop_next(passed);
+      if (request != nullptr && request->delay_at() != Clock::time_point::max() &&
+          options_.clock() >= request->delay_at()) {  // TimeoutAction::kDelay
+        request->mark_delayed();
+        queue_.push_delayed(request);
+        stats_.on_delayed();
+        continue;
+      }
       if (request != nullptr && !request->take()) {  // cancelled while queued: completed then
         intrusive_ptr_release(request);
         continue;
@@ -440,7 +564,7 @@ class BatchedSubmitter {
       if (request == nullptr) {
         if (!batch.empty()) {
           const auto hold = policy.hold_until(work.pending);
-          if (!queue_.closed() && Clock::now() < hold) {
+          if (!queue_.closed() && options_.clock() < hold) {
             work.held = true;
             queue_.wait(hold, /*return_on_close=*/true);
             continue;
@@ -452,7 +576,7 @@ class BatchedSubmitter {
         queue_.wait(Clock::time_point::max(), /*return_on_close=*/false);
         continue;
       }
-      const auto started = Clock::now();
+      const auto started = options_.clock();
       if (started > request->deadline()) {
         fail_alone(*request, deadline_error("was not started before its deadline"),
                    /*expired=*/true);
@@ -481,6 +605,35 @@ class BatchedSubmitter {
     }
   }
 
+  // The next request by priority: the first non-empty lane, unless a lane passed over
+  // starvation_limit times comes first (see SubmitterOptions::starvation_limit).
+  RequestPtr pop_next(std::vector<std::size_t>& passed) {
+    const std::size_t lanes = passed.size();
+    if (lanes == 1) return queue_.try_pop(0);
+    const std::size_t limit = options_.starvation_limit;
+    std::size_t first = 0;
+    if (limit != 0) {
+      for (std::size_t l = 1; l < lanes; ++l)
+        if (passed[l] >= limit) {
+          first = l;
+          break;
+        }
+    }
+    for (std::size_t k = 0; k < lanes; ++k) {
+      const std::size_t l = (first + k) % lanes;
+      RequestPtr r = queue_.try_pop(l);
+      if (r == nullptr) {
+        passed[l] = 0;  // nothing waited there
+        continue;
+      }
+      passed[l] = 0;
+      for (std::size_t m = l + 1; m < lanes; ++m)
+        if (!queue_.empty(m)) ++passed[m];
+      return r;
+    }
+    return nullptr;
+  }
+
   static std::exception_ptr deadline_error(const char* what) {
     return std::make_exception_ptr(
         Error(ErrorCode::kDeadlineExceeded, std::string("the request ") + what));
@@ -489,7 +642,7 @@ class BatchedSubmitter {
   // Batch mode: requests cancelled, or whose deadline passed, while their batch formed complete
   // now, with kCancelled or kDeadlineExceeded, and are left out of the model call.
   void drop_unwanted(std::vector<RequestPtr>& batch) {
-    const auto now = Clock::now();
+    const auto now = options_.clock();
     const auto unwanted = [now](RequestPtr r) {
       return r->cancel_requested() || now > r->deadline();
     };
@@ -534,7 +687,7 @@ class BatchedSubmitter {
   // may have issued device work that reads it before throwing).
   void fail_alone(RequestT& request, std::exception_ptr error, bool expired) {
     request.set_error(std::move(error));
-    const auto now = Clock::now();
+    const auto now = options_.clock();
     request.complete();
     detail::Completion<Out>::wake_all(wakeups_);
     stats_.record_latency(now - request.arrived(), now);
@@ -557,14 +710,14 @@ class BatchedSubmitter {
       ctx.before_run(latest);
       run_batch(model, batch);
     }
-    const auto before = Clock::now();
+    const auto before = options_.clock();
     std::optional<std::string> sync_error;
     try {
       ctx.sync();
     } catch (...) {
       sync_error = "device sync failed: " + detail::describe_exception(std::current_exception());
     }
-    const auto after = Clock::now();
+    const auto after = options_.clock();
     const std::size_t size = batch.size();
     std::size_t failures = 0, cancelled = 0;
     for (RequestPtr r : batch) {
@@ -587,7 +740,7 @@ class BatchedSubmitter {
       detail::Completion<Out>::wake_all(wakeups_);
     }
     stats_.on_cancelled(cancelled);
-    stats_.on_complete_time(Clock::now() - after);
+    stats_.on_complete_time(options_.clock() - after);
     // max_latency counts from the oldest request's arrival: the queueing it includes is what
     // tells Adaptive that the worker is falling behind.
     policy.observe(BatchObservation{size, after - before, after - work.pending.oldest,

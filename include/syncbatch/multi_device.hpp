@@ -51,13 +51,21 @@ class MultiDeviceSubmitter {
           std::make_unique<Submitter>(std::move(r.model), options, std::move(r.backend)));
   }
 
-  /// Routes one request (see the class comment) and returns its Future.
+  /// Routes one request (see the class comment) and returns its Future. Its deadline and
+  /// priority apply on the replica that gets it (each replica has every priority level).
   /// Errors: as BatchedSubmitter::submit() of the chosen replica.
+  Future<Out> submit(In input, const RequestOptions& request_options) {
+    return pick().submit(std::move(input), request_options);
+  }
   Future<Out> submit(In input, Clock::time_point deadline = Clock::time_point::max()) {
     return pick().submit(std::move(input), deadline);
   }
 
   /// As BatchedSubmitter::submit_then(), on the chosen replica.
+  template <class F>
+  Cancellation<Out> submit_then(In input, F on_done, const RequestOptions& request_options) {
+    return pick().submit_then(std::move(input), std::move(on_done), request_options);
+  }
   template <class F>
   Cancellation<Out> submit_then(In input, F on_done,
                                 Clock::time_point deadline = Clock::time_point::max()) {

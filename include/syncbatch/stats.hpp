@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "syncbatch/clock.hpp"
+
 namespace syncbatch {
 
 /// Percentiles of a latency distribution, from a log-linear histogram: each value is reported
@@ -36,7 +38,10 @@ struct SubmitterStats {
   std::uint64_t failed = 0;     ///< Of those, completed with an error.
   std::uint64_t expired = 0;    ///< Of `failed`, those not started by their deadline.
   std::uint64_t cancelled = 0;  ///< Of `failed`, those completed with Error(kCancelled).
-  std::uint64_t batches = 0;    ///< Batches run: requests completed by one sync.
+  /// Requests whose queue timeout passed and that were moved behind fresh work
+  /// (TimeoutAction::kDelay); they complete as usual later.
+  std::uint64_t delayed = 0;
+  std::uint64_t batches = 0;  ///< Batches run: requests completed by one sync.
   /// Device syncs issued: one per batch, so equal to `batches` (a batch whose requests all
   /// expired before it ran is neither run nor synced, and counts in neither). SyncScope's
   /// syncs() is where syncs and ops differ.
@@ -68,6 +73,7 @@ struct SubmitterStats {
     submitted += o.submitted;
     rejected += o.rejected;
     shed += o.shed;
+    delayed += o.delayed;
     completed += o.completed;
     failed += o.failed;
     expired += o.expired;
@@ -174,7 +180,6 @@ class LatencyHistogram {
 /// Thread safety: every member is thread-safe (relaxed atomics).
 class RecentLatency {
  public:
-  using Clock = std::chrono::steady_clock;
   static constexpr Clock::duration kWindow = std::chrono::seconds(1);
 
   void record(std::chrono::nanoseconds d, Clock::time_point now) noexcept {
@@ -210,9 +215,14 @@ class RecentLatency {
 /// The live counters. Thread safety: every member is thread-safe (relaxed atomics).
 class StatsCounters {
  public:
+  /// `clock`: where latencies and the recent window read the time (SubmitterOptions::clock).
+  explicit StatsCounters(ClockFn clock = &Clock::now) noexcept : clock_(clock) {}
+  Clock::time_point now() const noexcept { return clock_(); }
+
   void on_submitted() noexcept { submitted_.fetch_add(1, std::memory_order_relaxed); }
   void on_rejected() noexcept { rejected_.fetch_add(1, std::memory_order_relaxed); }
   void on_shed() noexcept { shed_.fetch_add(1, std::memory_order_relaxed); }
+  void on_delayed() noexcept { delayed_.fetch_add(1, std::memory_order_relaxed); }
   /// The policy's batch limit after the latest batch (0 before the first).
   std::size_t batch_limit() const noexcept {
     return static_cast<std::size_t>(batch_limit_.load(std::memory_order_relaxed));
@@ -261,6 +271,7 @@ class StatsCounters {
     s.submitted = submitted_.load(std::memory_order_relaxed);
     s.rejected = rejected_.load(std::memory_order_relaxed);
     s.shed = shed_.load(std::memory_order_relaxed);
+    s.delayed = delayed_.load(std::memory_order_relaxed);
     s.completed = completed_.load(std::memory_order_relaxed);
     s.failed = failed_.load(std::memory_order_relaxed);
     s.expired = expired_.load(std::memory_order_relaxed);
@@ -276,7 +287,7 @@ class StatsCounters {
       s.batch_size_histogram[i] = histogram_[i].load(std::memory_order_relaxed);
     s.queue_delay = queue_delay_.summary();
     s.latency = latency_.summary();
-    s.recent_latency = recent_.summary(std::chrono::steady_clock::now());
+    s.recent_latency = recent_.summary(clock_());
     return s;
   }
 
@@ -288,7 +299,9 @@ class StatsCounters {
  private:
   std::atomic<std::uint64_t> submitted_{0};
   std::atomic<std::uint64_t> rejected_{0};
+  ClockFn clock_;
   std::atomic<std::uint64_t> shed_{0};
+  std::atomic<std::uint64_t> delayed_{0};
   std::atomic<std::uint64_t> completed_{0};
   std::atomic<std::uint64_t> failed_{0};
   std::atomic<std::uint64_t> expired_{0};

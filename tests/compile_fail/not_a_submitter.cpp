@@ -9,7 +9,7 @@ struct NotASubmitter {
   using Output = int;
 #ifdef SYNCBATCH_CF_GOOD
   template <class F>
-  syncbatch::Cancellation<int> submit_then(int x, F f, syncbatch::Clock::time_point) {
+  syncbatch::Cancellation<int> submit_then(int x, F f, const syncbatch::RequestOptions&) {
     f(nullptr, x);
     return {};
   }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -140,6 +141,17 @@ class Request : public Completion<Out> {
   Clock::time_point arrived() const noexcept { return arrived_; }
   Clock::time_point deadline() const noexcept { return deadline_; }
 
+  /// TimeoutAction::kDelay: when the request, still queued, is moved behind fresh work (max:
+  /// never), and whether it was. Read and written by the worker that holds it, popped.
+  Clock::time_point delay_at() const noexcept {
+    return delayed_ ? Clock::time_point::max() : delay_at_;
+  }
+  void set_delay_at(Clock::time_point t) noexcept { delay_at_ = t; }
+  void mark_delayed() noexcept { delayed_ = true; }
+  /// The priority level it was queued at.
+  std::size_t priority() const noexcept { return priority_; }
+  void set_priority(std::size_t level) noexcept { priority_ = level; }
+
   /// Worker side: claims a request just popped from the queue. False: it was cancelled while
   /// queued (and completed then); the worker drops it.
   bool take() noexcept {
@@ -160,7 +172,7 @@ class Request : public Completion<Out> {
     // is never read again.
     drop_input();
     this->set_error(cancelled_error("while it was queued"));
-    const auto now = Clock::now();
+    const auto now = stats_->now();
     this->complete();
     Completion<Out>::wake_all(*this->wakeups());
     stats_->record_latency(now - arrived_, now);
@@ -176,6 +188,9 @@ class Request : public Completion<Out> {
   std::optional<In> input_;
   Clock::time_point arrived_;
   Clock::time_point deadline_;
+  Clock::time_point delay_at_ = Clock::time_point::max();
+  std::size_t priority_ = 0;
+  bool delayed_ = false;
 };
 
 /// A request completed by calling `F(std::exception_ptr, Out)` on the worker thread.
