@@ -14,9 +14,36 @@ namespace syncbatch {
 namespace {
 
 std::string describe_spec(const InputSpec& spec) {
-  std::vector<int64_t> sizes{0};
-  sizes.insert(sizes.end(), spec.trailing_shape.begin(), spec.trailing_shape.end());
-  return dtype_name(spec.dtype) + " " + shape_string(sizes, true);
+  std::string s = dtype_name(spec.dtype) + " [*";
+  for (int64_t d : spec.trailing_shape) s += ", " + (d == kVaries ? "any" : std::to_string(d));
+  return s + "]";
+}
+
+// The dims declared kVaries (tensor dims, >= 1), per input position, and the first of them: the
+// dim whose size is a request's length.
+struct Varying {
+  std::vector<c10::SmallVector<int64_t, 2>> dims;
+  std::size_t input = 0;  // the length's input and dim, when any()
+  int64_t dim = 0;
+  bool any() const { return dim != 0; }
+  bool varies(std::size_t j, int64_t d) const {
+    return j < dims.size() && std::find(dims[j].begin(), dims[j].end(), d) != dims[j].end();
+  }
+};
+
+Varying varying_of(const std::vector<InputSpec>& expect) {
+  Varying v;
+  v.dims.resize(expect.size());
+  for (std::size_t j = 0; j < expect.size(); ++j)
+    for (std::size_t k = 0; k < expect[j].trailing_shape.size(); ++k)
+      if (expect[j].trailing_shape[k] == kVaries) {
+        v.dims[j].push_back(static_cast<int64_t>(k) + 1);
+        if (!v.any()) {
+          v.input = j;
+          v.dim = static_cast<int64_t>(k) + 1;
+        }
+      }
+  return v;
 }
 
 Error bad_request(const std::string& message) {
@@ -27,7 +54,8 @@ Error bad_request(const std::string& message) {
 using Row = c10::SmallVector<at::Tensor, 1>;
 
 // Checks one request's tensors; returns an error message, or "" when they can be stacked.
-std::string check_inputs(const Row& inputs, const std::vector<InputSpec>& expect) {
+std::string check_inputs(const Row& inputs, const StackingOptions& options) {
+  const std::vector<InputSpec>& expect = options.expect;
   if (inputs.empty()) return "expected at least one input tensor, got none";
   if (!expect.empty() && inputs.size() != expect.size())
     return "expected " + std::to_string(expect.size()) + " input tensors, got " +
@@ -41,11 +69,21 @@ std::string check_inputs(const Row& inputs, const std::vector<InputSpec>& expect
     if (t.size(0) == 0) return which() + "expected at least one row, got " + describe_tensor(t);
     if (expect.empty()) continue;
     const InputSpec& spec = expect[j];
-    const bool same =
-        t.scalar_type() == spec.dtype &&
-        static_cast<std::size_t>(t.dim()) == spec.trailing_shape.size() + 1 &&
-        std::equal(spec.trailing_shape.begin(), spec.trailing_shape.end(), t.sizes().begin() + 1);
+    const bool same = t.scalar_type() == spec.dtype &&
+                      static_cast<std::size_t>(t.dim()) == spec.trailing_shape.size() + 1 &&
+                      std::equal(spec.trailing_shape.begin(), spec.trailing_shape.end(),
+                                 t.sizes().begin() + 1, [](int64_t want, int64_t got) {
+                                   return want == kVaries ? got >= 1 : want == got;
+                                 });
     if (!same) return which() + "expected " + describe_spec(spec) + ", got " + describe_tensor(t);
+    if (options.length_buckets.empty()) continue;
+    for (std::size_t k = 0; k < spec.trailing_shape.size(); ++k) {
+      const int64_t size = t.size(static_cast<int64_t>(k) + 1);
+      if (spec.trailing_shape[k] == kVaries && size > options.length_buckets.largest())
+        return which() + "dim " + std::to_string(k + 1) + " is " + std::to_string(size) +
+               " long; expected at most " + std::to_string(options.length_buckets.largest()) +
+               " (the largest of StackingOptions.length_buckets), got " + describe_tensor(t);
+    }
   }
   // Every input is cut into the same rows: one request's row i is row i of each input.
   const int64_t rows = inputs.front().size(0);
@@ -62,15 +100,70 @@ std::string check_inputs(const Row& inputs, const std::vector<InputSpec>& expect
 }
 
 // Requests that can share one forward: same count, and per input the same dtype, device and
-// shape after the batch dimension.
-bool same_signature(const Row& a, const Row& b) {
+// shape after the batch dimension, but for the varying dims.
+bool same_signature(const Row& a, const Row& b, const Varying& varying) {
   if (a.size() != b.size()) return false;
   for (std::size_t j = 0; j < a.size(); ++j) {
     if (a[j].scalar_type() != b[j].scalar_type() || a[j].device() != b[j].device() ||
-        a[j].dim() != b[j].dim() || a[j].sizes().slice(1) != b[j].sizes().slice(1))
+        a[j].dim() != b[j].dim())
       return false;
+    for (int64_t d = 1; d < a[j].dim(); ++d)
+      if (a[j].size(d) != b[j].size(d) && !varying.varies(j, d)) return false;
   }
   return true;
+}
+
+// A request's length: its size of the first varying dim.
+int64_t length_of(const Row& inputs, const Varying& varying) {
+  return inputs[varying.input].size(varying.dim);
+}
+
+// What a varying dim whose longest is `longest` is padded to.
+int64_t padded_length(int64_t longest, const StackingOptions& options) {
+  const int64_t b = options.length_buckets.bucket_for(longest);
+  return b == 0 ? longest : b;
+}
+
+// StackingOptions::max_padding: the group split, longest first, into groups whose padded share
+// of the length stays at or under the bound.
+std::vector<std::vector<std::size_t>> split_by_length(std::vector<std::size_t> group,
+                                                      const std::vector<Row>& inputs,
+                                                      const Varying& varying,
+                                                      const StackingOptions& options) {
+  std::stable_sort(group.begin(), group.end(), [&](std::size_t a, std::size_t b) {
+    return length_of(inputs[a], varying) > length_of(inputs[b], varying);
+  });
+  std::vector<std::vector<std::size_t>> out;
+  int64_t padded = 0, real = 0, rows = 0;  // of the group being formed
+  for (std::size_t i : group) {
+    const int64_t len = length_of(inputs[i], varying), r = inputs[i].front().size(0);
+    if (!out.empty()) {
+      const double share =
+          1.0 - static_cast<double>(real + r * len) / static_cast<double>((rows + r) * padded);
+      if (share <= options.max_padding + 1e-12) {
+        out.back().push_back(i);
+        real += r * len;
+        rows += r;
+        continue;
+      }
+    }
+    out.push_back({i});  // longest first: it sets the group's padded length
+    padded = padded_length(len, options);
+    real = r * len;
+    rows = r;
+  }
+  return out;
+}
+
+// `t` padded with `value` at the end of each dim to `sizes` (dims 1 and up).
+at::Tensor pad_to(const at::Tensor& t, c10::IntArrayRef sizes, double value) {
+  if (t.sizes().slice(1) == sizes.slice(1)) return t;
+  std::vector<int64_t> pad;  // constant_pad_nd: (before, after) from the last dim back
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    pad.push_back(0);
+    pad.push_back(sizes[static_cast<std::size_t>(d)] - t.size(d));
+  }
+  return at::constant_pad_nd(t, pad, value);
 }
 
 // Whether `t` is on `device`, where a device without an index ("cuda") is the current one.
@@ -120,11 +213,24 @@ Tensors stack_positions(const GroupParts& parts, const std::optional<c10::Device
   return stacked;
 }
 
-// A group's outputs, shared by its requests; request g owns rows [offsets[g], +rows[g]).
+// A group's outputs, shared by its requests; request g owns rows [offsets[g], +rows[g]), and
+// of each cut output dim (cuts[c]) the first cut_sizes[g * cuts.size() + c].
 struct BatchOutputs {
   Tensors outputs;
   std::vector<int64_t> offsets;
   std::vector<int64_t> rows;
+  std::vector<OutputCut> cuts;
+  std::vector<int64_t> cut_sizes;
+
+  at::Tensor cut(std::size_t k, std::size_t g) const {
+    at::Tensor t = outputs[k].narrow(0, offsets[g], rows[g]);
+    for (std::size_t c = 0; c < cuts.size(); ++c)
+      if (cuts[c].output == k) {
+        const int64_t size = cut_sizes[g * cuts.size() + c];
+        if (size != t.size(cuts[c].dim)) t = t.narrow(cuts[c].dim, 0, size);
+      }
+    return t;
+  }
 };
 
 // Runs one group (requests with one signature) in one forward; on failure, bisects.
@@ -132,8 +238,8 @@ template <class In, class Out, class Adapter>
 class GroupRunner {
  public:
   GroupRunner(Batch<In, Out>& batch, const std::vector<Row>& inputs, const Adapter& adapter,
-              const StackingOptions& options)
-      : batch_(batch), inputs_(inputs), adapter_(adapter), options_(options) {}
+              const StackingOptions& options, const Varying& varying)
+      : batch_(batch), inputs_(inputs), adapter_(adapter), options_(options), varying_(varying) {}
 
   void run(const std::vector<std::size_t>& group) {
     try {
@@ -166,6 +272,8 @@ class GroupRunner {
       parts[j].reserve(group.size());
       for (std::size_t i : group) parts[j].push_back(inputs_[i][j]);
     }
+    std::vector<std::vector<int64_t>> padded;  // per position, the sizes it is padded to
+    if (varying_.any()) padded = pad_group(parts);
     const std::vector<BucketRun> runs = options_.batch_buckets.plan(total, options_.bucket_policy);
     Tensors outputs;
     if (runs.size() == 1 && runs.front().bucket == total) {
@@ -174,6 +282,7 @@ class GroupRunner {
     } else {
       outputs = forward_in_runs(parts, runs);
     }
+    check_cut_outputs(outputs, padded);
     for (at::Tensor& out : outputs) out = place_output(out, options_.output_device);
     // Each caller cuts its rows from the shared outputs on its own thread (Future::get), so the
     // worker does not create one view per request.
@@ -186,8 +295,71 @@ class GroupRunner {
       shared->offsets.push_back(offset);
       offset += r;
     }
+    if (!options_.cut_outputs.empty()) {
+      shared->cuts = options_.cut_outputs;
+      shared->cut_sizes.reserve(group.size() * shared->cuts.size());
+      for (std::size_t i : group)
+        for (const OutputCut& c : shared->cuts)
+          shared->cut_sizes.push_back(inputs_[i][c.input].size(c.input_dim));
+    }
     for (std::size_t g = 0; g < group.size(); ++g)
       batch_.template set_shared<BatchOutputs, &Adapter::cut>(group[g], shared, g);
+  }
+
+  // Pads every varying dim of the group's parts to its padded length, and appends the length
+  // input the options ask for. Returns the padded sizes per input position.
+  std::vector<std::vector<int64_t>> pad_group(GroupParts& parts) const {
+    std::vector<int64_t> lengths;  // each request's, before padding
+    lengths.reserve(parts.front().size());
+    for (const at::Tensor& t : parts[varying_.input]) lengths.push_back(t.size(varying_.dim));
+    std::vector<std::vector<int64_t>> sizes(parts.size());
+    for (std::size_t j = 0; j < parts.size(); ++j) {
+      sizes[j] = parts[j].front().sizes().vec();
+      for (int64_t d : varying_.dims[j]) {
+        int64_t longest = 0;
+        for (const at::Tensor& t : parts[j]) longest = std::max(longest, t.size(d));
+        sizes[j][static_cast<std::size_t>(d)] = padded_length(longest, options_);
+      }
+      if (varying_.dims[j].empty()) continue;
+      for (at::Tensor& t : parts[j]) t = pad_to(t, sizes[j], options_.expect[j].pad_value);
+    }
+    if (options_.length_input == LengthInput::kNone) return sizes;
+    const int64_t padded = sizes[varying_.input][static_cast<std::size_t>(varying_.dim)];
+    std::vector<at::Tensor> extra;
+    extra.reserve(parts.front().size());
+    for (std::size_t g = 0; g < parts.front().size(); ++g) {
+      const at::Tensor& owner = parts[varying_.input][g];
+      const int64_t rows = owner.size(0), len = lengths[g];
+      const auto on = at::TensorOptions().device(owner.device());
+      if (options_.length_input == LengthInput::kLengths) {
+        extra.push_back(at::full({rows}, len, on.dtype(at::kLong)));
+      } else {
+        extra.push_back((at::arange(padded, on.dtype(at::kLong)) < len)
+                            .to(options_.mask_dtype)
+                            .unsqueeze(0)
+                            .expand({rows, padded}));
+      }
+    }
+    parts.push_back(std::move(extra));
+    return sizes;
+  }
+
+  // Each cut output's dim must come back as long as the padded input dim it follows.
+  void check_cut_outputs(const Tensors& outputs,
+                         const std::vector<std::vector<int64_t>>& padded) const {
+    for (const OutputCut& c : options_.cut_outputs) {
+      if (c.output >= outputs.size())
+        throw bad_request("StackingOptions.cut_outputs: expected output " +
+                          std::to_string(c.output) + ", got " + std::to_string(outputs.size()) +
+                          " outputs from the model");
+      const at::Tensor& out = outputs[c.output];
+      const int64_t want = padded[c.input][static_cast<std::size_t>(c.input_dim)];
+      if (out.dim() <= c.dim || out.size(c.dim) != want)
+        throw bad_request("output " + std::to_string(c.output) + " dim " + std::to_string(c.dim) +
+                          " follows input " + std::to_string(c.input) + " dim " +
+                          std::to_string(c.input_dim) + ": expected size " + std::to_string(want) +
+                          " (the padded length), got " + describe_tensor(out));
+    }
   }
 
   static void check_outputs(const Tensors& outputs, int64_t rows) {
@@ -243,22 +415,24 @@ class GroupRunner {
   const std::vector<Row>& inputs_;
   const Adapter& adapter_;
   const StackingOptions& options_;
+  const Varying& varying_;
 };
 
 template <class In, class Out, class Adapter>
-void run_batch(Batch<In, Out>& batch, const Adapter& adapter, const StackingOptions& options) {
+void run_batch(Batch<In, Out>& batch, const Adapter& adapter, const StackingOptions& options,
+               const Varying& varying) {
   std::vector<Row> inputs;
   inputs.reserve(batch.size());
   for (std::size_t i = 0; i < batch.size(); ++i) inputs.push_back(adapter.tensors(batch.input(i)));
   std::vector<std::vector<std::size_t>> groups;
   for (std::size_t i = 0; i < batch.size(); ++i) {
-    const std::string problem = check_inputs(inputs[i], options.expect);
+    const std::string problem = check_inputs(inputs[i], options);
     if (!problem.empty()) {
       batch.set_error(i, std::make_exception_ptr(bad_request(problem)));
       continue;
     }
     auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) {
-      return same_signature(inputs[g.front()], inputs[i]);
+      return same_signature(inputs[g.front()], inputs[i], varying);
     });
     if (it == groups.end()) {
       groups.push_back({i});
@@ -266,8 +440,15 @@ void run_batch(Batch<In, Out>& batch, const Adapter& adapter, const StackingOpti
       it->push_back(i);
     }
   }
-  GroupRunner<In, Out, Adapter> runner(batch, inputs, adapter, options);
-  for (const auto& group : groups) runner.run(group);
+  GroupRunner<In, Out, Adapter> runner(batch, inputs, adapter, options, varying);
+  for (const auto& group : groups) {
+    if (!varying.any() || options.max_padding >= 1.0) {
+      runner.run(group);
+      continue;
+    }
+    for (const auto& by_length : split_by_length(group, inputs, varying, options))
+      runner.run(by_length);
+  }
 }
 
 // Adapts a single-tensor model to the list-of-tensors machinery.
@@ -282,9 +463,7 @@ struct SingleAdapter {
     return {model.forward(stack_inputs(rows, target))};
   }
   Tensors forward_stacked(const Tensors& stacked) const { return {model.forward(stacked.front())}; }
-  static at::Tensor cut(const BatchOutputs& b, std::size_t g) {
-    return b.outputs.front().narrow(0, b.offsets[g], b.rows[g]);
-  }
+  static at::Tensor cut(const BatchOutputs& b, std::size_t g) { return b.cut(0, g); }
 };
 
 struct MultiAdapter {
@@ -297,17 +476,46 @@ struct MultiAdapter {
   static Tensors cut(const BatchOutputs& b, std::size_t g) {
     Tensors mine;
     mine.reserve(b.outputs.size());
-    for (const auto& out : b.outputs) mine.push_back(out.narrow(0, b.offsets[g], b.rows[g]));
+    for (std::size_t k = 0; k < b.outputs.size(); ++k) mine.push_back(b.cut(k, g));
     return mine;
   }
 };
 
-void check_options(const StackingOptions& options) {
+Error invalid(const std::string& message) {
+  return Error(ErrorCode::kInvalidArgument, "StackingOptions." + message);
+}
+
+// Checks the options; returns the varying dims they declare.
+Varying check_options(const StackingOptions& options, bool single) {
   for (const auto& spec : options.expect)
     for (int64_t d : spec.trailing_shape)
-      if (d < 0)
-        throw Error(ErrorCode::kInvalidArgument,
-                    "StackingOptions.expect: expected sizes >= 0, got " + describe_spec(spec));
+      if (d < 0 && d != kVaries)
+        throw invalid("expect: expected sizes >= 0 or kVaries (-1), got " + describe_spec(spec));
+  const Varying varying = varying_of(options.expect);
+  if (!varying.any()) {
+    if (!options.length_buckets.empty() || options.length_input != LengthInput::kNone ||
+        !options.cut_outputs.empty() || options.max_padding < 1.0)
+      throw invalid(
+          "expect: length_buckets, length_input, cut_outputs and max_padding need a varying "
+          "dim (kVaries) in expect, got none");
+    return varying;
+  }
+  if (single && options.length_input != LengthInput::kNone)
+    throw invalid(
+        "length_input: a single-tensor model takes no second input; use "
+        "make_stacked_model_multi");
+  if (!(options.max_padding >= 0.0 && options.max_padding <= 1.0))
+    throw invalid("max_padding: expected a share from 0 to 1, got " +
+                  std::to_string(options.max_padding));
+  for (const OutputCut& c : options.cut_outputs) {
+    if (c.dim < 1 || (single && c.output != 0) || !varying.varies(c.input, c.input_dim))
+      throw invalid("cut_outputs: expected an output dim >= 1" +
+                    std::string(single ? " of output 0" : "") +
+                    " following an input dim declared kVaries, got output " +
+                    std::to_string(c.output) + " dim " + std::to_string(c.dim) + ", input " +
+                    std::to_string(c.input) + " dim " + std::to_string(c.input_dim));
+  }
+  return varying;
 }
 
 }  // namespace
@@ -315,9 +523,11 @@ void check_options(const StackingOptions& options) {
 BatchModel<at::Tensor, at::Tensor> make_stacked_model(RowsModel model, StackingOptions options) {
   if (!model.forward)
     throw Error(ErrorCode::kInvalidArgument, "make_stacked_model: the model is empty");
-  check_options(options);
-  return {[adapter = SingleAdapter{std::move(model)}, options = std::move(options)](
-              Batch<at::Tensor, at::Tensor>& batch) { run_batch(batch, adapter, options); }};
+  Varying varying = check_options(options, /*single=*/true);
+  return {[adapter = SingleAdapter{std::move(model)}, options = std::move(options),
+           varying = std::move(varying)](Batch<at::Tensor, at::Tensor>& batch) {
+    run_batch(batch, adapter, options, varying);
+  }};
 }
 
 BatchModel<at::Tensor, at::Tensor> make_stacked_model(
@@ -329,9 +539,11 @@ BatchModel<Tensors, Tensors> make_stacked_model_multi(std::function<Tensors(cons
                                                       StackingOptions options) {
   if (!model)
     throw Error(ErrorCode::kInvalidArgument, "make_stacked_model_multi: the model is empty");
-  check_options(options);
-  return {[adapter = MultiAdapter{std::move(model)}, options = std::move(options)](
-              Batch<Tensors, Tensors>& batch) { run_batch(batch, adapter, options); }};
+  Varying varying = check_options(options, /*single=*/false);
+  return {[adapter = MultiAdapter{std::move(model)}, options = std::move(options),
+           varying = std::move(varying)](Batch<Tensors, Tensors>& batch) {
+    run_batch(batch, adapter, options, varying);
+  }};
 }
 
 }  // namespace syncbatch

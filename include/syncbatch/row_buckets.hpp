@@ -61,6 +61,19 @@ class RowBuckets {
     return RowBuckets(std::move(sizes));
   }
 
+  /// n, 2n, 3n, ... up to `max` (and `max` itself if it is not a multiple): length buckets.
+  /// Errors: Error(kInvalidArgument) if n < 1 or max < n.
+  static RowBuckets multiples_of(int64_t n, int64_t max, std::string_view what = "buckets") {
+    if (n < 1 || max < n)
+      throw Error(ErrorCode::kInvalidArgument,
+                  std::string(what) + ": expected 1 <= n <= max, got n " + std::to_string(n) +
+                      ", max " + std::to_string(max));
+    std::vector<int64_t> sizes;
+    for (int64_t b = n; b < max; b += n) sizes.push_back(b);
+    sizes.push_back(max);
+    return RowBuckets(std::move(sizes), what);
+  }
+
   bool empty() const noexcept { return sizes_.empty(); }
   const std::vector<int64_t>& sizes() const noexcept { return sizes_; }
   /// The largest allowed size. Precondition: !empty().

@@ -24,11 +24,35 @@ namespace syncbatch {
 
 using Tensors = std::vector<at::Tensor>;
 
+/// In InputSpec::trailing_shape: a dim whose size may differ between requests (a sequence
+/// length, say). Requests are padded to a common size within a batch (see StackingOptions).
+inline constexpr int64_t kVaries = -1;
+
 /// What one input tensor of a request must look like: its dtype and its shape after the batch
 /// dimension (dim 0, the rows, which may be any number >= 1).
 struct InputSpec {
   at::ScalarType dtype = at::kFloat;
+  /// Sizes of dims 1, 2, ...; kVaries for a dim that may vary (any size >= 1).
   std::vector<int64_t> trailing_shape{};
+  /// What padding fills this input's varying dims with (e.g. the pad token's id).
+  double pad_value = 0;
+};
+
+/// What the model receives after its inputs about each row's length: the size of the first
+/// varying dim of the first input that has one (make_stacked_model_multi only).
+enum class LengthInput {
+  kNone,     ///< Nothing.
+  kLengths,  ///< One more input: int64 [rows], each row's length.
+  kMask,     ///< One more input: [rows, padded length] of mask_dtype, 1 before the length, else 0.
+};
+
+/// An output dim that follows an input's varying dim (a per-token output follows the tokens):
+/// each caller gets it cut back to its own request's size of that input dim.
+struct OutputCut {
+  std::size_t output = 0;  ///< Which output (0 for a single-tensor model).
+  int64_t dim = 1;         ///< Its dim, >= 1.
+  std::size_t input = 0;   ///< The input whose varying dim it follows.
+  int64_t input_dim = 1;   ///< That input's dim, >= 1, declared kVaries in `expect`.
 };
 
 /// Options of make_stacked_model.
@@ -57,6 +81,26 @@ struct StackingOptions {
   RowBuckets batch_buckets{};
   /// How a group whose rows are not an allowed size is cut (see BucketPolicy).
   BucketPolicy bucket_policy = BucketPolicy::kPadUp;
+
+  /// Variable-length inputs (dims declared kVaries in `expect`): requests that differ only in
+  /// those dims share a forward, each varying dim padded (with its input's pad_value) to the
+  /// longest of the group, or, if length_buckets is not empty, to the smallest bucket that
+  /// holds it; a request longer than the largest bucket fails alone with Error(kBadRequest).
+  ///
+  /// cut_outputs: the output dims cut back to each request's own length (see OutputCut); each
+  /// must come back with the padded size of the input dim it follows.
+  std::vector<OutputCut> cut_outputs{};
+  /// Length buckets: RowBuckets({...}), RowBuckets::powers_of_two(max) or
+  /// RowBuckets::multiples_of(n, max). Empty: pad to the group's longest.
+  RowBuckets length_buckets{};
+  /// What the model gets about each row's length (see LengthInput).
+  LengthInput length_input = LengthInput::kNone;
+  /// The dtype of LengthInput::kMask.
+  at::ScalarType mask_dtype = at::kLong;
+  /// The largest share of padded positions in a forward, from 0 to 1: requests are grouped by
+  /// length (longest first) so that padding (of the first varying dim) stays at or under it,
+  /// at the price of more forwards. 1 (the default): one group, padded to its longest.
+  double max_padding = 1.0;
 };
 
 /// A single-tensor model for stacked mode, as the two ways it can run one group of requests:
@@ -107,7 +151,8 @@ BatchModel<at::Tensor, at::Tensor> make_stacked_model(M model, StackingOptions o
 /// (stacked position by position), the model returns a list of tensors, each split by rows.
 /// Every input of a request must have the same number of rows (row i of the request is row i of
 /// each input); a request whose inputs differ fails alone with Error(kBadRequest) naming each
-/// input's rows. Every output must have one row per input row of the batch.
+/// input's rows. Every output must have one row per input row of the batch. With
+/// StackingOptions::length_input the model gets one more input after the request's.
 BatchModel<Tensors, Tensors> make_stacked_model_multi(std::function<Tensors(const Tensors&)> model,
                                                       StackingOptions options = {});
 
