@@ -53,6 +53,11 @@ Error bad_request(const std::string& message) {
 // One request's input tensors, by position; a single-tensor request needs no allocation.
 using Row = c10::SmallVector<at::Tensor, 1>;
 
+// The most rows one forward takes (0: no bound).
+int64_t forward_cap(const StackingOptions& options) {
+  return options.batch_buckets.empty() ? options.max_batch_rows : options.batch_buckets.largest();
+}
+
 // Checks one request's tensors; returns an error message, or "" when they can be stacked.
 std::string check_inputs(const Row& inputs, const StackingOptions& options) {
   const std::vector<InputSpec>& expect = options.expect;
@@ -60,6 +65,13 @@ std::string check_inputs(const Row& inputs, const StackingOptions& options) {
   if (!expect.empty() && inputs.size() != expect.size())
     return "expected " + std::to_string(expect.size()) + " input tensors, got " +
            std::to_string(inputs.size());
+  const int64_t cap = forward_cap(options);
+  if (options.oversize == Oversize::kRefuse && cap != 0 && !inputs.empty() &&
+      inputs.front().defined() && inputs.front().dim() > 0 && inputs.front().size(0) > cap)
+    return "expected at most " + std::to_string(cap) + " rows per request (" +
+           (options.batch_buckets.empty() ? "StackingOptions.max_batch_rows"
+                                          : "the largest of StackingOptions.batch_buckets") +
+           ", with Oversize::kRefuse), got " + describe_tensor(inputs.front());
   for (std::size_t j = 0; j < inputs.size(); ++j) {
     const at::Tensor& t = inputs[j];
     const auto which = [j] { return "input " + std::to_string(j) + ": "; };
@@ -274,7 +286,15 @@ class GroupRunner {
     }
     std::vector<std::vector<int64_t>> padded;  // per position, the sizes it is padded to
     if (varying_.any()) padded = pad_group(parts);
-    const std::vector<BucketRun> runs = options_.batch_buckets.plan(total, options_.bucket_policy);
+    std::vector<BucketRun> runs;
+    if (options_.batch_buckets.empty() && options_.max_batch_rows != 0) {
+      for (int64_t start = 0; start < total; start += options_.max_batch_rows) {
+        const int64_t rows_here = std::min(options_.max_batch_rows, total - start);
+        runs.push_back({rows_here, rows_here});
+      }
+    } else {
+      runs = options_.batch_buckets.plan(total, options_.bucket_policy);
+    }
     Tensors outputs;
     if (runs.size() == 1 && runs.front().bucket == total) {
       outputs = adapter_.forward(parts, options_.device);  // as it comes: no padding, no cut
@@ -485,8 +505,28 @@ Error invalid(const std::string& message) {
   return Error(ErrorCode::kInvalidArgument, "StackingOptions." + message);
 }
 
+// What a request's tensors count toward the batch limit (StackingOptions::batch_cost).
+std::size_t request_cost(const at::Tensor& first, const StackingOptions& options,
+                         const Varying& varying, const Row* all) {
+  if (options.batch_cost == BatchCost::kRequests || !first.defined() || first.dim() == 0) return 1;
+  auto cost = static_cast<std::size_t>(first.size(0));
+  if (options.batch_cost == BatchCost::kRowsTimesLength && varying.any()) {
+    const at::Tensor& owner =
+        all != nullptr && varying.input < all->size() ? (*all)[varying.input] : first;
+    if (owner.defined() && owner.dim() > varying.dim)
+      cost *= static_cast<std::size_t>(owner.size(varying.dim));
+  }
+  return cost;
+}
+
 // Checks the options; returns the varying dims they declare.
 Varying check_options(const StackingOptions& options, bool single) {
+  if (options.max_batch_rows < 0 || (options.max_batch_rows != 0 && !options.batch_buckets.empty()))
+    throw invalid(
+        "max_batch_rows: expected 0, or a bound >= 1 without batch_buckets (whose "
+        "largest bucket bounds forwards), got " +
+        std::to_string(options.max_batch_rows) +
+        (options.batch_buckets.empty() ? "" : " with batch_buckets"));
   for (const auto& spec : options.expect)
     for (int64_t d : spec.trailing_shape)
       if (d < 0 && d != kVaries)
@@ -524,10 +564,15 @@ BatchModel<at::Tensor, at::Tensor> make_stacked_model(RowsModel model, StackingO
   if (!model.forward)
     throw Error(ErrorCode::kInvalidArgument, "make_stacked_model: the model is empty");
   Varying varying = check_options(options, /*single=*/true);
+  auto cost = [options, varying](const at::Tensor& x) {
+    const Row row{x};
+    return request_cost(x, options, varying, &row);
+  };
   return {[adapter = SingleAdapter{std::move(model)}, options = std::move(options),
            varying = std::move(varying)](Batch<at::Tensor, at::Tensor>& batch) {
-    run_batch(batch, adapter, options, varying);
-  }};
+            run_batch(batch, adapter, options, varying);
+          },
+          std::move(cost)};
 }
 
 BatchModel<at::Tensor, at::Tensor> make_stacked_model(
@@ -540,10 +585,16 @@ BatchModel<Tensors, Tensors> make_stacked_model_multi(std::function<Tensors(cons
   if (!model)
     throw Error(ErrorCode::kInvalidArgument, "make_stacked_model_multi: the model is empty");
   Varying varying = check_options(options, /*single=*/false);
+  auto cost = [options, varying](const Tensors& xs) -> std::size_t {
+    if (xs.empty()) return 1;
+    const Row row(xs.begin(), xs.end());
+    return request_cost(xs.front(), options, varying, &row);
+  };
   return {[adapter = MultiAdapter{std::move(model)}, options = std::move(options),
            varying = std::move(varying)](Batch<Tensors, Tensors>& batch) {
-    run_batch(batch, adapter, options, varying);
-  }};
+            run_batch(batch, adapter, options, varying);
+          },
+          std::move(cost)};
 }
 
 }  // namespace syncbatch

@@ -289,6 +289,80 @@ TEST_P(VariableLength, MixedLengthStressLosesNothing) {
   EXPECT_EQ(s.stats().failed, 0u);
 }
 
+// Batches counted in rows: with EveryN{8}, requests of 3 rows go two to a batch (a third would
+// make 9); a request of 20 rows with max_batch_rows 8 runs as forwards of 8, 8 and 4 and comes
+// back whole and in order; with Oversize::kRefuse it fails alone.
+TEST(BatchRows, BatchesCountRowsAndLargeRequestsSplitOrFail) {
+  for (Oversize oversize : {Oversize::kSplit, Oversize::kRefuse}) {
+    Gate gate;
+    std::vector<int64_t> forwards;
+    TensorSubmitter s(make_stacked_model(
+                          [&](const at::Tensor& x) {
+                            gate.pass();
+                            forwards.push_back(x.size(0));
+                            return x * 3;
+                          },
+                          {.max_batch_rows = 8, .oversize = oversize}),
+                      {.policy = EveryN{8}}, TorchBackend(c10::Device(c10::kCPU)));
+    auto warm = s.submit(at::ones({1, 2}));
+    gate.wait_entered();
+    std::vector<at::Tensor> inputs;
+    std::vector<Future<at::Tensor>> futures;
+    for (int64_t rows : {3, 3, 3, 20, 2}) {
+      inputs.push_back(at::randn({rows, 2}));
+      futures.push_back(s.submit(inputs.back()));
+    }
+    gate.open = true;
+    warm.get();
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      if (oversize == Oversize::kRefuse && inputs[i].size(0) == 20) {
+        std::string what;
+        EXPECT_EQ(code_of(futures[i], &what), ErrorCode::kBadRequest);
+        EXPECT_NE(what.find("expected at most 8 rows per request (StackingOptions.max_batch_rows, "
+                            "with Oversize::kRefuse), got float32 [20, 2]"),
+                  std::string::npos)
+            << what;
+        continue;
+      }
+      EXPECT_TRUE(at::equal(futures[i].get(), inputs[i] * 3)) << i;
+    }
+    s.shutdown();
+    // The warm-up; 3+3; 3 (the 20 does not fit); the 20 alone, split (or refused unrun: its
+    // batch has no forward); 2.
+    const std::vector<int64_t> want = oversize == Oversize::kSplit
+                                          ? std::vector<int64_t>{1, 6, 3, 8, 8, 4, 2}
+                                          : std::vector<int64_t>{1, 6, 3, 2};
+    EXPECT_EQ(forwards, want);
+  }
+}
+
+// kRowsTimesLength: a row of length 16 counts 16 toward EveryN{32}, one of length 4 counts 4.
+TEST(BatchRows, RowsTimesLengthCountsPositions) {
+  Gate gate;
+  std::vector<int64_t> forwards;
+  TensorSubmitter s(make_stacked_model(
+                        [&](const at::Tensor& x) {
+                          gate.pass();
+                          forwards.push_back(x.size(0));
+                          return x;
+                        },
+                        {.expect = {{at::kFloat, {kVaries}}},
+                         .batch_cost = BatchCost::kRowsTimesLength,
+                         .cut_outputs = {{0, 1, 0, 1}}}),
+                    {.policy = EveryN{32}}, TorchBackend(c10::Device(c10::kCPU)));
+  auto warm = s.submit(at::ones({1, 1}));
+  gate.wait_entered();
+  std::vector<Future<at::Tensor>> futures;
+  for (int i = 0; i < 3; ++i) futures.push_back(s.submit(at::ones({1, 16})));
+  for (int i = 0; i < 8; ++i) futures.push_back(s.submit(at::ones({1, 4})));
+  gate.open = true;
+  warm.get();
+  for (auto& f : futures) f.get();
+  s.shutdown();
+  // The warm-up; 16 + 16; 16 + 4 x 4 (= 32); the last 4 x 4.
+  EXPECT_EQ(forwards, (std::vector<int64_t>{1, 2, 5, 4}));
+}
+
 INSTANTIATE_TEST_SUITE_P(Devices, VariableLength, ::testing::ValuesIn(available_devices()),
                          device_name);
 

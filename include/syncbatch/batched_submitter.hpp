@@ -190,6 +190,13 @@ using PerCallModel = std::function<Out(In&)>;
 template <class In, class Out>
 struct BatchModel {
   std::function<void(Batch<In, Out>&)> run;
+  /// What one request counts toward the policy's batch limit (its rows, say: make_stacked_model
+  /// sets it so); unset: 1 per request. Called on the worker thread; must not throw; 0 counts
+  /// as 1. A worker never lets a batch go over the limit with a request it can leave for the
+  /// next batch: it runs what it has first. A request that alone costs more than the limit runs
+  /// as a batch of its own (stacked mode then splits it into forwards, or refuses it, by
+  /// StackingOptions).
+  std::function<std::size_t(const In&)> cost{};
 };
 
 /// The former name of BatchModel.
@@ -261,6 +268,7 @@ class BatchedSubmitter {
       : model_(std::move(model)),
         options_(validated(std::move(options))),
         backend_(std::move(backend)),
+        cost_(cost_of(model_)),
         queue_(lane_capacities(options_), delays(options_)),
         stats_(options_.clock) {
     if (!std::visit([](const auto& m) { return static_cast<bool>(callable(m)); }, model_))
@@ -536,6 +544,11 @@ class BatchedSubmitter {
     }
   }
 
+  static std::function<std::size_t(const In&)> cost_of(const Model& m) {
+    const auto* batch = std::get_if<BatchModel<In, Out>>(&m);
+    return batch != nullptr ? batch->cost : nullptr;
+  }
+
   static const PerCallModel<In, Out>& callable(const PerCallModel<In, Out>& m) noexcept {
     return m;
   }
@@ -591,6 +604,15 @@ class BatchedSubmitter {
         ctx.before_run(request->arrived());
         if (!run_request(model, *request)) continue;
       }
+      std::size_t cost = 1;
+      if constexpr (!kPerCall<F>) {
+        if (cost_) {
+          cost = std::max<std::size_t>(1, cost_(request->input()));
+          // Room for it in this batch, or this batch runs first.
+          if (!batch.empty() && work.pending.ops + cost > policy.batch_limit())
+            finish_batch(ctx, model, policy, batch, work);
+        }
+      }
       // The batch's clock starts when the worker takes its first request, not when that request
       // arrived: under a backlog, requests that already waited must still be batched together
       // (timing from arrival would sync each one alone, and the backlog would only grow).
@@ -600,7 +622,7 @@ class BatchedSubmitter {
       }
       if (work.held) ++work.joined_while_held;
       batch.push_back(request);
-      work.pending.ops = batch.size();
+      work.pending.ops += cost;
       if (policy.should_sync(work.pending, started)) finish_batch(ctx, model, policy, batch, work);
     }
   }
@@ -743,7 +765,9 @@ class BatchedSubmitter {
     stats_.on_complete_time(options_.clock() - after);
     // max_latency counts from the oldest request's arrival: the queueing it includes is what
     // tells Adaptive that the worker is falling behind.
-    policy.observe(BatchObservation{size, after - before, after - work.pending.oldest,
+    // In the policy's units: the requests' costs when the model counts them.
+    const std::size_t ops = cost_ ? work.pending.ops : size;
+    policy.observe(BatchObservation{ops, after - before, after - work.pending.oldest,
                                     after - oldest_arrival, work.held, work.joined_while_held});
     stats_.on_batch(size, failures, policy.batch_limit(), work.held);
     if (options_.shed_late) {
@@ -799,6 +823,7 @@ class BatchedSubmitter {
   const Model model_;
   const SubmitterOptions options_;
   const Backend backend_;
+  const std::function<std::size_t(const In&)> cost_;  // BatchModel::cost, or empty
   Queue queue_;
   std::atomic<std::uint32_t> wakeups_{0};        // sleeping Futures wait here; bumped per batch
   std::atomic<std::int64_t> batch_ns_{0};        // mean batch time, for shed_late

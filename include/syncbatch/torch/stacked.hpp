@@ -55,6 +55,20 @@ struct OutputCut {
   int64_t input_dim = 1;   ///< That input's dim, >= 1, declared kVaries in `expect`.
 };
 
+/// What one request counts toward the policy's batch limit in stacked mode.
+enum class BatchCost {
+  kRequests,         ///< 1 per request.
+  kRows,             ///< Its rows (dim 0).
+  kRowsTimesLength,  ///< Its rows times its length (the first varying dim; rows without one).
+};
+
+/// What stacked mode does with a request of more rows than a forward may take
+/// (StackingOptions::max_batch_rows, or the largest of batch_buckets).
+enum class Oversize {
+  kSplit,   ///< Run it as several forwards and join its output rows back in order.
+  kRefuse,  ///< Fail it alone with Error(kBadRequest).
+};
+
 /// Options of make_stacked_model.
 struct StackingOptions {
   /// Where the model runs. Inputs elsewhere (typically on the CPU) are concatenated there and
@@ -81,6 +95,13 @@ struct StackingOptions {
   RowBuckets batch_buckets{};
   /// How a group whose rows are not an allowed size is cut (see BucketPolicy).
   BucketPolicy bucket_policy = BucketPolicy::kPadUp;
+  /// What a request counts toward the policy's batch limit (EveryN{64} then means 64 rows).
+  BatchCost batch_cost = BatchCost::kRows;
+  /// The most rows one forward takes (0: no bound; with batch_buckets, the largest bucket is
+  /// the bound and this stays 0). A group with more runs as several forwards.
+  int64_t max_batch_rows = 0;
+  /// A single request over that bound: split across forwards, or refused.
+  Oversize oversize = Oversize::kSplit;
 
   /// Variable-length inputs (dims declared kVaries in `expect`): requests that differ only in
   /// those dims share a forward, each varying dim padded (with its input's pad_value) to the
