@@ -82,8 +82,8 @@ TEST_P(TorchScriptOnEachDevice, ServesPerCallStackedAndGraphed) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Devices, TorchScriptOnEachDevice,
-                         ::testing::ValuesIn(available_devices()), device_name);
+INSTANTIATE_TEST_SUITE_P(Devices, TorchScriptOnEachDevice, ::testing::ValuesIn(available_devices()),
+                         device_name);
 
 TEST(TorchScript, SeveralInputsAndOutputsInStackedMode) {
   ScriptFile file("sum_product", at::Tensor(), R"(
@@ -128,8 +128,7 @@ TEST(TorchScript, LoadAndOutputErrorsAreClear) {
     ADD_FAILURE() << "loaded a missing file";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
-    EXPECT_NE(std::string(e.what()).find("cannot load '/nonexistent/model.pt'"),
-              std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("cannot load '/nonexistent/model.pt'"), std::string::npos)
         << e.what();
   }
   ScriptFile file("returns_int", at::Tensor(), R"(
