@@ -4,7 +4,8 @@
 // the ideal: one client running pre-stacked batches of `clients` rows (padded to the longest for
 // variable lengths). Ratios are printed from this one run.
 //
-// Models: --model FILE.pt (scripts/export_models writes resnet50.pt and bert.pt) with --kind
+// Models: --model FILE.pt, or FILE.pt2 for an AOTInductor package where the build has AotiModel
+// (scripts/export_models writes resnet50.pt, bert.pt and resnet50_DEVICE.pt2) with --kind
 // image (input [1, C, H, W] float, --shape C,H,W) or tokens (ids [1, L] int64 and a mask as the
 // second input; outputs: per-token states first), or the built-in tiny-cnn / tiny-bert, scripted
 // here, for quick runs. Tokens: --lengths L for a fixed length, or MIN:MAX for lengths uniform in
@@ -23,6 +24,9 @@
 #include "common/report.hpp"
 #include "common/timing.hpp"
 #include "syncbatch/torch.hpp"
+#ifdef SYNCBATCH_WITH_AOTI
+#include "syncbatch/torch/aoti.hpp"
+#endif
 
 namespace {
 
@@ -101,8 +105,23 @@ int main(int argc, char** argv) {
       flags.fail("--lengths: expected L or MIN:MAX with 1 <= MIN <= MAX, got '" + l + "'");
   }
   const std::string path = builtin ? script_builtin(name) : name;
-  const TorchScriptModel model(
-      path, {.device = device, .graph_optimizer = flags.str("optimizer") == "on"});
+  // The model as two calls: one tensor in and out, and a list (tokens: ids and mask).
+  std::function<at::Tensor(const at::Tensor&)> single;
+  std::function<Tensors(const Tensors&)> multi;
+  if (path.size() > 4 && path.compare(path.size() - 4, 4, ".pt2") == 0) {
+#ifdef SYNCBATCH_WITH_AOTI
+    const AotiModel aoti(path, {.num_runners = 1, .device = device});
+    single = aoti;
+    multi = [aoti](const Tensors& in) { return aoti.call(in); };
+#else
+    flags.fail("--model " + path + ": this LibTorch has no AOTInductor loader (AotiModel)");
+#endif
+  } else {
+    const TorchScriptModel ts(
+        path, {.device = device, .graph_optimizer = flags.str("optimizer") == "on"});
+    single = ts;
+    multi = [ts](const Tensors& in) { return ts.call(in); };
+  }
   if (builtin) std::filesystem::remove(path);
   const bool graphs = !spec.tokens && graphs_flag(flags, device);
   const double seconds = flags.num("seconds"), warmup = flags.num("warmup");
@@ -121,8 +140,8 @@ int main(int argc, char** argv) {
   };
   // The model on a request list, tokens getting their all-ones mask.
   auto run = [&](const Tensors& in) {
-    if (!spec.tokens) return Tensors{model(in[0])};
-    return model.call({in[0], at::ones_like(in[0])});
+    if (!spec.tokens) return Tensors{single(in[0])};
+    return multi({in[0], at::ones_like(in[0])});
   };
 
   std::printf("real_models: %s (%s) on %s, graph optimizer %s%s\n\n", name.c_str(),
@@ -155,7 +174,7 @@ int main(int argc, char** argv) {
       }
       BatchedSubmitter<Tensors, Tensors, TorchBackend> s(
           make_stacked_model_multi(
-              [&](const Tensors& in) { return spec.tokens ? model.call(in) : run(in); },
+              [&](const Tensors& in) { return spec.tokens ? multi(in) : run(in); },
               std::move(options)),
           {.queue_capacity = 4096, .policy = EveryN{64}}, TorchBackend(device));
       return closed_loop(clients, warmup, seconds,
@@ -169,7 +188,7 @@ int main(int argc, char** argv) {
     const Cell bucketed = stacked_cell(with_buckets);
     Cell graphed_cell;
     if (graphs) {
-      GraphedModel graphed([&](const at::Tensor& x) { return model(x); }, device, {.max_rows = 64});
+      GraphedModel graphed(single, device, {.max_rows = 64});
       BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend> s(
           make_stacked_model(graphed, {.device = device}),
           {.queue_capacity = 4096, .policy = EveryN{64}}, TorchBackend(device));
