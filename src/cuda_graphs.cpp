@@ -42,6 +42,21 @@ void begin_capture(Graph& graph) {
   }
 }
 
+// A capture that fails inside capture_end (an invalidated capture: the model synced, say) never
+// runs the RNG state's capture epilogue, so LibTorch's CUDA generator of the device stays in
+// capture mode and every later random op there throws "Offset increment outside graph capture
+// encountered unexpectedly". An empty capture that completes runs the epilogue and clears it.
+// Called with graph_lifecycle_mutex held, on the capture stream (not the default stream).
+void reset_rng_capture_state() {
+  try {
+    at::cuda::CUDAGraph empty;
+    begin_capture(empty);
+    empty.capture_end();
+  } catch (...) {  // NOLINT(bugprone-empty-catch): best effort; the capture error is reported
+  }
+  (void)cudaGetLastError();
+}
+
 // Held while a graph is captured or destroyed: see the note at the top.
 std::mutex& graph_lifecycle_mutex() {
   static std::mutex mu;
@@ -100,6 +115,8 @@ class CudaGraphEngine final : public GraphEngine {
           }
         }
         (void)cudaGetLastError();  // capture errors are not sticky; clear the last-error slot
+        graph->graph.reset();      // unregisters it from the RNG state (the lock is held)
+        reset_rng_capture_state();
         output = at::Tensor();
         throw CaptureError(first_line(e.what()));
       }

@@ -603,10 +603,14 @@ TEST_P(GraphedModelOnDevice, HostSyncInsideTheModelFallsBackToEager) {
     EXPECT_EQ(s.capture_failures, 1u);
     ASSERT_EQ(logged.size(), 1u);
     EXPECT_NE(logged[0].find("cannot be captured"), std::string::npos) << logged[0];
-    // The device is fine afterwards: a capturable model still captures.
+    // The device is fine afterwards: a capturable model still captures, and random numbers
+    // can be drawn (a failed capture once left LibTorch's CUDA RNG in capture mode, and every
+    // later random op on the device threw "Offset increment outside graph capture").
     GraphedModel ok([](const at::Tensor& t) { return t * 3; }, device);
     EXPECT_TRUE(near(ok(x), x * 3));
     EXPECT_EQ(ok.stats().replays, 1u);
+    EXPECT_NO_THROW(at::randn({4}, at::TensorOptions().device(device)));
+    EXPECT_NO_THROW(at::rand({4}, at::TensorOptions().device(device)));
   }
 }
 
