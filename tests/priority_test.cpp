@@ -33,15 +33,7 @@ void advance(Clock::duration d) {
   g_fake_ns.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
 }
 
-ErrorCode code_of(Future<int>& f) {
-  try {
-    f.get();
-  } catch (const Error& e) {
-    return e.code();
-  }
-  ADD_FAILURE() << "no error";
-  return ErrorCode::kInvalidArgument;
-}
+using testing::code_of;
 
 // A per-call model that records the order of its calls and holds input 0 at a gate.
 struct Recorder {

@@ -1,6 +1,7 @@
 // Queue policy: a default timeout for requests without a deadline (REJECT), and load shedding
 // of requests that cannot start by their deadline (kOverloaded). Torch-free: this file also runs
 // under TSan and ASan.
+#include "gate.hpp"
 #include "syncbatch/batched_submitter.hpp"
 
 #include <gtest/gtest.h>
@@ -16,15 +17,7 @@ namespace {
 using namespace std::chrono_literals;
 using IntSubmitter = BatchedSubmitter<int, int>;
 
-ErrorCode code_of(Future<int>& f) {
-  try {
-    f.get();
-  } catch (const Error& e) {
-    return e.code();
-  }
-  ADD_FAILURE() << "no error";
-  return ErrorCode::kInvalidArgument;
-}
+using testing::code_of;
 
 TEST(QueuePolicy, ADefaultTimeoutRejectsRequestsWithoutADeadline) {
   std::atomic<bool> open{false}, entered{false};

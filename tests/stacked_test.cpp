@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "gate.hpp"
 #include "syncbatch/asio.hpp"
 #include "syncbatch/torch.hpp"
 #include "torch_test_support.hpp"
@@ -22,21 +23,7 @@ using testing::Mlp;
 using testing::TensorSubmitter;
 using namespace std::chrono_literals;
 
-// Holds the first batch in the model until released, so that later requests queue up and the
-// next batches are full.
-struct Gate {
-  std::atomic<bool> open{false};
-  std::atomic<bool> armed{true};
-  std::atomic<int> entered{0};
-  void pass() {
-    if (!armed.exchange(false)) return;
-    entered.fetch_add(1);
-    while (!open.load()) std::this_thread::sleep_for(100us);
-  }
-  void wait_entered() {
-    while (entered.load() < 1) std::this_thread::sleep_for(100us);
-  }
-};
+using Gate = testing::OnceGate;
 
 class StackedOnEachDevice : public ::testing::TestWithParam<c10::Device> {};
 

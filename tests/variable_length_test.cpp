@@ -9,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "gate.hpp"
 #include "syncbatch/torch.hpp"
 #include "torch_test_support.hpp"
 
@@ -21,31 +22,9 @@ using testing::TensorSubmitter;
 using MultiSubmitter = BatchedSubmitter<Tensors, Tensors, TorchBackend>;
 using namespace std::chrono_literals;
 
-// Holds the first batch in the model until released, so that later requests form one batch.
-struct Gate {
-  std::atomic<bool> open{false};
-  std::atomic<bool> armed{true};
-  std::atomic<int> entered{0};
-  void pass() {
-    if (!armed.exchange(false)) return;
-    entered.fetch_add(1);
-    while (!open.load()) std::this_thread::sleep_for(100us);
-  }
-  void wait_entered() {
-    while (entered.load() < 1) std::this_thread::sleep_for(100us);
-  }
-};
+using Gate = testing::OnceGate;
 
-ErrorCode code_of(Future<at::Tensor>& f, std::string* what = nullptr) {
-  try {
-    f.get();
-  } catch (const Error& e) {
-    if (what) *what = e.what();
-    return e.code();
-  }
-  ADD_FAILURE() << "no error";
-  return ErrorCode::kInvalidArgument;
-}
+using testing::code_of;
 
 class VariableLength : public ::testing::TestWithParam<c10::Device> {};
 
