@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <functional>
 #include <iterator>
+#include <optional>
 #include <utility>
 
 namespace syncbatch::detail {
@@ -35,27 +36,56 @@ std::size_t GraphKeyHash::operator()(const GraphKey& k) const noexcept {
 GraphPool::GraphPool(std::size_t max_graphs, std::function<void(const std::string&)> log)
     : max_graphs_(max_graphs),
       full_reason_("max_graphs (" + std::to_string(max_graphs) +
-                   ") graphs are held; calls that need another run eagerly"),
+                   ") graphs are held and all in use; calls that need another run eagerly"),
       log_(std::move(log)) {}
 
 GraphSlot* GraphPool::checkout(const GraphKey& key, bool may_create) {
+  std::unique_ptr<GraphSlot> victim;
+  std::optional<c10::Stream> victim_stream;
+  GraphSlot* slot = nullptr;
   {
     std::lock_guard lock(mu_);
     auto& slots = slots_[key];
     for (auto& s : slots)
       if (!s->busy) {
         s->busy = true;
+        s->last_used = ++tick_;
         return s.get();
       }
     if (!may_create) return nullptr;  // counted as eager by the caller; nothing to report
+    if (held_ == max_graphs_) {
+      // Full: the least recently used idle slot gives way.
+      std::vector<std::unique_ptr<GraphSlot>>* owner = nullptr;
+      std::vector<std::unique_ptr<GraphSlot>>::iterator lru;
+      for (auto& [k, v] : slots_)
+        for (auto it = v.begin(); it != v.end(); ++it)
+          if (!(*it)->busy && (owner == nullptr || (*it)->last_used < (*lru)->last_used)) {
+            owner = &v;
+            lru = it;
+            victim_stream = k.stream;
+          }
+      if (owner != nullptr) {
+        victim = std::move(*lru);
+        owner->erase(lru);
+        ++evictions_;
+        --held_;
+      }
+    }
     if (held_ < max_graphs_) {
       ++held_;
-      slots.push_back(std::make_unique<GraphSlot>());
-      return slots.back().get();
+      auto& mine = slots_[key];  // the scan may have rehashed nothing, but look it up again
+      mine.push_back(std::make_unique<GraphSlot>());
+      mine.back()->last_used = ++tick_;
+      slot = mine.back().get();
     }
   }
-  fallback(full_reason_);
-  return nullptr;
+  if (victim) {
+    // Its last replay may still run on the device: wait before its memory goes back.
+    victim_stream->synchronize();
+    victim.reset();
+  }
+  if (slot == nullptr) fallback(full_reason_);
+  return slot;
 }
 
 void GraphPool::checkin(GraphSlot* slot) {
@@ -100,6 +130,11 @@ void GraphPool::release() {
 std::size_t GraphPool::held() const {
   std::lock_guard lock(mu_);
   return held_;
+}
+
+std::uint64_t GraphPool::evictions() const {
+  std::lock_guard lock(mu_);
+  return evictions_;
 }
 
 void GraphPool::fallback(const std::string& reason) {

@@ -55,6 +55,7 @@ struct GraphSlot {
   std::unique_ptr<CapturedGraph> graph;
   at::Tensor input, output;
   bool busy = true;
+  std::uint64_t last_used = 0;  // the pool's tick at its latest checkout
 };
 
 /// The slots of one GraphedModel. Thread-safe: every member takes the pool's lock.
@@ -64,8 +65,10 @@ class GraphPool {
   GraphPool(std::size_t max_graphs, std::function<void(const std::string&)> log);
 
   /// A free slot of `key`, now checked out to the caller; when none is free and `may_create`,
-  /// a new uncaptured one if max_graphs allows, else nullptr with the fallback reported;
-  /// nullptr when none is free and not `may_create`.
+  /// a new uncaptured one: while fewer than max_graphs are held, or in place of the least
+  /// recently used idle slot (freed once its stream's replays are done); nullptr with the
+  /// fallback reported when every slot is in use; nullptr when none is free and not
+  /// `may_create`.
   GraphSlot* checkout(const GraphKey& key, bool may_create);
   /// Returns a checked-out slot for other calls.
   void checkin(GraphSlot* slot);
@@ -77,6 +80,8 @@ class GraphPool {
   void release();
   /// Slots held now.
   std::size_t held() const;
+  /// Slots freed to make room for another.
+  std::uint64_t evictions() const;
 
   /// Records why a call ran eagerly: kept as the latest, logged once per distinct reason.
   void fallback(const std::string& reason);
@@ -92,6 +97,8 @@ class GraphPool {
   // Guarded by mu_:
   std::unordered_map<GraphKey, std::vector<std::unique_ptr<GraphSlot>>, GraphKeyHash> slots_;
   std::size_t held_ = 0;
+  std::uint64_t tick_ = 0;
+  std::uint64_t evictions_ = 0;
   std::set<std::string> logged_;
   std::vector<std::string> reasons_;
   std::string last_fallback_;

@@ -459,6 +459,7 @@ struct GraphedModel::Impl {
     s.padded_rows = ctx.padded_rows.load();
     s.unavailable_reason = ctx.unavailable;
     s.graphs = ctx.pool.held();
+    s.evictions = ctx.pool.evictions();
     s.last_fallback = ctx.pool.last_fallback();
     s.fallback_reasons = ctx.pool.fallback_reasons();
     return s;

@@ -342,6 +342,40 @@ TEST(BatchRows, RowsTimesLengthCountsPositions) {
   EXPECT_EQ(forwards, (std::vector<int64_t>{1, 2, 5, 4}));
 }
 
+// Graphs over length buckets x batch buckets: 4 lengths x 4 row counts need 16 graphs, held 6 at
+// a time; least recently used graphs give way, no call runs eagerly (on CUDA), and every
+// request gets exactly its own result.
+TEST_P(VariableLength, GraphsOverLengthAndBatchBucketsStayBounded) {
+  const c10::Device device = GetParam();
+  GraphedModel graphed([](const at::Tensor& x) { return at::tanh(x) * 2 + 1; }, device,
+                       {.buckets = {1, 2, 4, 8}, .max_graphs = 6});
+  TensorSubmitter s(
+      make_stacked_model(graphed, {.expect = {{at::kFloat, {kVaries, 4}}},
+                                   .batch_buckets = RowBuckets({1, 2, 4, 8}),
+                                   .cut_outputs = {{0, 1, 0, 1}},
+                                   .length_buckets = RowBuckets::multiples_of(8, 32)}),
+      {.policy = EveryN{8}}, TorchBackend(device));
+  std::vector<at::Tensor> inputs;
+  std::vector<Future<at::Tensor>> futures;
+  for (int round = 0; round < 3; ++round)
+    for (int64_t len : {3, 12, 20, 31})
+      for (int64_t rows : {1, 2, 3, 8}) {
+        inputs.push_back(at::randn({rows, len, 4}, at::TensorOptions().device(device)));
+        futures.push_back(s.submit(inputs.back()));
+        if (round == 0) futures.back().wait();  // one batch each: every pair of buckets
+      }
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    EXPECT_TRUE(at::allclose(futures[i].get(), at::tanh(inputs[i]) * 2 + 1, 1e-6, 1e-6)) << i;
+  s.shutdown();
+  const GraphStats g = graphed.stats();
+  if (device.is_cuda()) {
+    EXPECT_LE(g.graphs, 6u);
+    EXPECT_GT(g.evictions, 0u);
+    EXPECT_EQ(g.eager_runs, 0u) << g.last_fallback;
+    EXPECT_GE(g.captured, 16u);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Devices, VariableLength, ::testing::ValuesIn(available_devices()),
                          device_name);
 

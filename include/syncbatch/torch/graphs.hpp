@@ -43,7 +43,9 @@ struct GraphOptions {
   /// this many calls of one input shape, each call its own forward. At least 1.
   int64_t max_fused_calls = 64;
   /// Most graphs held at once. Each has its own static input and output and its own memory pool
-  /// (on CUDA at least one 2 MiB segment); calls that would need more run eagerly.
+  /// (on CUDA at least one 2 MiB segment). A call that needs another when this many are held
+  /// frees the least recently used idle one (after its pending replays) and captures its own
+  /// (GraphStats::evictions); it runs eagerly only when every graph held is in use.
   std::size_t max_graphs = 64;
   /// Receives each reason for running eagerly, once per distinct reason, on the thread that
   /// met it (e.g. forward it to the server's logger). Unset: nothing is printed; the reasons
@@ -60,6 +62,7 @@ struct GraphStats {
   std::uint64_t eager_runs = 0;        ///< Calls run eagerly (no graph for them, or none here).
   std::uint64_t capture_failures = 0;  ///< Captures that failed (the model then runs eagerly).
   std::uint64_t padded_rows = 0;       ///< Rows of padding replayed and dropped.
+  std::uint64_t evictions = 0;  ///< Graphs freed for another (max_graphs), least recently used.
   /// Why graphs cannot run at all here ("" when they can): e.g. not a CUDA device.
   std::string unavailable_reason{};
   /// The latest reason a call ran eagerly although graphs are available ("" if none).
