@@ -46,6 +46,11 @@ struct GraphOptions {
   /// (on CUDA at least one 2 MiB segment). A call that needs another when this many are held
   /// frees the least recently used idle one (after its pending replays) and captures its own
   /// (GraphStats::evictions); it runs eagerly only when every graph held is in use.
+  /// While a graph is captured (on first use, or after an eviction), a CUDA random op on the
+  /// same device from another thread throws in LibTorch ("Offset increment outside graph
+  /// capture"): its generator is shared and in capture mode. Where clients draw random numbers
+  /// on the device, capture before serving (warm_up, capture_on_first_use = false) and size
+  /// max_graphs so that nothing is evicted.
   std::size_t max_graphs = 64;
   /// Receives each reason for running eagerly, once per distinct reason, on the thread that
   /// met it (e.g. forward it to the server's logger). Unset: nothing is printed; the reasons
