@@ -12,11 +12,15 @@
 #include <filesystem>
 #include <latch>
 #include <limits>
+#include <map>
+#include <regex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
+
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -24,6 +28,7 @@
 #include <boost/beast/http.hpp>
 #include <boost/json.hpp>
 
+#include "metrics.hpp"
 #include "server.hpp"
 #include "syncbatch/error.hpp"
 
@@ -442,6 +447,191 @@ TEST(HttpServer, ServesATorchScriptModelSavedFromCpp) {
   EXPECT_TRUE(at::allclose(from_raw(r.body, 2), at::relu(at::matmul(x, w.t()) + b)));
 }
 
+// The Open Inference Protocol: every endpoint's documented requests, good and bad, with status
+// codes and bodies checked against the protocol's shapes.
+std::string oip_infer(const at::Tensor& x, bool nested, const std::string& extra = "") {
+  std::string data = "[";
+  for (int64_t r = 0; r < x.size(0); ++r) {
+    const std::string row = json_row(x[r]);
+    data += (r ? "," : "") + (nested ? row : row.substr(1, row.size() - 2));
+  }
+  data += "]";
+  return R"({"id":"req-7","inputs":[{"name":"input","shape":[)" + std::to_string(x.size(0)) + "," +
+         std::to_string(x.size(1)) + R"(],"datatype":"FP32","data":)" + data + "}]" + extra + "}";
+}
+
+boost::json::object parse_object(const std::string& body) {
+  const boost::json::value v = boost::json::parse(body);
+  EXPECT_TRUE(v.is_object()) << body;
+  return v.is_object() ? v.as_object() : boost::json::object{};
+}
+
+TEST_P(HttpServerModes, SpeaksTheOpenInferenceProtocol) {
+  const Model model = small_model();
+  Server server(model, {.threads = 2, .mode = GetParam(), .model_name = "small"});
+  const unsigned short port = server.port();
+  auto get = [&](const std::string& target) { return send(port, bh::verb::get, target, "", ""); };
+
+  const Reply meta = get("/v2");
+  ASSERT_EQ(meta.status, 200u);
+  const auto m = parse_object(meta.body);
+  EXPECT_EQ(m.at("name").as_string(), "syncbatch");
+  EXPECT_TRUE(m.at("version").is_string());
+  EXPECT_TRUE(m.at("extensions").is_array());
+  EXPECT_EQ(get("/v2/health/live").status, 200u);
+  EXPECT_EQ(get("/v2/health/ready").status, 200u);
+  EXPECT_EQ(get("/v2/models/small/ready").status, 200u);
+
+  const Reply model_meta = get("/v2/models/small");
+  ASSERT_EQ(model_meta.status, 200u);
+  const auto mm = parse_object(model_meta.body);
+  EXPECT_EQ(mm.at("name").as_string(), "small");
+  const auto& in = mm.at("inputs").as_array().at(0).as_object();
+  EXPECT_EQ(in.at("name").as_string(), "input");
+  EXPECT_EQ(in.at("datatype").as_string(), "FP32");
+  EXPECT_EQ(boost::json::serialize(in.at("shape")), "[-1,8]");
+  EXPECT_EQ(mm.at("outputs").as_array().at(0).as_object().at("name").as_string(), "output");
+
+  // Infer, with flat and with nested data.
+  for (bool nested : {false, true}) {
+    const at::Tensor x = at::randn({2, kWidth});
+    const Reply r = send(port, bh::verb::post, "/v2/models/small/infer", "application/json",
+                         oip_infer(x, nested));
+    ASSERT_EQ(r.status, 200u) << r.body;
+    EXPECT_EQ(r.content_type, "application/json");
+    const auto o = parse_object(r.body);
+    EXPECT_EQ(o.at("model_name").as_string(), "small");
+    EXPECT_EQ(o.at("id").as_string(), "req-7");
+    const auto& out = o.at("outputs").as_array().at(0).as_object();
+    EXPECT_EQ(out.at("name").as_string(), "output");
+    EXPECT_EQ(out.at("datatype").as_string(), "FP32");
+    EXPECT_EQ(boost::json::serialize(out.at("shape")), "[2,3]");
+    std::vector<float> got;
+    for (const auto& d : out.at("data").as_array())
+      got.push_back(static_cast<float>(d.to_number<double>()));
+    ASSERT_EQ(got.size(), 6u);
+    EXPECT_TRUE(at::allclose(at::tensor(got).view({2, 3}), model.forward(x), 1e-4, 1e-4));
+  }
+
+  // Bad requests: 4xx with {"error": "..."} naming what was expected and what came.
+  const at::Tensor x = at::randn({1, kWidth});
+  struct Bad {
+    std::string target, body;
+    unsigned status;
+    std::string says;
+  };
+  const std::string good = oip_infer(x, false);
+  auto replace = [&](std::string from, std::string to) {
+    std::string b = good;
+    b.replace(b.find(from), from.size(), to);
+    return b;
+  };
+  const std::vector<Bad> bad = {
+      {"/v2/models/other/infer", good, 404, "unknown model 'other': this server serves 'small'"},
+      {"/v2/models/small/infer", "{", 400, "malformed JSON body"},
+      {"/v2/models/small/infer", "[1,2]", 400, "expected an inference request object"},
+      {"/v2/models/small/infer", R"({"inputs":[]})", 400, "expected an array of 1 input"},
+      {"/v2/models/small/infer", replace("\"FP32\"", "\"INT64\""), 400,
+       "expected datatype \"FP32\", got \"INT64\""},
+      {"/v2/models/small/infer", replace("\"input\"", "\"x\""), 400,
+       "inputs[0].name: expected \"input\", got \"x\""},
+      {"/v2/models/small/infer", replace("[1,8]", "[1,7]"), 400,
+       "expected shape [rows, 8] with rows >= 1, got [1,7]"},
+      {"/v2/models/small/infer", replace("[1,8]", "[2,8]"), 400,
+       "shape [2, 8] needs 16 numbers, got 8"},
+      {"/v2/models/small/infer", replace("[1,8]", "[1000,8]"), 413, "expected at most 256 rows"},
+      {"/v2/models/small/infer", good.substr(0, good.size() - 1) + R"(,"outputs":[{"name":"y"}]})",
+       400, "outputs: expected only {\"name\": \"output\"}"},
+      {"/v2/models/small/infer",
+       good.substr(0, good.size() - 1) + R"(,"parameters":{"timeout":-5}})", 400,
+       "parameters.timeout: expected microseconds >= 1, got -5"},
+      {"/v2/models/small/infer",
+       good.substr(0, good.size() - 1) + R"(,"parameters":{"priority":9}})", 400,
+       "priority: expected a level below 2"},
+      {"/v2/models/small/nothing", "", 404, "no such endpoint"},
+  };
+  for (const Bad& b : bad) {
+    const Reply r = send(port, bh::verb::post, b.target, "application/json", b.body);
+    EXPECT_EQ(r.status, b.status) << b.target << " " << b.body << " -> " << r.body;
+    EXPECT_EQ(r.content_type, "application/json") << r.body;
+    const auto o = parse_object(r.body);
+    ASSERT_TRUE(o.contains("error")) << r.body;
+    EXPECT_NE(std::string(o.at("error").as_string()).find(b.says), std::string::npos)
+        << "wanted: " << b.says << "\ngot: " << r.body;
+  }
+  if (GetParam() == Mode::kPerOp) return;  // the rest needs a queue
+  // Per-request control: a priority and a timeout within reach are served.
+  const Reply ok =
+      send(port, bh::verb::post, "/v2/models/small/infer", "application/json",
+           good.substr(0, good.size() - 1) + R"(,"parameters":{"priority":0,"timeout":10000000}})");
+  EXPECT_EQ(ok.status, 200u) << ok.body;
+  EXPECT_EQ(send(port, bh::verb::get, "/v2/models/small/infer", "", "").status, 405u);
+}
+
+// /metrics in the Prometheus text format: every line a comment or a sample, each family typed
+// before its samples, histogram buckets cumulative with +Inf equal to _count, and the counts
+// following the requests made.
+TEST(HttpServer, MetricsAreValidPrometheusText) {
+  const Model model = small_model();
+  Server server(model, {.threads = 2, .mode = Mode::kStacked, .model_name = "small"});
+  const at::Tensor x = at::randn({1, kWidth});
+  for (int i = 0; i < 5; ++i)
+    ASSERT_EQ(send(server.port(), bh::verb::post, "/v2/models/small/infer", "application/json",
+                   oip_infer(x, false))
+                  .status,
+              200u);
+  ASSERT_EQ(post(server.port(), "application/json", "[1,2]").status, 400u);
+  const Reply r = send(server.port(), bh::verb::get, "/metrics", "", "");
+  ASSERT_EQ(r.status, 200u);
+  EXPECT_EQ(r.content_type.rfind("text/plain; version=0.0.4", 0), 0u) << r.content_type;
+  const std::regex sample(R"(^([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\} (-?[0-9.eE+-]+|\+Inf|NaN)$)");
+  std::map<std::string, std::string> types;
+  std::map<std::string, double> values;  // name{labels} -> value
+  std::istringstream lines(r.body);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("# HELP ", 0) == 0) continue;
+    if (line.rfind("# TYPE ", 0) == 0) {
+      std::istringstream t(line.substr(7));
+      std::string name, type;
+      t >> name >> type;
+      EXPECT_TRUE(type == "counter" || type == "gauge" || type == "histogram" || type == "summary")
+          << line;
+      types[name] = type;
+      continue;
+    }
+    std::smatch m;
+    ASSERT_TRUE(std::regex_match(line, m, sample)) << "not a sample: " << line;
+    const std::string name = m[1];
+    std::string family = name;
+    for (const char* suffix : {"_bucket", "_sum", "_count"})
+      if (!types.count(family) && family.size() > std::strlen(suffix) && family.ends_with(suffix))
+        family = family.substr(0, family.size() - std::strlen(suffix));
+    EXPECT_TRUE(types.count(family)) << "untyped family: " << line;
+    EXPECT_NE(std::string(m[2]).find("model=\"small\""), std::string::npos) << line;
+    values[name + "{" + std::string(m[2]) + "}"] = std::stod(m[3]);
+  }
+  EXPECT_EQ(types["syncbatch_requests_total"], "counter");
+  EXPECT_EQ((values["syncbatch_requests_total{model=\"small\",code=\"200\"}"]), 5);
+  EXPECT_EQ((values["syncbatch_requests_total{model=\"small\",code=\"400\"}"]), 1);
+  EXPECT_EQ(types["syncbatch_request_duration_seconds"], "histogram");
+  double previous = 0;
+  for (double le : Metrics::kDurationBounds) {
+    char key[128];
+    std::snprintf(key, sizeof key,
+                  "syncbatch_request_duration_seconds_bucket{model=\"small\",le=\"%.9g\"}", le);
+    ASSERT_TRUE(values.count(key)) << key;
+    EXPECT_GE(values[key], previous) << key;
+    previous = values[key];
+  }
+  EXPECT_EQ((values["syncbatch_request_duration_seconds_bucket{model=\"small\",le=\"+Inf\"}"]), 6);
+  EXPECT_EQ((values["syncbatch_request_duration_seconds_count{model=\"small\"}"]), 6);
+  EXPECT_EQ((values["syncbatch_submitted_total{model=\"small\"}"]), 5);
+  EXPECT_EQ((values["syncbatch_batch_size_bucket{model=\"small\",le=\"+Inf\"}"]),
+            (values["syncbatch_batch_size_count{model=\"small\"}"]));
+  EXPECT_EQ((values["syncbatch_batch_size_sum{model=\"small\"}"]), 5);
+  EXPECT_EQ((values["syncbatch_requests_in_flight{model=\"small\"}"]), 0);
+}
+
 TEST(HttpServer, ModelSpecErrorsNameTheExpectedForms) {
   try {
     load_model("mlp:3", 0, c10::Device(c10::kCPU));
@@ -450,7 +640,7 @@ TEST(HttpServer, ModelSpecErrorsNameTheExpectedForms) {
     EXPECT_NE(std::string(e.what()).find("expected mlp:LAYERSxWIDTH"), std::string::npos);
   }
   EXPECT_THROW(load_model("model.pt", 0, c10::Device(c10::kCPU)), std::invalid_argument);
-  EXPECT_THROW(load_model("/nonexistent/model.pt", 4, c10::Device(c10::kCPU)), c10::Error);
+  EXPECT_THROW(load_model("/nonexistent/model.pt", 4, c10::Device(c10::kCPU)), syncbatch::Error);
   EXPECT_THROW(parse_mode("batched"), std::invalid_argument);
   const Model mlp = load_model("mlp:2x16", 0, c10::Device(c10::kCPU));
   EXPECT_EQ(mlp.input_width, 16);

@@ -42,7 +42,8 @@ int main(int argc, char** argv) {
       {"input-width", "0"},     {"mode", "stacked"},     {"policy", "adaptive:2ms"},
       {"device", "auto"},       {"threads", "4"},        {"workers", "1"},
       {"queue", "4096"},        {"max-body", "1048576"}, {"max-rows", "256"},
-      {"timeout-ms", "0"},      {"shed", "off"}};
+      {"timeout-ms", "0"},      {"shed", "off"},         {"name", "model"},
+      {"priority-levels", "2"}};
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i];
     if (f == "--help" || f == "-h") usage(flags, "");
@@ -69,14 +70,18 @@ int main(int argc, char** argv) {
     options.shed_late = flags["shed"] == "on";
     options.max_body_bytes = static_cast<std::size_t>(number(flags, "max-body"));
     options.max_rows = number(flags, "max-rows");
+    options.model_name = flags["name"];
+    options.priority_levels = static_cast<std::size_t>(number(flags, "priority-levels"));
     http::Model model =
         http::load_model(flags["model"], number(flags, "input-width"), options.device);
     const std::string described = model.description;
     http::Server server(std::move(model), options);
-    std::printf("listening on http://%s:%u (model %s, mode %s, policy %s, device %s)\n",
-                options.address.c_str(), server.port(), described.c_str(),
-                http::to_string(options.mode).c_str(), options.policy.describe().c_str(),
-                options.device.str().c_str());
+    std::printf(
+        "listening on http://%s:%u (model %s as /v2/models/%s, mode %s, policy %s, "
+        "device %s)\n",
+        options.address.c_str(), server.port(), described.c_str(), options.model_name.c_str(),
+        http::to_string(options.mode).c_str(), options.policy.describe().c_str(),
+        options.device.str().c_str());
     std::fflush(stdout);
     boost::asio::io_context signals_ctx;
     boost::asio::signal_set signals(signals_ctx, SIGINT, SIGTERM);

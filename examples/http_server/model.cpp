@@ -1,6 +1,5 @@
 // Models the HTTP server can serve: the benchmark MLP, or a TorchScript file.
 #include <ATen/ATen.h>
-#include <torch/script.h>
 
 #include <cstdio>
 #include <memory>
@@ -8,6 +7,7 @@
 
 #include "mlp.hpp"
 #include "server.hpp"
+#include "syncbatch/torch/torchscript.hpp"
 
 namespace syncbatch::http {
 
@@ -32,10 +32,10 @@ Model load_model(const std::string& spec, int64_t input_width, c10::Device devic
         "model: a TorchScript file needs its input width (--input-width), "
         "got " +
         std::to_string(input_width));
-  auto module = std::make_shared<torch::jit::Module>(torch::jit::load(spec, device));
-  module->eval();
-  return {[module](const at::Tensor& in) { return module->forward({in}).toTensor(); }, input_width,
-          "TorchScript " + spec};
+  // The library's adapter: eval mode, InferenceMode; what it cannot load is an Error naming the
+  // file.
+  const TorchScriptModel module(spec, {.device = device});
+  return {module, input_width, "TorchScript " + spec};
 }
 
 }  // namespace syncbatch::http

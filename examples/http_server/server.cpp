@@ -32,8 +32,11 @@
 #include <boost/beast/http.hpp>
 #include <boost/json/src.hpp>  // Boost.JSON header-only: no compiled library to link
 
+#include "metrics.hpp"
+#include "oip.hpp"
 #include "syncbatch/asio.hpp"
 #include "syncbatch/torch.hpp"
+#include "syncbatch/version.hpp"
 
 namespace syncbatch::http {
 namespace net = boost::asio;
@@ -63,6 +66,11 @@ std::string to_string(Mode mode) {
 }
 
 namespace {
+
+std::string version_string() {
+  return std::to_string(SYNCBATCH_VERSION_MAJOR) + "." + std::to_string(SYNCBATCH_VERSION_MINOR) +
+         "." + std::to_string(SYNCBATCH_VERSION_PATCH);
+}
 
 // A client error: its HTTP status and the message the body carries.
 struct HttpError {
@@ -288,6 +296,13 @@ struct Server::Impl {
   Impl(Model m, ServerOptions o) : model(std::move(m)), options(std::move(o)), acceptor(ioc) {
     if (!model.forward || model.input_width < 1)
       throw std::invalid_argument("Server: expected a model with an input width >= 1");
+    if (options.model_name.empty() || options.model_name.find('/') != std::string::npos)
+      throw std::invalid_argument("Server: expected a model name without '/', got '" +
+                                  options.model_name + "'");
+    if (options.priority_levels < 1)
+      throw std::invalid_argument("Server: expected at least 1 priority level, got 0");
+    info.name = options.model_name;
+    info.input_width = model.input_width;
     if (options.threads < 1)
       throw std::invalid_argument("Server: expected at least 1 thread, got " +
                                   std::to_string(options.threads));
@@ -301,7 +316,9 @@ struct Server::Impl {
                                  .workers = options.workers,
                                  .policy = options.policy,
                                  .default_timeout = options.timeout,
-                                 .shed_late = options.shed_late};
+                                 .shed_late = options.shed_late,
+                                 .priority_levels = options.priority_levels,
+                                 .default_priority = options.priority_levels - 1};
     const c10::Device device = options.device;
     if (options.mode == Mode::kPerCall) {
       submitter.emplace(
@@ -343,6 +360,7 @@ struct Server::Impl {
 
   void stop() {
     std::call_once(stopped, [this] {
+      stopping.store(true);
       net::post(ioc, [this] {
         boost::system::error_code ignored;
         acceptor.close(ignored);
@@ -427,9 +445,34 @@ struct Server::Impl {
     stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
   }
 
+  // Inference requests are timed and counted for /metrics; the rest are answered as they come.
   net::awaitable<Response> handle(const Request& req) {
     const std::string_view target(req.target().data(), req.target().size());
+    const bool inference =
+        req.method() == bh::verb::post && (target == "/v1/infer" || target.ends_with("/infer"));
+    if (!inference) co_return co_await route(req);
+    const auto start = std::chrono::steady_clock::now();
+    metrics.begin();
+    Response res = co_await route(req);
+    metrics.end();
+    metrics.record(res.result_int(), std::chrono::steady_clock::now() - start);
+    co_return res;
+  }
+
+  net::awaitable<Response> route(const Request& req) {
+    const std::string_view target(req.target().data(), req.target().size());
     const unsigned v = req.version();
+    if (target == "/v2" || target.starts_with("/v2/")) co_return co_await handle_v2(req, target);
+    if (target == "/metrics") {
+      if (req.method() != bh::verb::get) co_return method_not_allowed("GET", v);
+      Response res(bh::status::ok, v);
+      res.set(bh::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+      const std::string text = metrics.prometheus(
+          options.model_name,
+          submitter ? std::optional<SubmitterStats>(submitter->stats()) : std::nullopt);
+      res.body().assign(text.begin(), text.end());
+      co_return res;
+    }
     if (target == "/healthz" || target == "/stats") {
       if (req.method() != bh::verb::get) co_return method_not_allowed("GET", v);
       if (target == "/healthz") co_return text_response(bh::status::ok, "ok", v);
@@ -441,8 +484,8 @@ struct Server::Impl {
     }
     if (target != "/v1/infer")
       co_return text_response(bh::status::not_found,
-                              "no such endpoint: expected POST /v1/infer, GET /healthz or GET "
-                              "/stats, got " +
+                              "no such endpoint: expected /v2/..., POST /v1/infer, GET /healthz, "
+                              "GET /metrics or GET /stats, got " +
                                   std::string(target),
                               v);
     if (req.method() != bh::verb::post) co_return method_not_allowed("POST", v);
@@ -484,6 +527,117 @@ struct Server::Impl {
     }
   }
 
+  static Response json_response(bh::status status, const std::string& body, unsigned v) {
+    Response res(status, v);
+    res.set(bh::field::content_type, "application/json");
+    res.body().assign(body.begin(), body.end());
+    return res;
+  }
+
+  static Response oip_error(int status, const std::string& message, unsigned v) {
+    return json_response(static_cast<bh::status>(status), oip::error_body(message), v);
+  }
+
+  // The Open Inference Protocol's endpoints (see server.hpp).
+  net::awaitable<Response> handle_v2(const Request& req, std::string_view target) {
+    const unsigned v = req.version();
+    const bool get = req.method() == bh::verb::get;
+    auto need_get = [&]() -> std::optional<Response> {
+      if (get) return std::nullopt;
+      Response res = oip_error(405, "expected method GET", v);
+      res.set(bh::field::allow, "GET");
+      return res;
+    };
+    if (target == "/v2") {
+      if (auto r = need_get()) co_return *r;
+      co_return json_response(bh::status::ok, oip::server_metadata(version_string()), v);
+    }
+    if (target == "/v2/health/live" || target == "/v2/health/ready") {
+      if (auto r = need_get()) co_return *r;
+      // Ready while accepting: a stopping server is live but not ready (4xx, as the protocol
+      // says, so that balancers take it out).
+      const bool ready = target.ends_with("live") || !stopping.load();
+      co_return json_response(ready ? bh::status::ok : bh::status::bad_request, "", v);
+    }
+    constexpr std::string_view kModels = "/v2/models/";
+    if (!target.starts_with(kModels))
+      co_return oip_error(404, "no such endpoint: " + std::string(target), v);
+    std::string_view rest = target.substr(kModels.size());
+    const std::string_view name = rest.substr(0, rest.find('/'));
+    const std::string_view action = rest.substr(name.size());
+    if (name != options.model_name)
+      co_return oip_error(404,
+                          "unknown model '" + std::string(name) + "': this server serves '" +
+                              options.model_name + "'",
+                          v);
+    if (action.empty()) {
+      if (auto r = need_get()) co_return *r;
+      co_return json_response(bh::status::ok, oip::model_metadata(info), v);
+    }
+    if (action == "/ready") {
+      if (auto r = need_get()) co_return *r;
+      co_return json_response(stopping.load() ? bh::status::bad_request : bh::status::ok, "", v);
+    }
+    if (action != "/infer")
+      co_return oip_error(404,
+                          "no such endpoint: expected /v2/models/" + options.model_name +
+                              ", its /ready or its /infer, got " + std::string(target),
+                          v);
+    if (req.method() != bh::verb::post) {
+      Response res = oip_error(405, "expected method POST", v);
+      res.set(bh::field::allow, "POST");
+      co_return res;
+    }
+    try {
+      const auto ct = req[bh::field::content_type];
+      const std::string_view type(ct.data(), ct.size());
+      if (!type.empty() && type.substr(0, type.find(';')) != "application/json")
+        throw oip::ProtocolError{
+            415, "expected Content-Type application/json, got '" + std::string(type) + "'"};
+      oip::InferRequest r = oip::parse_infer(std::string_view(req.body().data(), req.body().size()),
+                                             info, options.max_rows);
+      if (r.priority && *r.priority >= options.priority_levels)
+        throw oip::ProtocolError{400, "parameters.priority: expected a level below " +
+                                          std::to_string(options.priority_levels) +
+                                          " (0 the highest), got " + std::to_string(*r.priority)};
+      RequestOptions control;
+      if (r.timeout) control.deadline = Clock::now() + *r.timeout;
+      control.priority = r.priority;
+      at::Tensor x =
+          at::from_blob(r.values.data(), {r.rows, model.input_width}, at::kFloat).clone();
+      at::Tensor y = co_await infer(std::move(x), control);
+      co_return json_response(bh::status::ok, oip::infer_response(info, r.id, y), v);
+    } catch (const oip::ProtocolError& e) {
+      co_return oip_error(e.status, e.message, v);
+    } catch (const Error& e) {
+      const auto [status, message] = status_of(e);
+      Response res = oip_error(static_cast<int>(status), message, v);
+      if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
+      co_return res;
+    } catch (const std::exception& e) {
+      co_return oip_error(500, std::string("inference failed: ") + e.what(), v);
+    }
+  }
+
+  // The HTTP status and message of a request the library failed or refused.
+  std::pair<bh::status, std::string> status_of(const Error& e) const {
+    switch (e.code()) {
+      case ErrorCode::kQueueFull:
+        return {bh::status::service_unavailable, "the inference queue is full; retry shortly"};
+      case ErrorCode::kOverloaded:
+        return {bh::status::service_unavailable, std::string("overloaded: ") + e.what()};
+      case ErrorCode::kShutDown:
+        return {bh::status::service_unavailable, "the server is shutting down"};
+      case ErrorCode::kDeadlineExceeded:
+        return {bh::status::gateway_timeout, std::string("not started in time: ") + e.what()};
+      case ErrorCode::kBadRequest:
+      case ErrorCode::kInvalidArgument:
+        return {bh::status::bad_request, e.what()};
+      default:
+        return {bh::status::internal_server_error, std::string("inference failed: ") + e.what()};
+    }
+  }
+
   Decoded decode(const Request& req) const {
     const auto ct = req[bh::field::content_type];
     const std::string_view type(ct.data(), ct.size());
@@ -498,8 +652,9 @@ struct Server::Impl {
                         (type.empty() ? std::string("none") : "'" + std::string(type) + "'")};
   }
 
-  net::awaitable<at::Tensor> infer(at::Tensor x) {
-    if (submitter) co_return co_await async_submit(*submitter, std::move(x), net::use_awaitable);
+  net::awaitable<at::Tensor> infer(at::Tensor x, RequestOptions control = {}) {
+    if (submitter)
+      co_return co_await async_submit(*submitter, std::move(x), net::use_awaitable, control);
     // Per-op: forward here and wait for it (the copy to the host syncs this thread's stream).
     co_return model.forward(x.to(options.device)).to(c10::kCPU);
   }
@@ -515,6 +670,9 @@ struct Server::Impl {
 
   Model model;
   ServerOptions options;
+  oip::ModelInfo info;
+  Metrics metrics;
+  std::atomic<bool> stopping{false};
   net::io_context ioc;
   tcp::acceptor acceptor;
   unsigned short port = 0;

@@ -54,9 +54,21 @@ struct ServerOptions {
   /// Refuse at once, with 503 and Retry-After, a request that by the measured batch time cannot
   /// start within `timeout` (SubmitterOptions::shed_late). Needs a timeout.
   bool shed_late = false;
+  /// The model's name in the Open Inference Protocol paths (/v2/models/{name}/...).
+  std::string model_name = "model";
+  /// Priority levels of the submitter (SubmitterOptions::priority_levels); an infer request
+  /// picks one with parameters.priority (0 the highest; default the lowest).
+  std::size_t priority_levels = 2;
 };
 
 /// Listens on construction, serves until stop() or destruction. Endpoints:
+///   Open Inference Protocol v2 (REST, JSON tensor data):
+///   GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready
+///   POST /v2/models/{name}/infer   one FP32 input "input" [rows, width], flat or nested data;
+///                    answered with one FP32 output "output" [rows, k]; parameters.timeout
+///                    (microseconds) and parameters.priority (a level) control the request;
+///                    errors are {"error": "..."} with the statuses below.
+///   GET  /metrics    Prometheus text format (syncbatch_* metrics, labelled with the model)
 ///   POST /v1/infer   application/json: [x, ...] (one row) or [[x, ...], ...] (rows), answered
 ///                    in the same shape; application/octet-stream: rows of float32, little
 ///                    endian, answered likewise with an X-Output-Shape: rows,cols header.

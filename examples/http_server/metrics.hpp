@@ -1,0 +1,40 @@
+// The server's metrics in the Prometheus text exposition format (GET /metrics): its own counters
+// of answered inference requests and their durations, and the submitter's statistics.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "syncbatch/stats.hpp"
+
+namespace syncbatch::http {
+
+/// Thread safety: every member is thread-safe (relaxed atomics).
+class Metrics {
+ public:
+  /// Upper bounds (seconds) of the request-duration histogram's buckets.
+  static constexpr std::array<double, 16> kDurationBounds = {
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+      0.05,   0.1,     0.25,   0.5,   1,      2.5,   5,    10};
+
+  /// One inference request answered with `status`, `duration` after its body arrived.
+  void record(int status, std::chrono::nanoseconds duration) noexcept;
+  void begin() noexcept { in_flight_.fetch_add(1, std::memory_order_relaxed); }
+  void end() noexcept { in_flight_.fetch_sub(1, std::memory_order_relaxed); }
+
+  /// Every metric, labelled model="`model`"; the submitter's when `stats` is given.
+  std::string prometheus(const std::string& model,
+                         const std::optional<SubmitterStats>& stats) const;
+
+ private:
+  std::array<std::atomic<std::uint64_t>, 600> by_status_{};
+  std::array<std::atomic<std::uint64_t>, kDurationBounds.size() + 1> buckets_{};  // + over all
+  std::atomic<std::uint64_t> duration_ns_{0};
+  std::atomic<std::int64_t> in_flight_{0};
+};
+
+}  // namespace syncbatch::http
