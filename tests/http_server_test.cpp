@@ -20,6 +20,9 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
@@ -113,6 +116,24 @@ Model small_model() {
   at::manual_seed(7);
   const at::Tensor w = at::randn({3, kWidth});
   return {[w](const at::Tensor& x) { return at::relu(at::matmul(x, w.t())) + 1; }, kWidth, "small"};
+}
+
+// An OIP infer request body for x (flat or nested data).
+std::string oip_infer(const at::Tensor& x, bool nested, const std::string& extra = "") {
+  std::string data = "[";
+  for (int64_t r = 0; r < x.size(0); ++r) {
+    const std::string row = json_row(x[r]);
+    data += (r ? "," : "") + (nested ? row : row.substr(1, row.size() - 2));
+  }
+  data += "]";
+  return R"({"id":"req-7","inputs":[{"name":"input","shape":[)" + std::to_string(x.size(0)) + "," +
+         std::to_string(x.size(1)) + R"(],"datatype":"FP32","data":)" + data + "}]" + extra + "}";
+}
+
+boost::json::object parse_object(const std::string& body) {
+  const boost::json::value v = boost::json::parse(body);
+  EXPECT_TRUE(v.is_object()) << body;
+  return v.is_object() ? v.as_object() : boost::json::object{};
 }
 
 class HttpServerModes : public ::testing::TestWithParam<Mode> {};
@@ -212,7 +233,8 @@ std::string exchange_raw(unsigned short port, const std::string& request) {
   tcp::socket socket(ioc);
   socket.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port));
   boost::asio::write(socket, boost::asio::buffer(request));
-  socket.shutdown(tcp::socket::shutdown_send);
+  // No half-close: the server takes a client that shuts its sending side as gone (as nginx
+  // does) and cancels its request. The requests say Connection: close; the server closes.
   std::string reply;
   boost::system::error_code ec;
   char chunk[4096];
@@ -356,6 +378,65 @@ TEST(HttpServer, FullQueueAnswers503WithRetryAfterAndLosesNothing) {
   EXPECT_TRUE(at::equal(from_raw(second.body, kWidth), x * 2));
 }
 
+// A client that hangs up while its request waits in the queue cancels it: the model never sees
+// it (its rows, all 7s here, never reach a forward), and the submitter counts a cancellation.
+TEST(HttpServer, AClientThatHangsUpCancelsItsQueuedRequest) {
+  std::latch running(1);
+  std::atomic<bool> release{false};
+  std::atomic<int> sevens{0};
+  Model model{[&](const at::Tensor& x) {
+                running.count_down();
+                while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                if ((x == 7).all(1).any().item<bool>()) sevens.fetch_add(1);
+                return x * 2;
+              },
+              kWidth, "blocking"};
+  Server server(model, {.threads = 4, .mode = Mode::kStacked, .model_name = "m"});
+  const unsigned short port = server.port();
+  Reply first;
+  std::thread a([&] {
+    first = post(port, "application/octet-stream", raw_bytes(at::ones({1, kWidth})));
+  });
+  running.wait();  // the worker holds request 1 in the model
+  {
+    // Request 2 from a client that closes its connection without waiting for the answer.
+    boost::asio::io_context ioc;
+    boost::beast::tcp_stream stream(ioc);
+    stream.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port));
+    bh::request<bh::string_body> req(bh::verb::post, "/v2/models/m/infer", 11);
+    req.set(bh::field::host, "127.0.0.1");
+    req.set(bh::field::content_type, "application/json");
+    req.body() = oip_infer(at::full({1, kWidth}, 7.0), false);
+    req.prepare_payload();
+    bh::write(stream, req);
+    for (int i = 0; i < 5000; ++i) {  // until request 2 waits in the queue
+      if (server.stats_json().find("\"queued\":1") != std::string::npos) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_NE(server.stats_json().find("\"queued\":1"), std::string::npos) << server.stats_json();
+    stream.socket().close();
+  }
+  std::string metrics;
+  for (int i = 0; i < 5000; ++i) {  // until the server has seen the hang-up and cancelled it
+    metrics = send(port, bh::verb::get, "/metrics", "", "").body;
+    if (metrics.find("syncbatch_failures_total{model=\"m\",reason=\"cancelled\"} 1") !=
+        std::string::npos)
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_NE(metrics.find("syncbatch_failures_total{model=\"m\",reason=\"cancelled\"} 1"),
+            std::string::npos)
+      << metrics;
+  release = true;
+  a.join();
+  EXPECT_EQ(first.status, 200u);
+  // A later request runs: the model is free, and it never saw request 2.
+  EXPECT_EQ(post(port, "application/octet-stream", raw_bytes(at::ones({1, kWidth}))).status, 200u);
+  EXPECT_EQ(sevens.load(), 0);
+  EXPECT_NE(send(port, bh::verb::get, "/metrics", "", "").body.find("code=\"499\"} 1"),
+            std::string::npos);
+}
+
 // The queue timeout: a request held in the queue past it is answered 504, not run; a request
 // that by the measured batch time cannot start within it is shed with 503 and Retry-After.
 TEST(HttpServer, QueueTimeoutAnswers504AndSheddingAnswers503) {
@@ -449,23 +530,6 @@ TEST(HttpServer, ServesATorchScriptModelSavedFromCpp) {
 
 // The Open Inference Protocol: every endpoint's documented requests, good and bad, with status
 // codes and bodies checked against the protocol's shapes.
-std::string oip_infer(const at::Tensor& x, bool nested, const std::string& extra = "") {
-  std::string data = "[";
-  for (int64_t r = 0; r < x.size(0); ++r) {
-    const std::string row = json_row(x[r]);
-    data += (r ? "," : "") + (nested ? row : row.substr(1, row.size() - 2));
-  }
-  data += "]";
-  return R"({"id":"req-7","inputs":[{"name":"input","shape":[)" + std::to_string(x.size(0)) + "," +
-         std::to_string(x.size(1)) + R"(],"datatype":"FP32","data":)" + data + "}]" + extra + "}";
-}
-
-boost::json::object parse_object(const std::string& body) {
-  const boost::json::value v = boost::json::parse(body);
-  EXPECT_TRUE(v.is_object()) << body;
-  return v.is_object() ? v.as_object() : boost::json::object{};
-}
-
 TEST_P(HttpServerModes, SpeaksTheOpenInferenceProtocol) {
   const Model model = small_model();
   Server server(model, {.threads = 2, .mode = GetParam(), .model_name = "small"});
@@ -581,7 +645,13 @@ TEST(HttpServer, MetricsAreValidPrometheusText) {
                   .status,
               200u);
   ASSERT_EQ(post(server.port(), "application/json", "[1,2]").status, 400u);
-  const Reply r = send(server.port(), bh::verb::get, "/metrics", "", "");
+  // The worker counts a batch just after completing it: the counts may trail the last reply.
+  Reply r;
+  for (int i = 0; i < 5000; ++i) {
+    r = send(server.port(), bh::verb::get, "/metrics", "", "");
+    if (r.body.find("syncbatch_batch_size_sum{model=\"small\"} 5") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   ASSERT_EQ(r.status, 200u);
   EXPECT_EQ(r.content_type.rfind("text/plain; version=0.0.4", 0), 0u) << r.content_type;
   const std::regex sample(R"(^([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\} (-?[0-9.eE+-]+|\+Inf|NaN)$)");
@@ -630,6 +700,64 @@ TEST(HttpServer, MetricsAreValidPrometheusText) {
             (values["syncbatch_batch_size_count{model=\"small\"}"]));
   EXPECT_EQ((values["syncbatch_batch_size_sum{model=\"small\"}"]), 5);
   EXPECT_EQ((values["syncbatch_requests_in_flight{model=\"small\"}"]), 0);
+}
+
+// SIGTERM: the server stops accepting, answers every request it had read (here 8 held in a
+// forming batch by a 300 ms TimeBased policy), and exits 0.
+TEST(HttpServer, SigtermDrainsAndExitsZero) {
+  int out[2];
+  ASSERT_EQ(pipe(out), 0);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    dup2(out[1], STDOUT_FILENO);
+    close(out[0]);
+    close(out[1]);
+    execl(SYNCBATCH_HTTP_SERVER_BIN, "http_server", "--port", "0", "--model", "mlp:2x8", "--device",
+          "cpu", "--name", "m", "--policy", "time:300ms:64", nullptr);
+    _exit(127);
+  }
+  close(out[1]);
+  // "listening on http://127.0.0.1:PORT (...)"
+  std::string line;
+  char c = 0;
+  while (read(out[0], &c, 1) == 1 && c != '\n') line += c;
+  const auto colon = line.rfind(':', line.find(" ("));
+  ASSERT_NE(colon, std::string::npos) << line;
+  const auto port = static_cast<unsigned short>(std::stoi(line.substr(colon + 1)));
+  std::vector<std::thread> clients;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 8; ++i)
+    clients.emplace_back([&] {
+      try {  // a connection closed without an answer throws: counted as not answered
+        if (send(port, bh::verb::post, "/v2/models/m/infer", "application/json",
+                 oip_infer(at::ones({1, kWidth}), false))
+                .status == 200)
+          ok.fetch_add(1);
+      } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch)
+      }
+    });
+  for (int i = 0; i < 2000; ++i) {  // until all 8 wait in the forming batch
+    const std::string m = send(port, bh::verb::get, "/metrics", "", "").body;
+    if (m.find("syncbatch_requests_in_flight{model=\"m\"} 8") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(kill(pid, SIGTERM), 0);
+  for (auto& t : clients) t.join();
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  close(out[0]);
+  EXPECT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_EQ(ok.load(), 8);
+  std::printf("SIGTERM drain: %d of 8 requests answered 200, exit status %d\n", ok.load(),
+              WEXITSTATUS(status));
+  // Nothing listens any more.
+  boost::asio::io_context ioc;
+  tcp::socket s(ioc);
+  boost::system::error_code ec;
+  s.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port), ec);
+  EXPECT_TRUE(ec) << "the port still accepts";
 }
 
 TEST(HttpServer, ModelSpecErrorsNameTheExpectedForms) {
