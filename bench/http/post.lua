@@ -1,6 +1,8 @@
 -- wrk script for examples/http_server: POSTs one row of `width` floats (0.5 each) per request.
 --   wrk -t2 -c8 -d5s --latency -s bench/http/post.lua http://127.0.0.1:8080/v1/infer -- raw 256
--- args: encoding (raw: little-endian float32 bytes; json: a JSON array), width.
+--   wrk ... -s bench/http/post.lua http://127.0.0.1:8080/v2/models/model/infer -- oip 256
+-- args: encoding (raw: little-endian float32 bytes; json: a JSON array; oip: an Open Inference
+-- Protocol infer request with JSON tensor data), width.
 local req
 
 function init(args)
@@ -11,8 +13,12 @@ function init(args)
   else
     local t = {}
     for i = 1, width do t[i] = "0.5" end
-    req = wrk.format("POST", nil, {["Content-Type"] = "application/json"},
-                     "[" .. table.concat(t, ",") .. "]")
+    local row = "[" .. table.concat(t, ",") .. "]"
+    if encoding == "oip" then
+      row = '{"inputs":[{"name":"input","shape":[1,' .. width ..
+            '],"datatype":"FP32","data":' .. row .. '}]}'
+    end
+    req = wrk.format("POST", nil, {["Content-Type"] = "application/json"}, row)
   end
 end
 
