@@ -3,11 +3,11 @@
 
 #include <ATen/ATen.h>
 
-#include <charconv>
 #include <cmath>
-#include <limits>
 
 #include <boost/json.hpp>
+
+#include "text.hpp"
 
 namespace syncbatch::http::oip {
 namespace json = boost::json;
@@ -16,20 +16,6 @@ namespace {
 
 ProtocolError bad(std::string message) {
   return {400, std::move(message)};
-}
-
-// What error messages quote of a client's value: at most 80 characters of it.
-std::string excerpt(const json::value& v) {
-  std::string text = json::serialize(v);
-  if (text.size() > 80)
-    text = text.substr(0, 80) + "... (" + std::to_string(text.size()) + " characters)";
-  return text;
-}
-
-std::string number_text(double d) {
-  char buf[32];
-  const auto r = std::to_chars(buf, buf + sizeof buf, d);
-  return std::string(buf, r.ptr);
 }
 
 // Appends the numbers of `data`, flat or nested (row-major), to `out`.
@@ -45,7 +31,7 @@ void flatten(const json::value& data, std::vector<float>& out, std::size_t limit
     throw bad("input 'input': data element " + std::to_string(out.size()) +
               ": expected a number, got " + excerpt(data));
   const double d = data.to_number<double>();
-  if (!std::isfinite(d) || std::fabs(d) > std::numeric_limits<float>::max())
+  if (!fits_float32(d))
     throw bad("input 'input': data element " + std::to_string(out.size()) +
               ": expected a finite number in float32 range, got " + number_text(d));
   out.push_back(static_cast<float>(d));

@@ -38,6 +38,7 @@
 #include "syncbatch/asio.hpp"
 #include "syncbatch/torch.hpp"
 #include "syncbatch/version.hpp"
+#include "text.hpp"
 
 namespace syncbatch::http {
 namespace net = boost::asio;
@@ -96,24 +97,6 @@ std::string plural(int64_t n, const char* what) {
   return std::to_string(n) + " " + what + (n == 1 ? "" : "s");
 }
 
-// What error messages quote of a client's value: at most 80 characters of it.
-std::string excerpt(std::string text) {
-  constexpr std::size_t kMax = 80;
-  if (text.size() > kMax)
-    text = text.substr(0, kMax) + "... (" + std::to_string(text.size()) + " characters)";
-  return text;
-}
-
-std::string excerpt(const boost::json::value& v) {
-  return excerpt(boost::json::serialize(v));
-}
-
-std::string number_text(double d) {
-  char buf[32];
-  const auto r = std::to_chars(buf, buf + sizeof buf, d);
-  return std::string(buf, r.ptr);
-}
-
 std::string element(int64_t row, std::size_t j) {
   return "row " + std::to_string(row) + ", element " + std::to_string(j);
 }
@@ -128,10 +111,9 @@ void append_row(const boost::json::array& row, int64_t width, int64_t index,
     if (!row[j].is_number())
       throw HttpError{bh::status::bad_request,
                       element(index, j) + ": expected a number, got " + excerpt(row[j])};
-    // A number JSON can write but float32 cannot hold (1e400 parses as inf; 1e39 overflows
-    // float32) is refused rather than run as inf.
+    // A number JSON can write but float32 cannot hold is refused rather than run as inf.
     const double d = row[j].to_number<double>();
-    if (!std::isfinite(d) || std::fabs(d) > std::numeric_limits<float>::max())
+    if (!fits_float32(d))
       throw HttpError{
           bh::status::bad_request,
           element(index, j) + ": expected a finite number in float32 range (magnitude at most " +
@@ -515,26 +497,13 @@ struct Server::Impl {
     } catch (const HttpError& e) {
       co_return text_response(e.status, e.message, v);
     } catch (const Error& e) {
-      if (e.code() == ErrorCode::kQueueFull || e.code() == ErrorCode::kShutDown ||
-          e.code() == ErrorCode::kOverloaded) {
-        Response res = text_response(
-            bh::status::service_unavailable,
-            e.code() == ErrorCode::kQueueFull    ? "the inference queue is full; retry shortly"
-            : e.code() == ErrorCode::kOverloaded ? std::string("overloaded: ") + e.what()
-                                                 : "the server is shutting down",
-            v);
-        res.set(bh::field::retry_after, "1");
-        co_return res;
-      }
-      if (e.code() == ErrorCode::kDeadlineExceeded)
-        co_return text_response(bh::status::gateway_timeout,
-                                "not started within the queue timeout of " +
-                                    std::to_string(options.timeout.count()) + " ms",
-                                v);
-      if (e.code() == ErrorCode::kBadRequest)
-        co_return text_response(bh::status::bad_request, e.what(), v);
-      co_return text_response(bh::status::internal_server_error,
-                              std::string("inference failed: ") + e.what(), v);
+      // /v1 requests have no deadline of their own: only the queue timeout can pass.
+      const auto [status, message] =
+          status_of(e, "not started within the queue timeout of " +
+                           std::to_string(options.timeout.count()) + " ms");
+      Response res = text_response(status, message, v);
+      if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
+      co_return res;
     } catch (const std::exception& e) {
       co_return text_response(bh::status::internal_server_error,
                               std::string("inference failed: ") + e.what(), v);
@@ -627,7 +596,7 @@ struct Server::Impl {
     } catch (const oip::ProtocolError& e) {
       co_return oip_error(e.status, e.message, v);
     } catch (const Error& e) {
-      const auto [status, message] = status_of(e);
+      const auto [status, message] = status_of(e, std::string("not started in time: ") + e.what());
       Response res = oip_error(static_cast<int>(status), message, v);
       if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
       co_return res;
@@ -636,8 +605,9 @@ struct Server::Impl {
     }
   }
 
-  // The HTTP status and message of a request the library failed or refused.
-  std::pair<bh::status, std::string> status_of(const Error& e) const {
+  // The HTTP status and message of a request the library failed or refused; `expired` is the
+  // message for one whose deadline passed before it started (each protocol words its own).
+  static std::pair<bh::status, std::string> status_of(const Error& e, std::string expired) {
     switch (e.code()) {
       case ErrorCode::kQueueFull:
         return {bh::status::service_unavailable, "the inference queue is full; retry shortly"};
@@ -646,9 +616,8 @@ struct Server::Impl {
       case ErrorCode::kShutDown:
         return {bh::status::service_unavailable, "the server is shutting down"};
       case ErrorCode::kDeadlineExceeded:
-        return {bh::status::gateway_timeout, std::string("not started in time: ") + e.what()};
+        return {bh::status::gateway_timeout, std::move(expired)};
       case ErrorCode::kBadRequest:
-      case ErrorCode::kInvalidArgument:
         return {bh::status::bad_request, e.what()};
       default:
         return {bh::status::internal_server_error, std::string("inference failed: ") + e.what()};
