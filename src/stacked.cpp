@@ -505,19 +505,28 @@ Error invalid(const std::string& message) {
   return Error(ErrorCode::kInvalidArgument, "StackingOptions." + message);
 }
 
-// What a request's tensors count toward the batch limit (StackingOptions::batch_cost).
-std::size_t request_cost(const at::Tensor& first, const StackingOptions& options,
-                         const Varying& varying, const Row* all) {
-  if (options.batch_cost == BatchCost::kRequests || !first.defined() || first.dim() == 0) return 1;
-  auto cost = static_cast<std::size_t>(first.size(0));
-  if (options.batch_cost == BatchCost::kRowsTimesLength && varying.any()) {
-    const at::Tensor& owner =
-        all != nullptr && varying.input < all->size() ? (*all)[varying.input] : first;
-    if (owner.defined() && owner.dim() > varying.dim)
-      cost *= static_cast<std::size_t>(owner.size(varying.dim));
+// What a request's tensors count toward the batch limit (StackingOptions::batch_cost): the
+// BatchModel's cost, holding only what it reads.
+struct RequestCost {
+  BatchCost how;
+  std::size_t input;  // the length's input and dim (Varying); dim 0: no length
+  int64_t dim;
+
+  RequestCost(BatchCost how, const Varying& varying)
+      : how(how), input(varying.input), dim(varying.dim) {}
+
+  std::size_t operator()(c10::ArrayRef<at::Tensor> inputs) const {
+    if (how == BatchCost::kRequests || inputs.empty() || !inputs.front().defined() ||
+        inputs.front().dim() == 0)
+      return 1;
+    auto cost = static_cast<std::size_t>(inputs.front().size(0));
+    if (how == BatchCost::kRowsTimesLength && dim != 0 && input < inputs.size()) {
+      const at::Tensor& owner = inputs[input];
+      if (owner.defined() && owner.dim() > dim) cost *= static_cast<std::size_t>(owner.size(dim));
+    }
+    return cost;
   }
-  return cost;
-}
+};
 
 // Checks the options; returns the varying dims they declare.
 Varying check_options(const StackingOptions& options, bool single) {
@@ -564,10 +573,7 @@ BatchModel<at::Tensor, at::Tensor> make_stacked_model(RowsModel model, StackingO
   if (!model.forward)
     throw Error(ErrorCode::kInvalidArgument, "make_stacked_model: the model is empty");
   Varying varying = check_options(options, /*single=*/true);
-  auto cost = [options, varying](const at::Tensor& x) {
-    const Row row{x};
-    return request_cost(x, options, varying, &row);
-  };
+  RequestCost cost(options.batch_cost, varying);
   return {[adapter = SingleAdapter{std::move(model)}, options = std::move(options),
            varying = std::move(varying)](Batch<at::Tensor, at::Tensor>& batch) {
             run_batch(batch, adapter, options, varying);
@@ -585,11 +591,7 @@ BatchModel<Tensors, Tensors> make_stacked_model_multi(std::function<Tensors(cons
   if (!model)
     throw Error(ErrorCode::kInvalidArgument, "make_stacked_model_multi: the model is empty");
   Varying varying = check_options(options, /*single=*/false);
-  auto cost = [options, varying](const Tensors& xs) -> std::size_t {
-    if (xs.empty()) return 1;
-    const Row row(xs.begin(), xs.end());
-    return request_cost(xs.front(), options, varying, &row);
-  };
+  RequestCost cost(options.batch_cost, varying);
   return {[adapter = MultiAdapter{std::move(model)}, options = std::move(options),
            varying = std::move(varying)](Batch<Tensors, Tensors>& batch) {
             run_batch(batch, adapter, options, varying);
