@@ -73,10 +73,9 @@ GraphSlot* GraphPool::checkout(const GraphKey& key, bool may_create) {
     }
     if (held_ < max_graphs_) {
       ++held_;
-      auto& mine = slots_[key];  // the scan may have rehashed nothing, but look it up again
-      mine.push_back(std::make_unique<GraphSlot>());
-      mine.back()->last_used = ++tick_;
-      slot = mine.back().get();
+      slots.push_back(std::make_unique<GraphSlot>());  // the map's references stay valid
+      slots.back()->last_used = ++tick_;
+      slot = slots.back().get();
     }
   }
   if (victim) {
