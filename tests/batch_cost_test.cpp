@@ -17,22 +17,11 @@ namespace {
 using testing::Gate;
 
 // Each input is its own cost; the model records each batch's inputs. Input 0 holds the gate.
-struct Recorder {
-  Gate gate;
-  std::mutex mutex;
-  std::vector<std::vector<int>> batches;
+struct Recorder : testing::BatchRecorder {
   BatchModel<int, int> model() {
-    return {[this](Batch<int, int>& b) {
-              std::vector<int> seen;
-              for (std::size_t i = 0; i < b.size(); ++i) {
-                seen.push_back(b.input(i));
-                b.set_value(i, b.input(i));
-              }
-              if (seen.front() == 0) gate.pass();
-              std::lock_guard lock(mutex);
-              batches.push_back(seen);
-            },
-            [](const int& x) { return static_cast<std::size_t>(x); }};
+    BatchModel<int, int> m = BatchRecorder::model();
+    m.cost = [](const int& x) { return static_cast<std::size_t>(x); };
+    return m;
   }
 };
 
@@ -54,10 +43,8 @@ TEST(BatchCost, ABatchNeverGoesOverTheLimitWithARequestThatCanWait) {
 
 // Without a cost every request counts 1, as before.
 TEST(BatchCost, WithoutACostEachRequestCountsOne) {
-  Recorder r;
-  auto model = r.model();
-  model.cost = nullptr;
-  BatchedSubmitter<int, int> s(std::move(model), {.policy = EveryN{3}});
+  testing::BatchRecorder r;  // no cost
+  BatchedSubmitter<int, int> s(r.model(), {.policy = EveryN{3}});
   auto blocker = s.submit(0);
   r.gate.wait_entered(1);
   std::vector<Future<int>> fs;

@@ -6,9 +6,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "syncbatch/batched_submitter.hpp"
 #include "syncbatch/error.hpp"
 #include "syncbatch/future.hpp"
 
@@ -40,6 +43,26 @@ struct OnceGate {
   }
   void wait_entered() {
     while (entered.load() < 1) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+};
+
+/// A batch model of ints that answers each input with itself, records each batch's inputs, and
+/// holds the batch whose first input is 0 at `gate`.
+struct BatchRecorder {
+  Gate gate;
+  std::mutex mutex;
+  std::vector<std::vector<int>> batches;  // guarded by mutex
+  BatchModel<int, int> model() {
+    return {[this](Batch<int, int>& b) {
+      std::vector<int> seen;
+      for (std::size_t i = 0; i < b.size(); ++i) {
+        seen.push_back(b.input(i));
+        b.set_value(i, b.input(i));
+      }
+      if (seen.front() == 0) gate.pass();
+      std::lock_guard lock(mutex);
+      batches.push_back(seen);
+    }};
   }
 };
 

@@ -77,31 +77,19 @@ TEST(Priority, AWorkerTakesTheHighestNonEmptyLevelFirst) {
 
 // Batch mode: the batch formed after the gate holds the high-priority requests.
 TEST(Priority, BatchesFillFromTheHighestLevel) {
-  Gate gate;
-  std::mutex mutex;
-  std::vector<std::vector<int>> batches;
-  IntSubmitter s(BatchModel<int, int>{[&](Batch<int, int>& b) {
-                   std::vector<int> seen;
-                   for (std::size_t i = 0; i < b.size(); ++i) {
-                     seen.push_back(b.input(i));
-                     b.set_value(i, b.input(i));
-                   }
-                   if (seen.front() == 0) gate.pass();
-                   std::lock_guard lock(mutex);
-                   batches.push_back(seen);
-                 }},
-                 {.policy = EveryN{3}, .priority_levels = 2});
+  testing::BatchRecorder r;
+  IntSubmitter s(r.model(), {.policy = EveryN{3}, .priority_levels = 2});
   auto blocker = s.submit(0, RequestOptions{.priority = 1});
-  gate.wait_entered(1);
+  r.gate.wait_entered(1);
   std::vector<Future<int>> fs;
   for (int i = 0; i < 3; ++i) fs.push_back(s.submit(100 + i, RequestOptions{.priority = 1}));
   for (int i = 0; i < 3; ++i) fs.push_back(s.submit(200 + i, RequestOptions{.priority = 0}));
-  gate.open = true;
+  r.gate.open = true;
   for (auto& f : fs) f.get();
   blocker.get();
-  ASSERT_EQ(batches.size(), 3u);
-  EXPECT_EQ(batches[1], (std::vector<int>{200, 201, 202}));
-  EXPECT_EQ(batches[2], (std::vector<int>{100, 101, 102}));
+  ASSERT_EQ(r.batches.size(), 3u);
+  EXPECT_EQ(r.batches[1], (std::vector<int>{200, 201, 202}));
+  EXPECT_EQ(r.batches[2], (std::vector<int>{100, 101, 102}));
 }
 
 // starvation_limit 2: a waiting low level gets one take in every three; 0 is strict priority.
