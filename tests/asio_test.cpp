@@ -218,6 +218,56 @@ TEST(AsyncSubmit, RefusedRequestsCompleteWithTheErrorThroughTheToken) {
 }
 
 // 32 producers mixing submit(), submit_then() and async_submit() under load: nothing lost.
+// The || operator on a multi-threaded io_context, as a server runs it: each coroutine on a
+// strand of its own (the operator's two branches and the cancellation it emits to the loser
+// must not run on two threads at once), a short timer racing each request. Every race ends
+// once, with the request's value or the timer, and the submitter's counters add up.
+TEST(AsyncSubmit, StressOrWithTimersOnAMultiThreadedIoContext) {
+  using namespace asio::experimental::awaitable_operators;
+  auto s = make_submitter(2);
+  asio::io_context io;
+  constexpr int kCoroutines = 64, kRounds = 200;
+  std::atomic<int> values{0}, timeouts{0}, wrong{0}, finished{0};
+  for (int c = 0; c < kCoroutines; ++c) {
+    asio::co_spawn(
+        asio::make_strand(io),
+        [&, c]() -> asio::awaitable<void> {
+          auto ex = co_await asio::this_coro::executor;
+          for (int i = 0; i < kRounds; ++i) {
+            const int x = c * 10000 + i;
+            asio::steady_timer timer(ex, std::chrono::microseconds((x * 37) % 200));
+            auto r = co_await (async_submit(s, x, asio::use_awaitable) ||
+                               timer.async_wait(asio::use_awaitable));
+            if (r.index() == 0) {
+              values.fetch_add(1);
+              if (std::get<0>(r) != 2 * x) wrong.fetch_add(1);
+            } else {
+              timeouts.fetch_add(1);
+            }
+          }
+          finished.fetch_add(1);
+        },
+        [](std::exception_ptr e) {
+          if (e) std::rethrow_exception(e);
+        });
+  }
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  s.shutdown();
+  EXPECT_EQ(finished.load(), kCoroutines);
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(values.load() + timeouts.load(), kCoroutines * kRounds);
+  EXPECT_GT(values.load(), 0) << "no request beat its timer: the race was not run";
+  EXPECT_GT(timeouts.load(), 0) << "no timer beat its request: the race was not run";
+  const SubmitterStats st = s.stats();
+  EXPECT_EQ(st.submitted, static_cast<std::uint64_t>(kCoroutines * kRounds));
+  EXPECT_EQ(st.completed, st.submitted);
+  // A timer that won may have lost the race to cancel a request already running: that request
+  // completed with its value, unseen here.
+  EXPECT_LE(st.cancelled, static_cast<std::uint64_t>(timeouts.load()));
+}
+
 TEST(AsyncSubmit, StressMixedSyncAndAsyncProducers) {
   auto s = make_submitter(2);
   asio::thread_pool pool(2);

@@ -378,6 +378,65 @@ TEST(HttpServer, FullQueueAnswers503WithRetryAfterAndLosesNothing) {
   EXPECT_TRUE(at::equal(from_raw(second.body, kWidth), x * 2));
 }
 
+// A client that hangs up while its request waits in the queue cancels it: the model never sees
+// it (its rows, all 7s here, never reach a forward), and the submitter counts a cancellation.
+TEST(HttpServer, AClientThatHangsUpCancelsItsQueuedRequest) {
+  std::latch running(1);
+  std::atomic<bool> release{false};
+  std::atomic<int> sevens{0};
+  Model model{[&](const at::Tensor& x) {
+                running.count_down();
+                while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                if ((x == 7).all(1).any().item<bool>()) sevens.fetch_add(1);
+                return x * 2;
+              },
+              kWidth, "blocking"};
+  Server server(model, {.threads = 4, .mode = Mode::kStacked, .model_name = "m"});
+  const unsigned short port = server.port();
+  Reply first;
+  std::thread a([&] {
+    first = post(port, "application/octet-stream", raw_bytes(at::ones({1, kWidth})));
+  });
+  running.wait();  // the worker holds request 1 in the model
+  {
+    // Request 2 from a client that closes its connection without waiting for the answer.
+    boost::asio::io_context ioc;
+    boost::beast::tcp_stream stream(ioc);
+    stream.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port));
+    bh::request<bh::string_body> req(bh::verb::post, "/v2/models/m/infer", 11);
+    req.set(bh::field::host, "127.0.0.1");
+    req.set(bh::field::content_type, "application/json");
+    req.body() = oip_infer(at::full({1, kWidth}, 7.0), false);
+    req.prepare_payload();
+    bh::write(stream, req);
+    for (int i = 0; i < 5000; ++i) {  // until request 2 waits in the queue
+      if (server.stats_json().find("\"queued\":1") != std::string::npos) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_NE(server.stats_json().find("\"queued\":1"), std::string::npos) << server.stats_json();
+    stream.socket().close();
+  }
+  std::string metrics;
+  for (int i = 0; i < 5000; ++i) {  // until the server has seen the hang-up and cancelled it
+    metrics = send(port, bh::verb::get, "/metrics", "", "").body;
+    if (metrics.find("syncbatch_failures_total{model=\"m\",reason=\"cancelled\"} 1") !=
+        std::string::npos)
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_NE(metrics.find("syncbatch_failures_total{model=\"m\",reason=\"cancelled\"} 1"),
+            std::string::npos)
+      << metrics;
+  release = true;
+  a.join();
+  EXPECT_EQ(first.status, 200u);
+  // A later request runs: the model is free, and it never saw request 2.
+  EXPECT_EQ(post(port, "application/octet-stream", raw_bytes(at::ones({1, kWidth}))).status, 200u);
+  EXPECT_EQ(sevens.load(), 0);
+  EXPECT_NE(send(port, bh::verb::get, "/metrics", "", "").body.find("code=\"499\"} 1"),
+            std::string::npos);
+}
+
 // The queue timeout: a request held in the queue past it is answered 504, not run; a request
 // that by the measured batch time cannot start within it is shed with 503 and Retry-After.
 TEST(HttpServer, QueueTimeoutAnswers504AndSheddingAnswers503) {

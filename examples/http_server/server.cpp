@@ -24,9 +24,11 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -72,6 +74,9 @@ std::string version_string() {
   return std::to_string(SYNCBATCH_VERSION_MAJOR) + "." + std::to_string(SYNCBATCH_VERSION_MINOR) +
          "." + std::to_string(SYNCBATCH_VERSION_PATCH);
 }
+
+// Thrown where the client hung up while its request waited (the request was cancelled).
+struct ClientGone {};
 
 // A client error: its HTTP status and the message the body carries.
 struct HttpError {
@@ -364,7 +369,11 @@ struct Server::Impl {
 
   net::awaitable<void> accept_loop() {
     for (;;) {
-      auto [ec, socket] = co_await acceptor.async_accept(net::as_tuple(net::use_awaitable));
+      // Each connection runs on a strand of its own: its coroutine, the socket's operations and
+      // the request's completion never run on two io threads at once, which racing a request
+      // against the client's hang-up (||, in infer) needs.
+      auto [ec, socket] =
+          co_await acceptor.async_accept(net::make_strand(ioc), net::as_tuple(net::use_awaitable));
       if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
       if (ec) {  // e.g. too many open files: keep serving the others, retry in a moment
         net::steady_timer pause(acceptor.get_executor(), std::chrono::milliseconds(10));
@@ -372,8 +381,8 @@ struct Server::Impl {
         continue;
       }
       socket.set_option(tcp::no_delay(true), ec);
-      net::co_spawn(acceptor.get_executor(), session(beast::tcp_stream(std::move(socket))),
-                    net::detached);
+      auto strand = socket.get_executor();
+      net::co_spawn(strand, session(beast::tcp_stream(std::move(socket))), net::detached);
     }
   }
 
@@ -422,7 +431,7 @@ struct Server::Impl {
       }
       Request req = parser.release();
       unanswered.fetch_add(1);  // until its answer is written: stop() waits for it
-      Response res = co_await handle(req);
+      Response res = co_await handle(req, stream.socket());
       res.version(req.version());
       res.keep_alive(req.keep_alive() && !stopping.load());  // a stopping server closes
       res.prepare_payload();
@@ -435,23 +444,24 @@ struct Server::Impl {
   }
 
   // Inference requests are timed and counted for /metrics; the rest are answered as they come.
-  net::awaitable<Response> handle(const Request& req) {
+  net::awaitable<Response> handle(const Request& req, tcp::socket& client) {
     const std::string_view target(req.target().data(), req.target().size());
     const bool inference =
         req.method() == bh::verb::post && (target == "/v1/infer" || target.ends_with("/infer"));
-    if (!inference) co_return co_await route(req);
+    if (!inference) co_return co_await route(req, client);
     const auto start = std::chrono::steady_clock::now();
     metrics.begin();
-    Response res = co_await route(req);
+    Response res = co_await route(req, client);
     metrics.end();
     metrics.record(res.result_int(), std::chrono::steady_clock::now() - start);
     co_return res;
   }
 
-  net::awaitable<Response> route(const Request& req) {
+  net::awaitable<Response> route(const Request& req, tcp::socket& client) {
     const std::string_view target(req.target().data(), req.target().size());
     const unsigned v = req.version();
-    if (target == "/v2" || target.starts_with("/v2/")) co_return co_await handle_v2(req, target);
+    if (target == "/v2" || target.starts_with("/v2/"))
+      co_return co_await handle_v2(req, target, client);
     if (target == "/metrics") {
       if (req.method() != bh::verb::get) co_return method_not_allowed("GET", v);
       Response res(bh::status::ok, v);
@@ -483,10 +493,12 @@ struct Server::Impl {
       at::Tensor x = at::from_blob(const_cast<float*>(d.values.data()), {d.rows, model.input_width},
                                    at::kFloat)
                          .clone();
-      at::Tensor y = co_await infer(std::move(x));
+      at::Tensor y = co_await infer(std::move(x), {}, &client);
       Response res(bh::status::ok, v);
       encode(y, d, res);
       co_return res;
+    } catch (const ClientGone&) {
+      co_return gone(v);
     } catch (const HttpError& e) {
       co_return text_response(e.status, e.message, v);
     } catch (const Error& e) {
@@ -515,7 +527,8 @@ struct Server::Impl {
   }
 
   // The Open Inference Protocol's endpoints (see server.hpp).
-  net::awaitable<Response> handle_v2(const Request& req, std::string_view target) {
+  net::awaitable<Response> handle_v2(const Request& req, std::string_view target,
+                                     tcp::socket& client) {
     const unsigned v = req.version();
     const bool get = req.method() == bh::verb::get;
     auto need_get = [&]() -> std::optional<Response> {
@@ -581,8 +594,10 @@ struct Server::Impl {
       control.priority = r.priority;
       at::Tensor x =
           at::from_blob(r.values.data(), {r.rows, model.input_width}, at::kFloat).clone();
-      at::Tensor y = co_await infer(std::move(x), control);
+      at::Tensor y = co_await infer(std::move(x), control, &client);
       co_return json_response(bh::status::ok, oip::infer_response(info, r.id, y), v);
+    } catch (const ClientGone&) {
+      co_return gone(v);
     } catch (const oip::ProtocolError& e) {
       co_return oip_error(e.status, e.message, v);
     } catch (const Error& e) {
@@ -628,11 +643,58 @@ struct Server::Impl {
                         (type.empty() ? std::string("none") : "'" + std::string(type) + "'")};
   }
 
-  net::awaitable<at::Tensor> infer(at::Tensor x, RequestOptions control = {}) {
-    if (submitter)
-      co_return co_await async_submit(*submitter, std::move(x), net::use_awaitable, control);
+  // Runs the model on x. With a submitter, a client that hangs up while its request waits
+  // cancels it (async_submit's cancellation: a queued request is never run) and ClientGone is
+  // thrown; `client` is watched for that while the request is in the submitter.
+  net::awaitable<at::Tensor> infer(at::Tensor x, RequestOptions control = {},
+                                   tcp::socket* client = nullptr) {
+    if (submitter) {
+      if (client == nullptr)
+        co_return co_await async_submit(*submitter, std::move(x), net::use_awaitable, control);
+      // `||` waits for the first to succeed: the request's outcome comes as a tuple, never as
+      // an exception, so that a failed request is answered at once rather than waiting for the
+      // client to go.
+      using namespace net::experimental::awaitable_operators;
+      auto first = co_await (
+          async_submit(*submitter, std::move(x), net::as_tuple(net::use_awaitable), control) ||
+          hangup(*client));
+      if (first.index() == 1) throw ClientGone{};
+      auto [error, y] = std::get<0>(std::move(first));
+      if (error) std::rethrow_exception(error);
+      co_return std::move(y);
+    }
     // Per-op: forward here and wait for it (the copy to the host syncs this thread's stream).
     co_return model.forward(x.to(options.device)).to(c10::kCPU);
+  }
+
+  // Completes when the client hangs up (end of stream or an error on its socket). A client that
+  // sends more (a pipelined request) is there: this then waits until it is cancelled (the
+  // request finished first), as it does when cancelled while waiting.
+  static net::awaitable<void> hangup(tcp::socket& client) {
+    for (;;) {
+      auto [ec] =
+          co_await client.async_wait(tcp::socket::wait_read, net::as_tuple(net::use_awaitable));
+      if (ec == net::error::operation_aborted) co_return;
+      if (ec) co_return;  // the socket failed: the client is gone
+      // Readable: end of stream, an error, or bytes. A peek that must not block (a readiness
+      // can be spurious, and a blocking read here would hold an io thread).
+      char byte = 0;
+      client.non_blocking(true, ec);
+      const std::size_t n = client.receive(net::buffer(&byte, 1), tcp::socket::message_peek, ec);
+      if (ec == net::error::would_block || ec == net::error::try_again) continue;
+      if (ec || n == 0) co_return;  // reset, or end of stream
+      net::steady_timer never(client.get_executor(), net::steady_timer::time_point::max());
+      co_await never.async_wait(net::as_tuple(net::use_awaitable));
+      co_return;
+    }
+  }
+
+  // The answer to a client that hung up: never read, but counted in /metrics as 499 (nginx's
+  // "client closed request").
+  static Response gone(unsigned v) {
+    Response res(static_cast<bh::status>(499), v);
+    res.keep_alive(false);
+    return res;
   }
 
   static Response method_not_allowed(const char* allowed, unsigned v) {

@@ -77,8 +77,10 @@ struct ServerOptions {
 /// Input numbers must be finite and within float32 range (JSON and raw alike). JSON has no inf
 /// or nan, so a JSON answer whose output holds one is a 500 naming the element (raw answers
 /// carry every float32 as it is): a 200 body is always valid in its content type.
-/// stop() (SIGTERM in main) stops accepting, answers every request already read, then
-/// returns.
+/// A client that hangs up (or shuts down its sending side, as nginx also takes it) while its
+/// request waits in the submitter cancels the request: it is not run if it had not started,
+/// and /metrics counts it under code 499. stop() (SIGTERM in main) stops accepting, answers
+/// every request already read, then returns.
 /// Errors are answered, never crash the server: 400 malformed body, wrong length or a number
 /// out of range (the message names what was expected and what came, quoting at most 80
 /// characters), 404, 405, 413 body or rows over the limit, 415 other content types, 501 a
