@@ -47,17 +47,20 @@ struct Reply {
   std::string content_type;
   std::string retry_after;
   std::string shape;
+  std::string header_length;  // Inference-Header-Content-Length
 };
 
 // One request on a fresh connection (`raw`: bytes sent as they are, not an HTTP request).
 Reply send(unsigned short port, bh::verb method, const std::string& target,
-           const std::string& content_type, const std::string& body) {
+           const std::string& content_type, const std::string& body,
+           const std::map<std::string, std::string>& headers = {}) {
   boost::asio::io_context ioc;
   boost::beast::tcp_stream stream(ioc);
   stream.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port));
   bh::request<bh::string_body> req(method, target, 11);
   req.set(bh::field::host, "127.0.0.1");
   if (!content_type.empty()) req.set(bh::field::content_type, content_type);
+  for (const auto& [k, v] : headers) req.set(k, v);
   req.body() = body;
   req.prepare_payload();
   bh::write(stream, req);
@@ -66,8 +69,12 @@ Reply send(unsigned short port, bh::verb method, const std::string& target,
   parser.body_limit(64 << 20);
   bh::read(stream, buffer, parser);
   const auto& res = parser.get();
-  return {res.result_int(), res.body(), std::string(res[bh::field::content_type]),
-          std::string(res[bh::field::retry_after]), std::string(res["X-Output-Shape"])};
+  return {res.result_int(),
+          res.body(),
+          std::string(res[bh::field::content_type]),
+          std::string(res[bh::field::retry_after]),
+          std::string(res["X-Output-Shape"]),
+          std::string(res["Inference-Header-Content-Length"])};
 }
 
 Reply post(unsigned short port, const std::string& content_type, const std::string& body) {
@@ -112,6 +119,11 @@ at::Tensor parse_json_numbers(const std::string& s, int64_t cols) {
 
 constexpr int64_t kWidth = 8;
 
+// A one-input, one-output model's forward on x.
+at::Tensor run(const Model& model, const at::Tensor& x) {
+  return model.forward({x}).at(0);
+}
+
 Model small_model() {
   at::manual_seed(7);
   const at::Tensor w = at::randn({3, kWidth});
@@ -140,9 +152,9 @@ class HttpServerModes : public ::testing::TestWithParam<Mode> {};
 
 TEST_P(HttpServerModes, AnswersGoodRequestsInTheirOwnEncoding) {
   const Model model = small_model();
-  Server server(model, {.threads = 2, .mode = GetParam()});
+  Server server(model, {.threads = 2}, {.mode = GetParam()});
   const at::Tensor x = at::randn({1, kWidth});
-  const at::Tensor want = model.forward(x);
+  const at::Tensor want = run(model, x);
 
   const Reply one = post(server.port(), "application/json", json_row(x[0]));
   ASSERT_EQ(one.status, 200u) << one.body;
@@ -156,13 +168,13 @@ TEST_P(HttpServerModes, AnswersGoodRequestsInTheirOwnEncoding) {
   const Reply many = post(server.port(), "application/json; charset=utf-8", rows);
   ASSERT_EQ(many.status, 200u) << many.body;
   EXPECT_EQ(many.body.substr(0, 2), "[[");  // rows in, rows out
-  EXPECT_TRUE(at::allclose(parse_json_numbers(many.body, 3), model.forward(xs), 1e-4, 1e-4));
+  EXPECT_TRUE(at::allclose(parse_json_numbers(many.body, 3), run(model, xs), 1e-4, 1e-4));
 
   const Reply raw = post(server.port(), "application/octet-stream", raw_bytes(xs));
   ASSERT_EQ(raw.status, 200u) << raw.body;
   EXPECT_EQ(raw.content_type, "application/octet-stream");
   EXPECT_EQ(raw.shape, "3,3");
-  EXPECT_TRUE(at::equal(from_raw(raw.body, 3), model.forward(xs)));
+  EXPECT_TRUE(at::equal(from_raw(raw.body, 3), run(model, xs)));
 
   EXPECT_EQ(send(server.port(), bh::verb::get, "/healthz", "", "").status, 200u);
   // The worker counts a batch just after completing it: the count may trail the last reply.
@@ -179,8 +191,8 @@ TEST_P(HttpServerModes, AnswersGoodRequestsInTheirOwnEncoding) {
 }
 
 TEST_P(HttpServerModes, RejectsBadRequestsWithAReasonAndKeepsServing) {
-  Server server(small_model(),
-                {.threads = 2, .mode = GetParam(), .max_body_bytes = 4096, .max_rows = 4});
+  Server server(small_model(), {.threads = 2, .max_body_bytes = 4096},
+                {.mode = GetParam(), .max_rows = 4});
   const unsigned short port = server.port();
   struct Case {
     std::string content_type, body;
@@ -256,7 +268,7 @@ TEST_P(HttpServerModes, NonFiniteNumbersNeverReachABody) {
                       return at::stack({x.sum(1), x.sum(1) * -1, x.sum(1) - x.sum(1)}, 1);
                     },
                     4, "sums"};
-  Server server(model, {.threads = 2, .mode = GetParam()});
+  Server server(model, {.threads = 2}, {.mode = GetParam()});
   const unsigned short port = server.port();
   struct Case {
     std::string body;
@@ -304,7 +316,7 @@ TEST_P(HttpServerModes, NonFiniteNumbersNeverReachABody) {
 
 // Regression: a non-number element was echoed whole in the 400 message (500 KB in, 500 KB back).
 TEST_P(HttpServerModes, ErrorMessagesQuoteAShortExcerpt) {
-  Server server(small_model(), {.threads = 2, .mode = GetParam(), .max_body_bytes = 1 << 20});
+  Server server(small_model(), {.threads = 2, .max_body_bytes = 1 << 20}, {.mode = GetParam()});
   const std::string huge = "\"" + std::string(200000, 'x') + "\"";
   const Reply r = post(server.port(), "application/json", "[1,2,3,4,5,6,7," + huge + "]");
   EXPECT_EQ(r.status, 400u);
@@ -317,7 +329,7 @@ TEST_P(HttpServerModes, ErrorMessagesQuoteAShortExcerpt) {
 // answered 200. RFC 9112 section 6.1: a server that does not understand a transfer coding
 // answers 501. Sent through a raw socket, as a client could.
 TEST_P(HttpServerModes, UnknownTransferCodingsAnswer501) {
-  Server server(small_model(), {.threads = 2, .mode = GetParam()});
+  Server server(small_model(), {.threads = 2}, {.mode = GetParam()});
   const std::string body = "[1,2,3,4,5,6,7,8]";
   char size[16];
   std::snprintf(size, sizeof size, "%zx", body.size());
@@ -355,7 +367,7 @@ TEST(HttpServer, FullQueueAnswers503WithRetryAfterAndLosesNothing) {
                 return x * 2;
               },
               kWidth, "blocking"};
-  Server server(model, {.threads = 4, .mode = Mode::kPerCall, .queue_capacity = 1});
+  Server server(model, {.threads = 4}, {.mode = Mode::kPerCall, .queue_capacity = 1});
   const unsigned short port = server.port();
   const at::Tensor x = at::ones({1, kWidth});
   Reply first, second;
@@ -391,7 +403,7 @@ TEST(HttpServer, AClientThatHangsUpCancelsItsQueuedRequest) {
                 return x * 2;
               },
               kWidth, "blocking"};
-  Server server(model, {.threads = 4, .mode = Mode::kStacked, .model_name = "m"});
+  Server server(model, {.threads = 4}, {.mode = Mode::kStacked, .name = "m"});
   const unsigned short port = server.port();
   Reply first;
   std::thread a([&] {
@@ -450,10 +462,9 @@ TEST(HttpServer, QueueTimeoutAnswers504AndSheddingAnswers503) {
                 return x * 2;
               },
               kWidth, "blocking"};
-  Server server(model, {.threads = 4,
-                        .mode = Mode::kPerCall,
-                        .policy = EveryN{1},
-                        .timeout = std::chrono::milliseconds(30)});
+  Server server(
+      model, {.threads = 4},
+      {.mode = Mode::kPerCall, .policy = EveryN{1}, .timeout = std::chrono::milliseconds(30)});
   const unsigned short port = server.port();
   const at::Tensor x = at::ones({1, kWidth});
   Reply first, second;
@@ -468,9 +479,9 @@ TEST(HttpServer, QueueTimeoutAnswers504AndSheddingAnswers503) {
   EXPECT_EQ(second.status, 504u) << second.body;
   EXPECT_NE(second.body.find("queue timeout of 30 ms"), std::string::npos) << second.body;
   EXPECT_EQ(runs.load(), 1) << "the timed-out request ran";
-  EXPECT_THROW(Server(model, {.shed_late = true}), std::invalid_argument);
+  EXPECT_THROW(Server(model, {}, {.shed_late = true}), std::invalid_argument);
   try {
-    Server(model, {.timeout = std::chrono::milliseconds(-1)});
+    Server(model, {}, {.timeout = std::chrono::milliseconds(-1)});
     ADD_FAILURE() << "a negative timeout was accepted";
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("expected a timeout >= 0 ms, got -1"), std::string::npos)
@@ -483,11 +494,11 @@ TEST(HttpServer, QueueTimeoutAnswers504AndSheddingAnswers503) {
                return y;
              },
              kWidth, "slow"};
-  Server shedding(slow, {.threads = 4,
-                         .mode = Mode::kPerCall,
-                         .policy = EveryN{1},
-                         .timeout = std::chrono::milliseconds(20),
-                         .shed_late = true});
+  Server shedding(slow, {.threads = 4},
+                  {.mode = Mode::kPerCall,
+                   .policy = EveryN{1},
+                   .timeout = std::chrono::milliseconds(20),
+                   .shed_late = true});
   for (int i = 0; i < 2; ++i)  // each alone: starts at once, so within the timeout
     EXPECT_EQ(post(shedding.port(), "application/octet-stream", raw_bytes(x)).status, 200u);
   Reply busy;
@@ -521,18 +532,170 @@ TEST(HttpServer, ServesATorchScriptModelSavedFromCpp) {
   m.save(path.string());
   const Model model = load_model(path.string(), 4, c10::Device(c10::kCPU));
   std::filesystem::remove(path);
-  Server server(model, {.threads = 2, .mode = Mode::kStacked});
+  Server server(model, {.threads = 2}, {.mode = Mode::kStacked});
   const at::Tensor x = at::randn({2, 4});
   const Reply r = post(server.port(), "application/octet-stream", raw_bytes(x));
   ASSERT_EQ(r.status, 200u) << r.body;
   EXPECT_TRUE(at::allclose(from_raw(r.body, 2), at::relu(at::matmul(x, w.t()) + b)));
 }
 
+// Several models from one configuration: a per-call MLP and a stacked TorchScript model of two
+// inputs (int64 token ids of any length, float32 features) and two outputs, batched across
+// requests of different lengths; JSON and binary tensor data; versions in paths; /metrics by
+// model.
+TEST(HttpServer, ServesSeveralModelsFromAConfigWithIntegerAndBinaryTensors) {
+  torch::jit::Module m("Pair");
+  m.define(R"(
+    def forward(self, ids, x):
+        n = ids.sum(1)
+        return (x * 2.0 + n.unsqueeze(1).float(), n)
+  )");
+  const auto path = std::filesystem::temp_directory_path() /
+                    ("syncbatch_pair_" + std::to_string(::getpid()) + ".pt");
+  m.save(path.string());
+  const std::string config = R"({"models": [
+      {"name": "mlp", "model": "mlp:1x8", "mode": "per-call", "device": "cpu"},
+      {"name": "pair", "model": ")" +
+                             path.string() + R"(", "mode": "stacked", "device": "cpu",
+       "policy": "every:4", "batch_buckets": [1, 2, 4, 8],
+       "inputs": [{"name": "ids", "datatype": "INT64", "shape": [-1, -1]},
+                  {"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+       "outputs": [{"name": "y", "datatype": "FP32"}, {"name": "n", "datatype": "INT64"}]}]})";
+  Server server(load_config(config), {.threads = 4});
+  std::filesystem::remove(path);
+  const unsigned short port = server.port();
+
+  // Requests of lengths 1 to 6 from 6 threads at once: each answer is its own.
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 6; ++c) {
+    clients.emplace_back([&, c] {
+      for (int i = 0; i < 10; ++i) {
+        const int len = 1 + (c + i) % 6;
+        std::string ids;
+        int64_t sum = 0;
+        for (int k = 0; k < len; ++k) {
+          if (k) ids += ',';
+          ids += std::to_string(c * 100 + k);
+          sum += c * 100 + k;
+        }
+        const Reply r = send(port, bh::verb::post, "/v2/models/pair/infer", "application/json",
+                             R"({"inputs":[{"name":"ids","datatype":"INT64","shape":[1,)" +
+                                 std::to_string(len) + R"(],"data":[)" + ids +
+                                 R"(]},{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,)" +
+                                 std::to_string(i) + "]}]}");
+        const std::string want = R"({"name":"y","datatype":"FP32","shape":[1,2],"data":[)" +
+                                 std::to_string(2 + sum) + "," + std::to_string(2 * i + sum) +
+                                 R"(]},{"name":"n","datatype":"INT64","shape":[1],"data":[)" +
+                                 std::to_string(sum) + "]}";
+        if (r.status != 200 || r.body.find(want) == std::string::npos) {
+          wrong.fetch_add(1);
+          ADD_FAILURE() << r.status << " " << r.body << " (want " << want << ")";
+        }
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+
+  // Binary tensor data both ways, one output asked for, through a versioned path.
+  const at::Tensor ids = at::tensor(std::vector<int64_t>{1, 2, 3, 4, 5, 6}).view({2, 3});
+  const at::Tensor x = at::tensor(std::vector<float>{0.5f, 1.5f, 2.5f, 3.5f}).view({2, 2});
+  const std::string header =
+      R"({"inputs":[{"name":"ids","datatype":"INT64","shape":[2,3],"parameters":{"binary_data_size":48}},)"
+      R"({"name":"x","datatype":"FP32","shape":[2,2],"parameters":{"binary_data_size":16}}],)"
+      R"("outputs":[{"name":"y","parameters":{"binary_data":true}}]})";
+  const auto bytes = [](const at::Tensor& t) {
+    return std::string(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
+  };
+  const Reply bin = send(port, bh::verb::post, "/v2/models/pair/versions/1/infer",
+                         "application/octet-stream", header + bytes(ids) + bytes(x),
+                         {{"Inference-Header-Content-Length", std::to_string(header.size())}});
+  ASSERT_EQ(bin.status, 200u) << bin.body;
+  EXPECT_EQ(bin.content_type, "application/octet-stream");
+  const std::size_t json_size = std::stoul(bin.header_length);
+  EXPECT_EQ(
+      boost::json::serialize(
+          boost::json::parse(bin.body.substr(0, json_size)).as_object().at("outputs")),
+      R"([{"name":"y","datatype":"FP32","shape":[2,2],"parameters":{"binary_data_size":16}}])");
+  const at::Tensor want = x * 2 + ids.sum(1, true).to(at::kFloat);
+  EXPECT_EQ(bin.body.substr(json_size), bytes(want));
+  // A header length that is not a number, and binary sizes that do not add up: 400, named.
+  const Reply bad_length = send(port, bh::verb::post, "/v2/models/pair/infer", "", header,
+                                {{"Inference-Header-Content-Length", "12x"}});
+  EXPECT_EQ(bad_length.status, 400u);
+  EXPECT_NE(bad_length.body.find("expected a length in bytes, got '12x'"), std::string::npos);
+  const Reply short_body =
+      send(port, bh::verb::post, "/v2/models/pair/infer", "", header + bytes(ids),
+           {{"Inference-Header-Content-Length", std::to_string(header.size())}});
+  EXPECT_EQ(short_body.status, 400u);
+  EXPECT_NE(short_body.body.find("expected 16 bytes of binary data, the body has 0 left"),
+            std::string::npos)
+      << short_body.body;
+
+  // Metadata, versions, and the models' names where one is unknown.
+  EXPECT_EQ(send(port, bh::verb::get, "/v2/models/pair/versions/1", "", "").body,
+            R"({"name":"pair","versions":["1"],"platform":"syncbatch","inputs":[)"
+            R"({"name":"ids","datatype":"INT64","shape":[-1,-1]},)"
+            R"({"name":"x","datatype":"FP32","shape":[-1,2]}],"outputs":[)"
+            R"({"name":"y","datatype":"FP32","shape":[-1,-1]},)"
+            R"({"name":"n","datatype":"INT64","shape":[-1,-1]}]})");
+  EXPECT_EQ(send(port, bh::verb::get, "/v2/models/mlp/versions/1/ready", "", "").status, 200u);
+  const Reply v2 = send(port, bh::verb::get, "/v2/models/pair/versions/2", "", "");
+  EXPECT_EQ(v2.status, 404u);
+  EXPECT_EQ(v2.body, R"({"error":"unknown version '2' of model 'pair': it has version '1'"})");
+  const Reply unknown = send(port, bh::verb::post, "/v2/models/resnet/infer", "", "{}");
+  EXPECT_EQ(unknown.status, 404u);
+  EXPECT_NE(unknown.body.find("this server serves 'mlp', 'pair'"), std::string::npos);
+
+  // /v1 serves the first model; /metrics has each family once, with a sample per model.
+  const Reply v1 = post(port, "application/json", "[1,2,3,4,5,6,7,8]");
+  EXPECT_EQ(v1.status, 200u) << v1.body;
+  const std::string metrics = send(port, bh::verb::get, "/metrics", "", "").body;
+  EXPECT_NE(metrics.find(R"(syncbatch_requests_total{model="pair",code="200"} 61)"),
+            std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find(R"(syncbatch_requests_total{model="pair",code="400"} 2)"),
+            std::string::npos);
+  EXPECT_NE(metrics.find(R"(syncbatch_requests_total{model="mlp",code="200"} 1)"),
+            std::string::npos);
+  std::size_t helps = 0;
+  for (std::size_t at = metrics.find("# HELP syncbatch_completed_total"); at != std::string::npos;
+       at = metrics.find("# HELP syncbatch_completed_total", at + 1))
+    ++helps;
+  EXPECT_EQ(helps, 1u);
+  EXPECT_NE(metrics.find(R"(syncbatch_completed_total{model="mlp"} 1)"), std::string::npos);
+  EXPECT_NE(metrics.find(R"(syncbatch_completed_total{model="pair"} 61)"), std::string::npos);
+}
+
+TEST(HttpServer, ConfigErrorsNameTheModelAndTheKey) {
+  const auto error = [](const std::string& text) {
+    try {
+      load_config(text);
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  EXPECT_EQ(error("{}"), "config: models: expected a non-empty array of models, got {}");
+  EXPECT_EQ(error(R"({"models":[{"name":"a","model":"mlp:1x4"},{"name":"a","model":"mlp:1x4"}]})"),
+            R"(config: models[1].name: expected a unique name without '/', got "a")");
+  EXPECT_EQ(error(R"({"models":[{"name":"a","model":"mlp:1x4","workers":0}]})"),
+            "config: models[0] ('a').workers: expected a whole number >= 1, got 0");
+  EXPECT_EQ(
+      error(R"({"models":[{"name":"a","model":"m.pt","inputs":[{"name":"t","datatype":"STR"}]}]})"),
+      "config: models[0] ('a').inputs[0].datatype: expected BOOL, UINT8, INT8, INT16, INT32, "
+      "INT64, FP16, BF16, FP32 or FP64, got \"STR\"");
+  EXPECT_EQ(
+      error(R"({"models":[{"name":"a","model":"m.pt","inputs":[{"name":"t","shape":[2]}]}]})"),
+      "config: models[0] ('a').inputs[0].shape: expected -1 (the rows) first, got [2]");
+}
+
 // The Open Inference Protocol: every endpoint's documented requests, good and bad, with status
 // codes and bodies checked against the protocol's shapes.
 TEST_P(HttpServerModes, SpeaksTheOpenInferenceProtocol) {
   const Model model = small_model();
-  Server server(model, {.threads = 2, .mode = GetParam(), .model_name = "small"});
+  Server server(model, {.threads = 2}, {.mode = GetParam(), .name = "small"});
   const unsigned short port = server.port();
   auto get = [&](const std::string& target) { return send(port, bh::verb::get, target, "", ""); };
 
@@ -574,7 +737,7 @@ TEST_P(HttpServerModes, SpeaksTheOpenInferenceProtocol) {
     for (const auto& d : out.at("data").as_array())
       got.push_back(static_cast<float>(d.to_number<double>()));
     ASSERT_EQ(got.size(), 6u);
-    EXPECT_TRUE(at::allclose(at::tensor(got).view({2, 3}), model.forward(x), 1e-4, 1e-4));
+    EXPECT_TRUE(at::allclose(at::tensor(got).view({2, 3}), run(model, x), 1e-4, 1e-4));
   }
 
   // Bad requests: 4xx with {"error": "..."} naming what was expected and what came.
@@ -594,18 +757,20 @@ TEST_P(HttpServerModes, SpeaksTheOpenInferenceProtocol) {
       {"/v2/models/other/infer", good, 404, "unknown model 'other': this server serves 'small'"},
       {"/v2/models/small/infer", "{", 400, "malformed JSON body"},
       {"/v2/models/small/infer", "[1,2]", 400, "expected an inference request object"},
-      {"/v2/models/small/infer", R"({"inputs":[]})", 400, "expected an array of 1 input"},
+      {"/v2/models/small/infer", R"({"inputs":[]})", 400,
+       "inputs: expected an array of 1 ('input'), got []"},
       {"/v2/models/small/infer", replace("\"FP32\"", "\"INT64\""), 400,
        "expected datatype \"FP32\", got \"INT64\""},
       {"/v2/models/small/infer", replace("\"input\"", "\"x\""), 400,
-       "inputs[0].name: expected \"input\", got \"x\""},
+       "inputs: expected a name among 'input', got \"x\""},
       {"/v2/models/small/infer", replace("[1,8]", "[1,7]"), 400,
-       "expected shape [rows, 8] with rows >= 1, got [1,7]"},
+       "input 'input': expected shape [-1, 8] (-1: any size >= 1; the first dim is the rows), got "
+       "[1,7]"},
       {"/v2/models/small/infer", replace("[1,8]", "[2,8]"), 400,
-       "shape [2, 8] needs 16 numbers, got 8"},
+       "input 'input': shape [2, 8] needs 16 values, got 8"},
       {"/v2/models/small/infer", replace("[1,8]", "[1000,8]"), 413, "expected at most 256 rows"},
       {"/v2/models/small/infer", good.substr(0, good.size() - 1) + R"(,"outputs":[{"name":"y"}]})",
-       400, "outputs: expected only {\"name\": \"output\"}"},
+       400, "outputs: expected names among 'output', got {\"name\":\"y\"}"},
       {"/v2/models/small/infer",
        good.substr(0, good.size() - 1) + R"(,"parameters":{"timeout":-5}})", 400,
        "parameters.timeout: expected microseconds >= 1, got -5"},
@@ -637,7 +802,7 @@ TEST_P(HttpServerModes, SpeaksTheOpenInferenceProtocol) {
 // following the requests made.
 TEST(HttpServer, MetricsAreValidPrometheusText) {
   const Model model = small_model();
-  Server server(model, {.threads = 2, .mode = Mode::kStacked, .model_name = "small"});
+  Server server(model, {.threads = 2}, {.mode = Mode::kStacked, .name = "small"});
   const at::Tensor x = at::randn({1, kWidth});
   for (int i = 0; i < 5; ++i)
     ASSERT_EQ(send(server.port(), bh::verb::post, "/v2/models/small/infer", "application/json",
@@ -771,8 +936,8 @@ TEST(HttpServer, ModelSpecErrorsNameTheExpectedForms) {
   EXPECT_THROW(load_model("/nonexistent/model.pt", 4, c10::Device(c10::kCPU)), syncbatch::Error);
   EXPECT_THROW(parse_mode("batched"), std::invalid_argument);
   const Model mlp = load_model("mlp:2x16", 0, c10::Device(c10::kCPU));
-  EXPECT_EQ(mlp.input_width, 16);
-  EXPECT_EQ(mlp.forward(at::ones({3, 16})).sizes(), (std::vector<int64_t>{3, 16}));
+  EXPECT_EQ(mlp.inputs.at(0).shape, std::vector<int64_t>{16});
+  EXPECT_EQ(run(mlp, at::ones({3, 16})).sizes(), (std::vector<int64_t>{3, 16}));
 }
 
 }  // namespace

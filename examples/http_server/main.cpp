@@ -2,12 +2,17 @@
 //
 //   http_server --port 8080 --model mlp:3x256 --mode stacked --policy adaptive:2ms
 //   curl -s localhost:8080/v1/infer -H 'Content-Type: application/json' -d "[$(seq -s, 256)]"
+//   http_server --port 8080 --config models.json   (several models: see load_config in server.hpp;
+//                                                   the flags of one model are then not used)
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
@@ -43,7 +48,7 @@ int main(int argc, char** argv) {
       {"device", "auto"},       {"threads", "4"},        {"workers", "1"},
       {"queue", "4096"},        {"max-body", "1048576"}, {"max-rows", "256"},
       {"timeout-ms", "0"},      {"shed", "off"},         {"name", "model"},
-      {"priority-levels", "2"}};
+      {"priority-levels", "2"}, {"config", ""}};
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i];
     if (f == "--help" || f == "-h") usage(flags, "");
@@ -58,30 +63,40 @@ int main(int argc, char** argv) {
     http::ServerOptions options;
     options.address = flags["address"];
     options.port = static_cast<unsigned short>(number(flags, "port"));
-    options.mode = http::parse_mode(flags["mode"]);
-    options.policy = SyncPolicy::parse(flags["policy"]);
-    options.device = parse_device(flags["device"]);
     options.threads = static_cast<int>(number(flags, "threads"));
-    options.workers = static_cast<std::size_t>(number(flags, "workers"));
-    options.queue_capacity = static_cast<std::size_t>(number(flags, "queue"));
-    options.timeout = std::chrono::milliseconds(number(flags, "timeout-ms"));
-    if (flags["shed"] != "on" && flags["shed"] != "off")
-      usage(flags, "--shed: expected on or off, got '" + flags["shed"] + "'");
-    options.shed_late = flags["shed"] == "on";
     options.max_body_bytes = static_cast<std::size_t>(number(flags, "max-body"));
-    options.max_rows = number(flags, "max-rows");
-    options.model_name = flags["name"];
-    options.priority_levels = static_cast<std::size_t>(number(flags, "priority-levels"));
-    http::Model model =
-        http::load_model(flags["model"], number(flags, "input-width"), options.device);
-    const std::string described = model.description;
-    http::Server server(std::move(model), options);
-    std::printf(
-        "listening on http://%s:%u (model %s as /v2/models/%s, mode %s, policy %s, "
-        "device %s)\n",
-        options.address.c_str(), server.port(), described.c_str(), options.model_name.c_str(),
-        http::to_string(options.mode).c_str(), options.policy.describe().c_str(),
-        options.device.str().c_str());
+    std::vector<http::ServedModel> models;
+    if (!flags["config"].empty()) {
+      std::ifstream in(flags["config"]);
+      if (!in) usage(flags, "--config: cannot read '" + flags["config"] + "'");
+      std::stringstream text;
+      text << in.rdbuf();
+      models = http::load_config(text.str());
+    } else {
+      http::ModelOptions m;
+      m.mode = http::parse_mode(flags["mode"]);
+      m.policy = SyncPolicy::parse(flags["policy"]);
+      m.device = parse_device(flags["device"]);
+      m.workers = static_cast<std::size_t>(number(flags, "workers"));
+      m.queue_capacity = static_cast<std::size_t>(number(flags, "queue"));
+      m.timeout = std::chrono::milliseconds(number(flags, "timeout-ms"));
+      if (flags["shed"] != "on" && flags["shed"] != "off")
+        usage(flags, "--shed: expected on or off, got '" + flags["shed"] + "'");
+      m.shed_late = flags["shed"] == "on";
+      m.max_rows = number(flags, "max-rows");
+      m.name = flags["name"];
+      m.priority_levels = static_cast<std::size_t>(number(flags, "priority-levels"));
+      http::Model model = http::load_model(flags["model"], number(flags, "input-width"), m.device);
+      models.push_back({std::move(model), std::move(m)});
+    }
+    std::string described;
+    for (const http::ServedModel& m : models)
+      described += std::string(described.empty() ? "" : ", ") + m.model.description +
+                   " as /v2/models/" + m.options.name + " (" + http::to_string(m.options.mode) +
+                   ", " + m.options.policy.describe() + ", " + m.options.device.str() + ")";
+    http::Server server(std::move(models), options);
+    std::printf("listening on http://%s:%u (%s)\n", options.address.c_str(), server.port(),
+                described.c_str());
     std::fflush(stdout);
     boost::asio::io_context signals_ctx;
     boost::asio::signal_set signals(signals_ctx, SIGINT, SIGTERM);

@@ -22,12 +22,13 @@ std::string num(double v) {
   return buf;
 }
 
+// Writes families of samples, one sample (or set) per model in each family.
 class Writer {
  public:
-  explicit Writer(const std::string& model) : label_("model=\"" + escaped(model) + "\"") {}
   void family(const char* name, const char* type, const char* help) {
     out_ += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
   }
+  void model(const std::string& name) { label_ = "model=\"" + escaped(name) + "\""; }
   void sample(const std::string& name, double value, const std::string& labels = "") {
     out_ += name + "{" + label_ + (labels.empty() ? "" : "," + labels) + "} " + num(value) + "\n";
   }
@@ -50,81 +51,110 @@ void Metrics::record(int status, std::chrono::nanoseconds duration) noexcept {
   duration_ns_.fetch_add(static_cast<std::uint64_t>(duration.count()), std::memory_order_relaxed);
 }
 
-std::string Metrics::prometheus(const std::string& model,
-                                const std::optional<SubmitterStats>& stats) const {
-  Writer w(model);
-  w.family("syncbatch_requests_total", "counter",
-           "Inference requests answered, by HTTP status code.");
-  std::uint64_t count = 0;
-  for (std::size_t code = 0; code < by_status_.size(); ++code) {
-    const std::uint64_t n = by_status_[code].load(std::memory_order_relaxed);
-    if (n != 0)
-      w.sample("syncbatch_requests_total", static_cast<double>(n),
-               "code=\"" + std::to_string(code) + "\"");
-  }
-  w.family("syncbatch_request_duration_seconds", "histogram",
-           "Inference requests from the arrival of their body to their answer.");
-  std::uint64_t cumulative = 0;
-  for (std::size_t i = 0; i <= kDurationBounds.size(); ++i) {
-    cumulative += buckets_[i].load(std::memory_order_relaxed);
-    w.sample("syncbatch_request_duration_seconds_bucket", static_cast<double>(cumulative),
-             "le=\"" + (i < kDurationBounds.size() ? num(kDurationBounds[i]) : "+Inf") + "\"");
-  }
-  count = cumulative;
-  w.sample("syncbatch_request_duration_seconds_sum",
-           static_cast<double>(duration_ns_.load(std::memory_order_relaxed)) * 1e-9);
-  w.sample("syncbatch_request_duration_seconds_count", static_cast<double>(count));
-  w.family("syncbatch_requests_in_flight", "gauge", "Inference requests received, not answered.");
-  w.sample("syncbatch_requests_in_flight",
-           static_cast<double>(in_flight_.load(std::memory_order_relaxed)));
-  if (!stats) return w.take();
-  const SubmitterStats& s = *stats;
-  w.family("syncbatch_submitted_total", "counter", "Requests the submitter accepted.");
-  w.sample("syncbatch_submitted_total", static_cast<double>(s.submitted));
-  w.family("syncbatch_rejected_total", "counter",
-           "Requests the submitter refused: shed (could not start by their deadline) or other "
-           "(queue full, shutting down).");
-  w.sample("syncbatch_rejected_total", static_cast<double>(s.shed), "reason=\"shed\"");
-  w.sample("syncbatch_rejected_total", static_cast<double>(s.rejected - s.shed),
-           "reason=\"other\"");
-  w.family("syncbatch_completed_total", "counter", "Requests completed, with a value or an error.");
-  w.sample("syncbatch_completed_total", static_cast<double>(s.completed));
-  w.family("syncbatch_failures_total", "counter",
-           "Completed requests that failed: expired (not started by their deadline), cancelled, "
-           "or other (the model or the sync failed, a bad request).");
-  w.sample("syncbatch_failures_total", static_cast<double>(s.expired), "reason=\"expired\"");
-  w.sample("syncbatch_failures_total", static_cast<double>(s.cancelled), "reason=\"cancelled\"");
-  w.sample("syncbatch_failures_total", static_cast<double>(s.failed - s.expired - s.cancelled),
-           "reason=\"other\"");
-  w.family("syncbatch_delayed_total", "counter",
-           "Requests moved behind fresh work when their queue timeout passed.");
-  w.sample("syncbatch_delayed_total", static_cast<double>(s.delayed));
-  w.family("syncbatch_queue_depth", "gauge", "Requests waiting in the queue.");
-  w.sample("syncbatch_queue_depth", static_cast<double>(s.queued));
-  w.family("syncbatch_batch_size", "histogram", "Requests per batch (one sync each).");
-  cumulative = 0;
-  for (std::size_t i = 0; i < SubmitterStats::kBuckets; ++i) {
-    cumulative += s.batch_size_histogram[i];
-    // Bucket i holds sizes 2^i to 2^(i+1) - 1; the last one holds everything above too.
-    if (i + 1 < SubmitterStats::kBuckets)
-      w.sample("syncbatch_batch_size_bucket", static_cast<double>(cumulative),
-               "le=\"" + std::to_string((std::uint64_t{2} << i) - 1) + "\"");
-  }
-  w.sample("syncbatch_batch_size_bucket", static_cast<double>(cumulative), "le=\"+Inf\"");
-  w.sample("syncbatch_batch_size_sum", static_cast<double>(s.completed - s.unbatched_failed));
-  w.sample("syncbatch_batch_size_count", static_cast<double>(cumulative));
-  w.family("syncbatch_queue_delay_seconds", "summary",
-           "Arrival to the start of the request's run (each quantile at most 12.5% high).");
-  const double n = static_cast<double>(s.queue_delay.count);
-  w.sample("syncbatch_queue_delay_seconds",
-           std::chrono::duration<double>(s.queue_delay.p50).count(), "quantile=\"0.5\"");
-  w.sample("syncbatch_queue_delay_seconds",
-           std::chrono::duration<double>(s.queue_delay.p99).count(), "quantile=\"0.99\"");
-  w.sample("syncbatch_queue_delay_seconds",
-           std::chrono::duration<double>(s.queue_delay.p999).count(), "quantile=\"0.999\"");
-  w.sample("syncbatch_queue_delay_seconds_sum",
-           std::chrono::duration<double>(s.queue_delay.mean).count() * n);
-  w.sample("syncbatch_queue_delay_seconds_count", n);
+std::string Metrics::prometheus(const std::vector<Exposed>& models) {
+  Writer w;
+  // Writes one family: its header, then each model's samples (of the models with a submitter
+  // only, when `submitters`).
+  const auto each = [&](const char* name, const char* type, const char* help, bool submitters,
+                        const auto& samples) {
+    w.family(name, type, help);
+    for (const Exposed& e : models) {
+      if (submitters && !e.stats) continue;
+      w.model(e.model);
+      samples(e);
+    }
+  };
+  each("syncbatch_requests_total", "counter", "Inference requests answered, by HTTP status code.",
+       false, [&](const Exposed& e) {
+         for (std::size_t code = 0; code < e.metrics->by_status_.size(); ++code) {
+           const std::uint64_t n = e.metrics->by_status_[code].load(std::memory_order_relaxed);
+           if (n != 0)
+             w.sample("syncbatch_requests_total", static_cast<double>(n),
+                      "code=\"" + std::to_string(code) + "\"");
+         }
+       });
+  each("syncbatch_request_duration_seconds", "histogram",
+       "Inference requests from the arrival of their body to their answer.", false,
+       [&](const Exposed& e) {
+         std::uint64_t cumulative = 0;
+         for (std::size_t i = 0; i <= kDurationBounds.size(); ++i) {
+           cumulative += e.metrics->buckets_[i].load(std::memory_order_relaxed);
+           w.sample(
+               "syncbatch_request_duration_seconds_bucket", static_cast<double>(cumulative),
+               "le=\"" + (i < kDurationBounds.size() ? num(kDurationBounds[i]) : "+Inf") + "\"");
+         }
+         w.sample(
+             "syncbatch_request_duration_seconds_sum",
+             static_cast<double>(e.metrics->duration_ns_.load(std::memory_order_relaxed)) * 1e-9);
+         w.sample("syncbatch_request_duration_seconds_count", static_cast<double>(cumulative));
+       });
+  each("syncbatch_requests_in_flight", "gauge", "Inference requests received, not answered.", false,
+       [&](const Exposed& e) {
+         w.sample("syncbatch_requests_in_flight",
+                  static_cast<double>(e.metrics->in_flight_.load(std::memory_order_relaxed)));
+       });
+  const auto stat = [&](const char* name, const char* type, const char* help, auto value) {
+    each(name, type, help, true,
+         [&](const Exposed& e) { w.sample(name, static_cast<double>(value(*e.stats))); });
+  };
+  stat("syncbatch_submitted_total", "counter", "Requests the submitter accepted.",
+       [](const SubmitterStats& s) { return s.submitted; });
+  each("syncbatch_rejected_total", "counter",
+       "Requests the submitter refused: shed (could not start by their deadline) or other "
+       "(queue full, shutting down).",
+       true, [&](const Exposed& e) {
+         const SubmitterStats& s = *e.stats;
+         w.sample("syncbatch_rejected_total", static_cast<double>(s.shed), "reason=\"shed\"");
+         w.sample("syncbatch_rejected_total", static_cast<double>(s.rejected - s.shed),
+                  "reason=\"other\"");
+       });
+  stat("syncbatch_completed_total", "counter", "Requests completed, with a value or an error.",
+       [](const SubmitterStats& s) { return s.completed; });
+  each("syncbatch_failures_total", "counter",
+       "Completed requests that failed: expired (not started by their deadline), cancelled, "
+       "or other (the model or the sync failed, a bad request).",
+       true, [&](const Exposed& e) {
+         const SubmitterStats& s = *e.stats;
+         w.sample("syncbatch_failures_total", static_cast<double>(s.expired), "reason=\"expired\"");
+         w.sample("syncbatch_failures_total", static_cast<double>(s.cancelled),
+                  "reason=\"cancelled\"");
+         w.sample("syncbatch_failures_total",
+                  static_cast<double>(s.failed - s.expired - s.cancelled), "reason=\"other\"");
+       });
+  stat("syncbatch_delayed_total", "counter",
+       "Requests moved behind fresh work when their queue timeout passed.",
+       [](const SubmitterStats& s) { return s.delayed; });
+  stat("syncbatch_queue_depth", "gauge", "Requests waiting in the queue.",
+       [](const SubmitterStats& s) { return s.queued; });
+  each("syncbatch_batch_size", "histogram", "Requests per batch (one sync each).", true,
+       [&](const Exposed& e) {
+         const SubmitterStats& s = *e.stats;
+         std::uint64_t cumulative = 0;
+         for (std::size_t i = 0; i < SubmitterStats::kBuckets; ++i) {
+           cumulative += s.batch_size_histogram[i];
+           // Bucket i holds sizes 2^i to 2^(i+1) - 1; the last one holds everything above too.
+           if (i + 1 < SubmitterStats::kBuckets)
+             w.sample("syncbatch_batch_size_bucket", static_cast<double>(cumulative),
+                      "le=\"" + std::to_string((std::uint64_t{2} << i) - 1) + "\"");
+         }
+         w.sample("syncbatch_batch_size_bucket", static_cast<double>(cumulative), "le=\"+Inf\"");
+         w.sample("syncbatch_batch_size_sum",
+                  static_cast<double>(s.completed - s.unbatched_failed));
+         w.sample("syncbatch_batch_size_count", static_cast<double>(cumulative));
+       });
+  each("syncbatch_queue_delay_seconds", "summary",
+       "Arrival to the start of the request's run (each quantile at most 12.5% high).", true,
+       [&](const Exposed& e) {
+         const SubmitterStats& s = *e.stats;
+         const double n = static_cast<double>(s.queue_delay.count);
+         const auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
+         w.sample("syncbatch_queue_delay_seconds", seconds(s.queue_delay.p50), "quantile=\"0.5\"");
+         w.sample("syncbatch_queue_delay_seconds", seconds(s.queue_delay.p99), "quantile=\"0.99\"");
+         w.sample("syncbatch_queue_delay_seconds", seconds(s.queue_delay.p999),
+                  "quantile=\"0.999\"");
+         w.sample("syncbatch_queue_delay_seconds_sum", seconds(s.queue_delay.mean) * n);
+         w.sample("syncbatch_queue_delay_seconds_count", n);
+       });
   return w.take();
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "syncbatch/stats.hpp"
 
@@ -26,9 +27,15 @@ class Metrics {
   void begin() noexcept { in_flight_.fetch_add(1, std::memory_order_relaxed); }
   void end() noexcept { in_flight_.fetch_sub(1, std::memory_order_relaxed); }
 
-  /// Every metric, labelled model="`model`"; the submitter's when `stats` is given.
-  std::string prometheus(const std::string& model,
-                         const std::optional<SubmitterStats>& stats) const;
+  /// One model's metrics to expose: its name, its counters, its submitter's stats if it has one.
+  struct Exposed {
+    std::string model;
+    const Metrics* metrics = nullptr;
+    std::optional<SubmitterStats> stats{};
+  };
+
+  /// Every metric of every model, each sample labelled model="<name>".
+  static std::string prometheus(const std::vector<Exposed>& models);
 
  private:
   std::array<std::atomic<std::uint64_t>, 600> by_status_{};

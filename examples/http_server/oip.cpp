@@ -2,8 +2,17 @@
 #include "oip.hpp"
 
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
+#include <array>
+#include <bit>
+#include <charconv>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <type_traits>
 
 #include <boost/json.hpp>
 
@@ -12,29 +21,74 @@
 namespace syncbatch::http::oip {
 namespace json = boost::json;
 
+static_assert(std::endian::native == std::endian::little,
+              "the binary tensor data extension is little-endian; this host is not");
+
 namespace {
+
+struct Datatype {
+  const char* name;
+  at::ScalarType dtype;
+};
+constexpr std::array<Datatype, 10> kDatatypes{{{"BOOL", at::kBool},
+                                               {"UINT8", at::kByte},
+                                               {"INT8", at::kChar},
+                                               {"INT16", at::kShort},
+                                               {"INT32", at::kInt},
+                                               {"INT64", at::kLong},
+                                               {"FP16", at::kHalf},
+                                               {"BF16", at::kBFloat16},
+                                               {"FP32", at::kFloat},
+                                               {"FP64", at::kDouble}}};
+
+// Calls f(T{}) with the C++ type of `dtype`, one of kDatatypes'.
+template <class F>
+decltype(auto) visit(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kBool:
+      return f(bool{});
+    case at::kByte:
+      return f(uint8_t{});
+    case at::kChar:
+      return f(int8_t{});
+    case at::kShort:
+      return f(int16_t{});
+    case at::kInt:
+      return f(int32_t{});
+    case at::kLong:
+      return f(int64_t{});
+    case at::kHalf:
+      return f(at::Half{});
+    case at::kBFloat16:
+      return f(at::BFloat16{});
+    case at::kFloat:
+      return f(float{});
+    case at::kDouble:
+      return f(double{});
+    default:
+      throw std::invalid_argument(std::string("no protocol datatype for dtype ") +
+                                  c10::toString(dtype));
+  }
+}
+
+template <class T>
+constexpr bool kIsFloat =
+    std::is_floating_point_v<T> || std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
 ProtocolError bad(std::string message) {
   return {400, std::move(message)};
 }
 
-// Appends the numbers of `data`, flat or nested (row-major), to `out`.
-void flatten(const json::value& data, std::vector<float>& out, std::size_t limit) {
-  if (data.is_array()) {
-    for (const json::value& e : data.as_array()) {
-      flatten(e, out, limit);
-      if (out.size() > limit) return;  // the caller reports the length
-    }
-    return;
-  }
-  if (!data.is_number())
-    throw bad("input 'input': data element " + std::to_string(out.size()) +
-              ": expected a number, got " + excerpt(data));
-  const double d = data.to_number<double>();
-  if (!fits_float32(d))
-    throw bad("input 'input': data element " + std::to_string(out.size()) +
-              ": expected a finite number in float32 range, got " + number_text(d));
-  out.push_back(static_cast<float>(d));
+std::string shape_text(c10::IntArrayRef shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::string shape_text(const TensorSpec& spec) {
+  std::vector<int64_t> full{-1};
+  full.insert(full.end(), spec.shape.begin(), spec.shape.end());
+  return shape_text(full);
 }
 
 const json::value* field(const json::object& o, std::string_view key) {
@@ -42,28 +96,180 @@ const json::value* field(const json::object& o, std::string_view key) {
   return it == o.end() ? nullptr : &it->value();
 }
 
+std::string got(const json::value* v) {
+  return v == nullptr ? std::string("none") : excerpt(*v);
+}
+
+// Writes the JSON number (or bool) `v` as a T at out[i], or throws naming it.
+template <class T>
+void put(const json::value& v, T* out, std::size_t i, const std::string& what) {
+  const auto element = [&] { return what + ": data element " + std::to_string(i) + ": "; };
+  if constexpr (std::is_same_v<T, bool>) {
+    if (!v.is_bool()) throw bad(element() + "expected true or false, got " + excerpt(v));
+    out[i] = v.get_bool();
+  } else if constexpr (kIsFloat<T>) {
+    if (!v.is_number()) throw bad(element() + "expected a number, got " + excerpt(v));
+    const double d = v.to_number<double>();
+    const double max = static_cast<double>(std::numeric_limits<T>::max());
+    if (!std::isfinite(d) || std::fabs(d) > max)
+      throw bad(element() + "expected a finite number of magnitude at most " + number_text(max) +
+                ", got " + number_text(d));
+    if constexpr (std::is_same_v<T, double>)
+      out[i] = d;
+    else
+      out[i] = static_cast<T>(static_cast<float>(d));
+  } else {
+    const auto range = [&] {
+      return "an integer from " + std::to_string(int64_t{std::numeric_limits<T>::min()}) + " to " +
+             std::to_string(int64_t{std::numeric_limits<T>::max()});
+    };
+    if (!v.is_int64()) throw bad(element() + "expected " + range() + ", got " + excerpt(v));
+    const int64_t n = v.get_int64();
+    if (n < int64_t{std::numeric_limits<T>::min()} || n > int64_t{std::numeric_limits<T>::max()})
+      throw bad(element() + "expected " + range() + ", got " + std::to_string(n));
+    out[i] = static_cast<T>(n);
+  }
+}
+
+// Writes the values of `data`, flat or nested (row-major), to out[0, n); returns how many there
+// were, counting at most n + 1.
+template <class T>
+std::size_t fill(const json::value& data, T* out, std::size_t n, std::size_t i,
+                 const std::string& what) {
+  if (!data.is_array()) {
+    if (i < n) put(data, out, i, what);
+    return i + 1;
+  }
+  for (const json::value& e : data.as_array()) {
+    i = fill(e, out, n, i, what);
+    if (i > n) break;
+  }
+  return i;
+}
+
+// Checks the values of binary data that their datatype refuses: non-finite floats, bools other
+// than 0 and 1.
+template <class T>
+void check_binary(const T* p, std::size_t n, const std::string& what) {
+  for (std::size_t i = 0; i < n; ++i) {
+    if constexpr (kIsFloat<T>) {
+      const double d = static_cast<double>(p[i]);
+      if (!std::isfinite(d))
+        throw bad(what + ": binary element " + std::to_string(i) +
+                  ": expected a finite number, got " + number_text(d));
+    } else if constexpr (std::is_same_v<T, bool>) {
+      uint8_t byte = 0;
+      std::memcpy(&byte, p + i, 1);
+      if (byte > 1)
+        throw bad(what + ": binary element " + std::to_string(i) +
+                  ": expected a BOOL byte of 0 or 1, got " + std::to_string(byte));
+    }
+  }
+}
+
+// The request's shape of input `spec`, checked against the model's.
+std::vector<int64_t> read_shape(const json::value* shape, const TensorSpec& spec,
+                                const std::string& what) {
+  const auto error = [&] {
+    return bad(what + ": expected shape " + shape_text(spec) +
+               " (-1: any size >= 1; the first dim is the rows), got " + got(shape));
+  };
+  if (shape == nullptr || !shape->is_array() || shape->as_array().size() != spec.shape.size() + 1)
+    throw error();
+  std::vector<int64_t> dims;
+  for (std::size_t d = 0; d < shape->as_array().size(); ++d) {
+    const json::value& e = shape->as_array()[d];
+    if (!e.is_int64() || e.get_int64() < 1) throw error();
+    if (d > 0 && spec.shape[d - 1] != -1 && e.get_int64() != spec.shape[d - 1]) throw error();
+    dims.push_back(e.get_int64());
+  }
+  return dims;
+}
+
+std::optional<bool> read_bool(const json::object* params, std::string_view key,
+                              const std::string& what) {
+  if (params == nullptr) return std::nullopt;
+  const json::value* v = field(*params, key);
+  if (v == nullptr) return std::nullopt;
+  if (!v->is_bool())
+    throw bad(what + "parameters." + std::string(key) + ": expected true or false, got " +
+              excerpt(*v));
+  return v->get_bool();
+}
+
+const json::object* read_params(const json::object& o, const std::string& what) {
+  const json::value* p = field(o, "parameters");
+  if (p == nullptr) return nullptr;
+  if (!p->is_object()) throw bad(what + "parameters: expected an object, got " + excerpt(*p));
+  return &p->as_object();
+}
+
+template <class T>
+void append_number(std::string& s, T v) {
+  char buf[40];
+  std::to_chars_result r{};
+  if constexpr (std::is_same_v<T, bool>) {
+    s += v ? "true" : "false";
+    return;
+  } else if constexpr (std::is_same_v<T, double>) {
+    r = std::to_chars(buf, buf + sizeof buf, v);
+  } else if constexpr (kIsFloat<T>) {
+    r = std::to_chars(buf, buf + sizeof buf, static_cast<float>(v));
+  } else {
+    r = std::to_chars(buf, buf + sizeof buf, int64_t{v});
+  }
+  s.append(buf, r.ptr);
+}
+
 }  // namespace
 
+std::string datatype_name(at::ScalarType dtype) {
+  for (const Datatype& d : kDatatypes)
+    if (d.dtype == dtype) return d.name;
+  throw std::invalid_argument(std::string("no protocol datatype for dtype ") +
+                              c10::toString(dtype));
+}
+
+std::optional<at::ScalarType> datatype_dtype(std::string_view name) {
+  for (const Datatype& d : kDatatypes)
+    if (name == d.name) return d.dtype;
+  return std::nullopt;
+}
+
 std::string server_metadata(std::string_view version) {
-  return json::serialize(
-      json::object{{"name", "syncbatch"}, {"version", version}, {"extensions", json::array{}}});
+  return json::serialize(json::object{{"name", "syncbatch"},
+                                      {"version", version},
+                                      {"extensions", json::array{"binary_tensor_data"}}});
 }
 
 std::string model_metadata(const ModelInfo& model) {
-  return json::serialize(json::object{
-      {"name", model.name},
-      {"versions", json::array{"1"}},
-      {"platform", model.platform},
-      {"inputs", json::array{json::object{{"name", "input"},
-                                          {"datatype", "FP32"},
-                                          {"shape", json::array{-1, model.input_width}}}}},
-      {"outputs", json::array{json::object{
-                      {"name", "output"}, {"datatype", "FP32"}, {"shape", json::array{-1, -1}}}}}});
+  const auto describe = [](const std::vector<TensorSpec>& specs) {
+    json::array a;
+    for (const TensorSpec& t : specs) {
+      json::array shape{-1};
+      if (t.shape.empty()) shape.emplace_back(-1);
+      for (int64_t d : t.shape) shape.emplace_back(d);
+      a.emplace_back(json::object{
+          {"name", t.name}, {"datatype", datatype_name(t.dtype)}, {"shape", std::move(shape)}});
+    }
+    return a;
+  };
+  return json::serialize(json::object{{"name", model.name},
+                                      {"versions", json::array{"1"}},
+                                      {"platform", model.platform},
+                                      {"inputs", describe(model.inputs)},
+                                      {"outputs", describe(model.outputs)}});
 }
 
-InferRequest parse_infer(std::string_view body, const ModelInfo& model, int64_t max_rows) {
+InferRequest parse_infer(std::string_view body, std::optional<std::size_t> header_length,
+                         const ModelInfo& model, int64_t max_rows) {
+  if (header_length && *header_length > body.size())
+    throw bad("Inference-Header-Content-Length: expected at most the body's " +
+              std::to_string(body.size()) + " bytes, got " + std::to_string(*header_length));
+  const std::string_view header = header_length ? body.substr(0, *header_length) : body;
+  std::string_view binary = header_length ? body.substr(*header_length) : std::string_view{};
   boost::system::error_code ec;
-  const json::value v = json::parse(body, ec);
+  const json::value v = json::parse(header, ec);
   if (ec)
     throw bad("malformed JSON body: " + ec.message() + " (expected an inference request object)");
   if (!v.is_object()) throw bad("expected an inference request object, got " + excerpt(v));
@@ -73,63 +279,123 @@ InferRequest parse_infer(std::string_view body, const ModelInfo& model, int64_t 
     if (!id->is_string()) throw bad("id: expected a string, got " + excerpt(*id));
     r.id = std::string(id->as_string());
   }
+  std::string names;
+  for (const TensorSpec& t : model.inputs) names += (names.empty() ? "'" : ", '") + t.name + "'";
   const json::value* inputs = field(o, "inputs");
-  if (inputs == nullptr || !inputs->is_array() || inputs->as_array().size() != 1)
-    throw bad("inputs: expected an array of 1 input ('input'), got " +
-              (inputs == nullptr ? std::string("none") : excerpt(*inputs)));
-  const json::value& in = inputs->as_array().front();
-  if (!in.is_object()) throw bad("inputs[0]: expected an object, got " + excerpt(in));
-  const json::object& t = in.as_object();
-  const json::value* name = field(t, "name");
-  if (name == nullptr || !name->is_string() || name->as_string() != "input")
-    throw bad("inputs[0].name: expected \"input\", got " +
-              (name == nullptr ? std::string("none") : excerpt(*name)));
-  const json::value* datatype = field(t, "datatype");
-  if (datatype == nullptr || !datatype->is_string() || datatype->as_string() != "FP32")
-    throw bad("input 'input': expected datatype \"FP32\", got " +
-              (datatype == nullptr ? std::string("none") : excerpt(*datatype)));
-  const json::value* shape = field(t, "shape");
-  const auto shape_error = [&] {
-    return bad("input 'input': expected shape [rows, " + std::to_string(model.input_width) +
-               "] with rows >= 1, got " +
-               (shape == nullptr ? std::string("none") : excerpt(*shape)));
-  };
-  if (shape == nullptr || !shape->is_array() || shape->as_array().size() != 2) throw shape_error();
-  const json::array& dims = shape->as_array();
-  if (!dims[0].is_int64() || !dims[1].is_int64() || dims[0].as_int64() < 1 ||
-      dims[1].as_int64() != model.input_width)
-    throw shape_error();
-  r.rows = dims[0].as_int64();
-  if (r.rows > max_rows)
-    throw ProtocolError{413, "input 'input': expected at most " + std::to_string(max_rows) +
-                                 " rows, got " + std::to_string(r.rows)};
-  const json::value* data = field(t, "data");
-  if (data == nullptr) throw bad("input 'input': expected \"data\", got none");
-  const auto want = static_cast<std::size_t>(r.rows * model.input_width);
-  r.values.reserve(want);
-  flatten(*data, r.values, want);
-  if (r.values.size() != want)
-    throw bad("input 'input': shape [" + std::to_string(r.rows) + ", " +
-              std::to_string(model.input_width) + "] needs " + std::to_string(want) +
-              " numbers, got " +
-              (r.values.size() > want ? "more" : std::to_string(r.values.size())));
+  if (inputs == nullptr || !inputs->is_array() || inputs->as_array().size() != model.inputs.size())
+    throw bad("inputs: expected an array of " + std::to_string(model.inputs.size()) + " (" + names +
+              "), got " + got(inputs));
+  r.inputs.resize(model.inputs.size());
+  for (const json::value& in : inputs->as_array()) {
+    if (!in.is_object()) throw bad("inputs: expected objects, got " + excerpt(in));
+    const json::object& t = in.as_object();
+    const json::value* name = field(t, "name");
+    std::size_t k = 0;
+    while (k < model.inputs.size() &&
+           !(name != nullptr && name->is_string() && name->as_string() == model.inputs[k].name))
+      ++k;
+    if (k == model.inputs.size())
+      throw bad("inputs: expected a name among " + names + ", got " + got(name));
+    const TensorSpec& spec = model.inputs[k];
+    const std::string what = "input '" + spec.name + "'";
+    if (r.inputs[k].defined()) throw bad(what + ": expected once, got twice");
+    const json::value* datatype = field(t, "datatype");
+    if (datatype == nullptr || !datatype->is_string() ||
+        datatype->as_string() != datatype_name(spec.dtype))
+      throw bad(what + ": expected datatype \"" + datatype_name(spec.dtype) + "\", got " +
+                got(datatype));
+    const std::vector<int64_t> shape = read_shape(field(t, "shape"), spec, what);
+    if (r.rows == 0) r.rows = shape[0];
+    if (shape[0] != r.rows)
+      throw bad(what + ": expected the " + std::to_string(r.rows) +
+                " rows of the inputs before it, got " + std::to_string(shape[0]));
+    if (r.rows > max_rows)
+      throw ProtocolError{413, what + ": expected at most " + std::to_string(max_rows) +
+                                   " rows, got " + std::to_string(r.rows)};
+    // Every value takes at least one byte of the body: a shape that claims more than that is
+    // refused before anything is allocated for it.
+    std::size_t numel = 1;
+    for (int64_t d : shape) {
+      if (numel > body.size()) break;
+      numel *= static_cast<std::size_t>(d);
+    }
+    if (numel > body.size())
+      throw bad(what + ": shape " + shape_text(shape) + " needs more values than the body's " +
+                std::to_string(body.size()) + " bytes can hold");
+    at::Tensor x = at::empty(shape, at::TensorOptions().dtype(spec.dtype));
+    const json::object* params = read_params(t, what + ": ");
+    const json::value* size = params ? field(*params, "binary_data_size") : nullptr;
+    const json::value* data = field(t, "data");
+    if (size != nullptr) {
+      const std::size_t want = numel * x.element_size();
+      if (!header_length)
+        throw bad(what +
+                  ": parameters.binary_data_size needs the Inference-Header-Content-Length "
+                  "header, got none");
+      if (data != nullptr) throw bad(what + ": expected \"data\" or binary data, got both");
+      if (!size->is_int64() || size->get_int64() < 0 ||
+          static_cast<std::size_t>(size->get_int64()) != want)
+        throw bad(what + ": expected binary_data_size " + std::to_string(want) + " (shape " +
+                  shape_text(shape) + " of " + datatype_name(spec.dtype) + "), got " +
+                  excerpt(*size));
+      if (want > binary.size())
+        throw bad(what + ": expected " + std::to_string(want) +
+                  " bytes of binary data, the body has " + std::to_string(binary.size()) + " left");
+      std::memcpy(x.data_ptr(), binary.data(), want);
+      binary.remove_prefix(want);
+      visit(spec.dtype, [&](auto t0) { check_binary(x.data_ptr<decltype(t0)>(), numel, what); });
+    } else {
+      if (data == nullptr) throw bad(what + ": expected \"data\" or binary data, got neither");
+      const std::size_t n = visit(spec.dtype, [&](auto t0) {
+        return fill(*data, x.data_ptr<decltype(t0)>(), numel, 0, what);
+      });
+      if (n != numel)
+        throw bad(what + ": shape " + shape_text(shape) + " needs " + std::to_string(numel) +
+                  " values, got " + (n > numel ? "more" : std::to_string(n)));
+    }
+    r.inputs[k] = std::move(x);
+  }
+  if (!binary.empty())
+    throw bad("binary data: the inputs' binary_data_size take " +
+              std::to_string(body.size() - header.size() - binary.size()) + " bytes, got " +
+              std::to_string(body.size() - header.size()));
+  const json::object* params = read_params(o, "");
+  const bool all_binary = read_bool(params, "binary_data_output", "").value_or(false);
   if (const json::value* outputs = field(o, "outputs")) {
     if (!outputs->is_array()) throw bad("outputs: expected an array, got " + excerpt(*outputs));
     for (const json::value& out : outputs->as_array()) {
       const json::value* n = out.is_object() ? field(out.as_object(), "name") : nullptr;
-      if (n == nullptr || !n->is_string() || n->as_string() != "output")
-        throw bad("outputs: expected only {\"name\": \"output\"}, got " + excerpt(out));
+      std::size_t k = 0;
+      while (k < model.outputs.size() &&
+             !(n != nullptr && n->is_string() && n->as_string() == model.outputs[k].name))
+        ++k;
+      if (k == model.outputs.size()) {
+        std::string known;
+        for (const TensorSpec& t : model.outputs)
+          known += (known.empty() ? "'" : ", '") + t.name + "'";
+        throw bad("outputs: expected names among " + known + ", got " + excerpt(out));
+      }
+      for (std::size_t seen : r.outputs)
+        if (seen == k)
+          throw bad("outputs: expected '" + model.outputs[k].name + "' once, got twice");
+      r.outputs.push_back(k);
+      r.binary.push_back(
+          read_bool(read_params(out.as_object(), "output '" + model.outputs[k].name + "': "),
+                    "binary_data", "output '" + model.outputs[k].name + "': ")
+              .value_or(all_binary));
     }
   }
-  if (const json::value* params = field(o, "parameters")) {
-    if (!params->is_object()) throw bad("parameters: expected an object, got " + excerpt(*params));
-    const json::object& p = params->as_object();
-    if (const json::value* timeout = field(p, "timeout")) {
+  if (r.outputs.empty()) {
+    for (std::size_t k = 0; k < model.outputs.size(); ++k) r.outputs.push_back(k);
+    r.binary.assign(model.outputs.size(), all_binary);
+  }
+  if (params != nullptr) {
+    if (const json::value* timeout = field(*params, "timeout")) {
       if (!timeout->is_int64() || timeout->as_int64() < 1)
         throw bad("parameters.timeout: expected microseconds >= 1, got " + excerpt(*timeout));
       r.timeout = std::chrono::microseconds(timeout->as_int64());
     }
-    if (const json::value* priority = field(p, "priority")) {
+    if (const json::value* priority = field(*params, "priority")) {
       if (!priority->is_int64() || priority->as_int64() < 0)
         throw bad("parameters.priority: expected a level >= 0, got " + excerpt(*priority));
       r.priority = static_cast<std::size_t>(priority->as_int64());
@@ -138,28 +404,58 @@ InferRequest parse_infer(std::string_view body, const ModelInfo& model, int64_t 
   return r;
 }
 
-std::string infer_response(const ModelInfo& model, const std::optional<std::string>& id,
-                           const at::Tensor& y) {
-  const at::Tensor out = y.to(at::kFloat).contiguous().reshape({y.size(0), -1});
-  const float* p = out.data_ptr<float>();
-  const int64_t n = out.numel();
-  json::array data;
-  data.reserve(static_cast<std::size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(p[i]))
-      throw ProtocolError{500, "output 'output': element " + std::to_string(i) + " is " +
-                                   number_text(p[i]) + ", which JSON cannot carry"};
-    data.emplace_back(static_cast<double>(p[i]));
+Encoded infer_response(const ModelInfo& model, const InferRequest& request,
+                       const std::vector<at::Tensor>& y) {
+  std::string head =
+      "{\"model_name\":" + json::serialize(json::string(model.name)) + ",\"model_version\":\"1\"";
+  if (request.id) head += ",\"id\":" + json::serialize(json::string(*request.id));
+  head += ",\"outputs\":[";
+  std::string binary;
+  for (std::size_t i = 0; i < request.outputs.size(); ++i) {
+    const std::size_t k = request.outputs[i];
+    const std::string& name = model.outputs[k].name;
+    if (k >= y.size())
+      throw ProtocolError{500, "output '" + name + "': the model returned " +
+                                   std::to_string(y.size()) + " outputs"};
+    const at::Tensor out = y[k].contiguous();
+    head += std::string(i ? "," : "") + "{\"name\":" + json::serialize(json::string(name)) +
+            ",\"datatype\":\"" + datatype_name(out.scalar_type()) + "\",\"shape\":[";
+    for (int64_t d = 0; d < out.dim(); ++d) {
+      if (d) head += ',';
+      head += std::to_string(out.size(d));
+    }
+    head += "]";
+    const std::size_t n = static_cast<std::size_t>(out.numel());
+    if (request.binary[i]) {
+      const std::size_t bytes = n * out.element_size();
+      head += ",\"parameters\":{\"binary_data_size\":" + std::to_string(bytes) + "}}";
+      binary.append(static_cast<const char*>(out.data_ptr()), bytes);
+      continue;
+    }
+    head += ",\"data\":[";
+    head.reserve(head.size() + n * 12);
+    visit(out.scalar_type(), [&](auto t0) {
+      using T = decltype(t0);
+      const T* p = out.data_ptr<T>();
+      for (std::size_t e = 0; e < n; ++e) {
+        if constexpr (kIsFloat<T>) {
+          if (!std::isfinite(static_cast<double>(p[e])))
+            throw ProtocolError{500, "output '" + name + "': element " + std::to_string(e) +
+                                         " is " + number_text(static_cast<double>(p[e])) +
+                                         ", which JSON cannot carry (binary data can: "
+                                         "parameters.binary_data_output)"};
+        }
+        if (e) head += ',';
+        append_number(head, p[e]);
+      }
+    });
+    head += "]}";
   }
-  json::object o{
-      {"model_name", model.name},
-      {"model_version", "1"},
-      {"outputs", json::array{json::object{{"name", "output"},
-                                           {"datatype", "FP32"},
-                                           {"shape", json::array{out.size(0), out.size(1)}},
-                                           {"data", std::move(data)}}}}};
-  if (id) o["id"] = *id;
-  return json::serialize(o);
+  head += "]}";
+  if (binary.empty()) return {std::move(head), std::nullopt};
+  const std::size_t length = head.size();
+  head += binary;
+  return {std::move(head), length};
 }
 
 std::string error_body(std::string_view message) {

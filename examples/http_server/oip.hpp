@@ -1,16 +1,19 @@
-// The Open Inference Protocol (KServe v2) REST codec for the server's model: metadata, infer
-// requests with JSON tensor data, infer responses and error bodies. No sockets here: the server
-// routes, this reads and writes bodies.
+// The Open Inference Protocol (KServe v2) REST codec: metadata, infer requests with JSON tensor
+// data or the binary tensor data extension, infer responses and error bodies. No sockets here:
+// the server routes, this reads and writes bodies.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "spec.hpp"
 
 namespace syncbatch::http::oip {
 
@@ -21,42 +24,68 @@ struct ProtocolError {
   std::string message;
 };
 
-/// What the metadata endpoints describe: one FP32 input [-1, width] named "input", one FP32
-/// output [-1, -1] named "output".
+/// The protocol's name of a dtype ("FP32", "INT64", "BOOL", ...).
+/// Errors: std::invalid_argument for a dtype the protocol has no name for.
+std::string datatype_name(at::ScalarType dtype);
+
+/// The dtype of a protocol datatype name; none for an unknown or unsupported one (BYTES, and the
+/// unsigned types wider than 8 bits, which LibTorch 1.13 lacks).
+std::optional<at::ScalarType> datatype_dtype(std::string_view name);
+
+/// What the metadata endpoints describe.
 struct ModelInfo {
   std::string name;
-  int64_t input_width = 0;
+  std::vector<TensorSpec> inputs;
+  std::vector<TensorSpec> outputs;
   std::string platform = "syncbatch";
 };
 
 /// GET /v2: {"name", "version", "extensions"}.
 std::string server_metadata(std::string_view version);
 
-/// GET /v2/models/{name}.
+/// GET /v2/models/{name}: inputs and outputs with -1 for the batch and the varying dims.
 std::string model_metadata(const ModelInfo& model);
 
-/// A decoded infer request: `rows` rows of `input_width` floats, and its control parameters.
+/// A decoded infer request.
 struct InferRequest {
   std::optional<std::string> id;
-  std::vector<float> values;
+  /// The model's inputs in its order, each a CPU tensor of its datatype [rows, ...].
+  std::vector<at::Tensor> inputs;
   int64_t rows = 0;
+  /// The outputs to answer with (indices into the model's outputs, in the request's order; all,
+  /// in the model's order, when the request names none), and whether each goes as binary data.
+  std::vector<std::size_t> outputs;
+  std::vector<bool> binary;
   /// parameters.timeout (microseconds, as Triton): the request must start within it.
   std::optional<std::chrono::microseconds> timeout;
   /// parameters.priority: the submitter's priority level (0 the highest).
   std::optional<std::size_t> priority;
 };
 
-/// Decodes POST /v2/models/{name}/infer with JSON tensor data (flat or nested, row-major).
-/// Errors: ProtocolError 400 naming what was expected and what came (malformed JSON, not one
-/// input named "input", a datatype other than FP32, a shape other than [rows, width], a data
-/// length that does not match the shape, a number that is not finite float32, a requested
-/// output other than "output", a bad parameter), 413 for more than `max_rows` rows.
-InferRequest parse_infer(std::string_view body, const ModelInfo& model, int64_t max_rows);
+/// Decodes POST /v2/models/{name}/infer. `header_length` is the Inference-Header-Content-Length
+/// of a request that uses the binary tensor data extension: the JSON header is the body's first
+/// `header_length` bytes, and the inputs with parameters.binary_data_size take their bytes from
+/// the rest, in order (little-endian, row-major).
+/// Errors: ProtocolError 400 naming what was expected and what came (malformed JSON, a missing,
+/// unknown or repeated input, a datatype or shape other than the model's, inputs of different
+/// rows, data that does not match the shape, a number that its datatype cannot hold (non-finite
+/// floats included), binary sizes that do not add up to the bytes sent, an unknown output, a
+/// bad parameter), 413 for more than `max_rows` rows.
+InferRequest parse_infer(std::string_view body, std::optional<std::size_t> header_length,
+                         const ModelInfo& model, int64_t max_rows);
 
-/// The infer answer for output `y` ([rows, k] float32 on the CPU).
-/// Errors: ProtocolError 500 naming the element when y holds inf or nan (JSON cannot carry it).
-std::string infer_response(const ModelInfo& model, const std::optional<std::string>& id,
-                           const at::Tensor& y);
+/// An encoded infer answer: the body, and the length of its JSON header when binary output data
+/// follows it (the Inference-Header-Content-Length to send).
+struct Encoded {
+  std::string body;
+  std::optional<std::size_t> header_length;
+};
+
+/// The answer to `request` with the model's outputs `y` (CPU tensors, [rows, ...] each).
+/// Errors: ProtocolError 500 naming the output and element when a JSON output holds inf or nan
+/// (JSON cannot carry it; binary data can).
+Encoded infer_response(const ModelInfo& model, const InferRequest& request,
+                       const std::vector<at::Tensor>& y);
 
 /// {"error": message}.
 std::string error_body(std::string_view message);

@@ -277,49 +277,82 @@ std::string stats_to_json(const SubmitterStats& s) {
 
 }  // namespace
 
-struct Server::Impl {
-  using Submitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
+// One model as the server serves it.
+struct Endpoint {
+  using Submitter = BatchedSubmitter<Tensors, Tensors, TorchBackend>;
 
-  Impl(Model m, ServerOptions o) : model(std::move(m)), options(std::move(o)), acceptor(ioc) {
-    if (!model.forward || model.input_width < 1)
-      throw std::invalid_argument("Server: expected a model with an input width >= 1");
-    if (options.model_name.empty() || options.model_name.find('/') != std::string::npos)
-      throw std::invalid_argument("Server: expected a model name without '/', got '" +
-                                  options.model_name + "'");
-    if (options.priority_levels < 1)
-      throw std::invalid_argument("Server: expected at least 1 priority level, got 0");
-    info.name = options.model_name;
-    info.input_width = model.input_width;
+  Endpoint(ServedModel served)
+      : model(std::move(served.model)), options(std::move(served.options)) {
+    const ModelOptions& o = options;
+    const std::string what = "model '" + o.name + "': ";
+    if (!model.forward || model.inputs.empty() || model.outputs.empty())
+      throw std::invalid_argument(what + "expected a forward function, inputs and outputs");
+    if (o.name.empty() || o.name.find('/') != std::string::npos)
+      throw std::invalid_argument("Server: expected a model name without '/', got '" + o.name +
+                                  "'");
+    if (o.priority_levels < 1)
+      throw std::invalid_argument(what + "expected at least 1 priority level, got 0");
+    if (o.timeout.count() < 0)
+      throw std::invalid_argument(what + "expected a timeout >= 0 ms, got " +
+                                  std::to_string(o.timeout.count()));
+    if (o.shed_late && o.timeout.count() == 0)
+      throw std::invalid_argument(what + "shedding needs a timeout to predict against, got none");
+    for (const auto& specs : {model.inputs, model.outputs})
+      for (const TensorSpec& t : specs) oip::datatype_name(t.dtype);  // one the protocol names
+    info = {o.name, model.inputs, model.outputs};
+    v1 = model.inputs.size() == 1 && model.inputs[0].dtype == at::kFloat &&
+         model.inputs[0].shape.size() == 1 && model.inputs[0].shape[0] >= 1;
+    const SubmitterOptions sopts{.queue_capacity = o.queue_capacity,
+                                 .on_full = OverflowPolicy::kReject,
+                                 .workers = o.workers,
+                                 .policy = o.policy,
+                                 .default_timeout = o.timeout,
+                                 .shed_late = o.shed_late,
+                                 .priority_levels = o.priority_levels,
+                                 .default_priority = o.priority_levels - 1};
+    const c10::Device device = o.device;
+    if (o.mode == Mode::kPerCall) {
+      submitter.emplace(
+          [f = model.forward, device](Tensors& x) {
+            for (at::Tensor& t : x) t = t.to(device, /*non_blocking=*/true);
+            Tensors y = f(x);
+            for (at::Tensor& t : y) t = to_host_async(t);
+            return y;
+          },
+          sopts, TorchBackend(device));
+    } else if (o.mode == Mode::kStacked) {
+      StackingOptions stacking{.device = device, .output_device = c10::Device(c10::kCPU)};
+      for (const TensorSpec& t : model.inputs)
+        stacking.expect.push_back(InputSpec{t.dtype, t.shape, t.pad_value});
+      if (!o.batch_buckets.empty())
+        stacking.batch_buckets = RowBuckets(o.batch_buckets, "batch_buckets");
+      if (!o.length_buckets.empty())
+        stacking.length_buckets = RowBuckets(o.length_buckets, "length_buckets");
+      submitter.emplace(make_stacked_model_multi(model.forward, std::move(stacking)), sopts,
+                        TorchBackend(device));
+    }
+  }
+
+  Model model;
+  ModelOptions options;
+  oip::ModelInfo info;
+  bool v1 = false;  // takes /v1/infer's one float32 [rows, width] input
+  Metrics metrics;
+  std::optional<Submitter> submitter;
+};
+
+struct Server::Impl {
+  Impl(std::vector<ServedModel> models, ServerOptions o) : options(std::move(o)), acceptor(ioc) {
+    if (models.empty()) throw std::invalid_argument("Server: expected at least 1 model, got 0");
     if (options.threads < 1)
       throw std::invalid_argument("Server: expected at least 1 thread, got " +
                                   std::to_string(options.threads));
-    if (options.timeout.count() < 0)
-      throw std::invalid_argument("Server: expected a timeout >= 0 ms, got " +
-                                  std::to_string(options.timeout.count()));
-    if (options.shed_late && options.timeout.count() == 0)
-      throw std::invalid_argument("Server: shedding needs a timeout to predict against, got none");
-    const SubmitterOptions sopts{.queue_capacity = options.queue_capacity,
-                                 .on_full = OverflowPolicy::kReject,
-                                 .workers = options.workers,
-                                 .policy = options.policy,
-                                 .default_timeout = options.timeout,
-                                 .shed_late = options.shed_late,
-                                 .priority_levels = options.priority_levels,
-                                 .default_priority = options.priority_levels - 1};
-    const c10::Device device = options.device;
-    if (options.mode == Mode::kPerCall) {
-      submitter.emplace(
-          [f = model.forward, device](at::Tensor& x) {
-            return to_host_async(f(x.to(device, /*non_blocking=*/true)));
-          },
-          sopts, TorchBackend(device));
-    } else if (options.mode == Mode::kStacked) {
-      submitter.emplace(
-          make_stacked_model(model.forward,
-                             {.device = device,
-                              .output_device = c10::Device(c10::kCPU),
-                              .expect = {InputSpec{at::kFloat, {model.input_width}}}}),
-          sopts, TorchBackend(device));
+    for (ServedModel& m : models) {
+      for (const auto& e : endpoints)
+        if (e->options.name == m.options.name)
+          throw std::invalid_argument("Server: expected unique model names, got '" +
+                                      m.options.name + "' twice");
+      endpoints.push_back(std::make_unique<Endpoint>(std::move(m)));
     }
     const tcp::endpoint endpoint(net::ip::make_address(options.address), options.port);
     acceptor.open(endpoint.protocol());
@@ -334,13 +367,16 @@ struct Server::Impl {
   ~Impl() { stop(); }
 
   void run_thread() {
-    // Per-op mode runs the model here: on CUDA each thread forwards on a stream of its own (as
-    // the per-op benchmark clients do) and waits for it per request.
-    std::optional<c10::StreamGuard> stream;
-    const c10::Device device = options.device;
-    if (options.mode == Mode::kPerOp && device.is_cuda())
-      stream.emplace(c10::impl::getDeviceGuardImpl(device.type())
-                         ->getStreamFromGlobalPool(device, /*isHighPriority=*/false));
+    // Per-op models run here: on CUDA each thread forwards on a stream of its own (as the
+    // per-op benchmark clients do) and waits for it per request.
+    std::vector<std::unique_ptr<c10::StreamGuard>> streams;
+    for (const auto& e : endpoints) {
+      const c10::Device device = e->options.device;
+      if (e->options.mode == Mode::kPerOp && device.is_cuda())
+        streams.push_back(std::make_unique<c10::StreamGuard>(
+            c10::impl::getDeviceGuardImpl(device.type())
+                ->getStreamFromGlobalPool(device, /*isHighPriority=*/false)));
+    }
     c10::InferenceMode inference;
     ioc.run();
   }
@@ -352,7 +388,8 @@ struct Server::Impl {
         boost::system::error_code ignored;
         acceptor.close(ignored);
       });
-      if (submitter) submitter->shutdown();  // drains: pending requests complete first
+      for (auto& e : endpoints)  // drains: pending requests complete first
+        if (e->submitter) e->submitter->shutdown();
       // Their answers are written by the io threads: give them time to go out (bounded, for a
       // client that stops reading) before the io_context stops.
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
@@ -443,22 +480,41 @@ struct Server::Impl {
     stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
   }
 
-  // Inference requests are timed and counted for /metrics; the rest are answered as they come.
+  Endpoint* find(std::string_view name) {
+    for (auto& e : endpoints)
+      if (e->options.name == name) return e.get();
+    return nullptr;
+  }
+
+  std::string model_names() const {
+    std::string names;
+    for (const auto& e : endpoints) names += (names.empty() ? "'" : ", '") + e->options.name + "'";
+    return names;
+  }
+
+  // Inference requests are timed and counted for /metrics, by model; the rest are answered as
+  // they come.
   net::awaitable<Response> handle(const Request& req, tcp::socket& client) {
     const std::string_view target(req.target().data(), req.target().size());
-    const bool inference =
-        req.method() == bh::verb::post && (target == "/v1/infer" || target.ends_with("/infer"));
-    if (!inference) co_return co_await route(req, client);
+    Endpoint* e = nullptr;
+    if (req.method() == bh::verb::post) {
+      if (target == "/v1/infer" && endpoints.front()->v1) e = endpoints.front().get();
+      constexpr std::string_view kModels = "/v2/models/";
+      if (target.starts_with(kModels) && target.ends_with("/infer")) {
+        const std::string_view rest = target.substr(kModels.size());
+        e = find(rest.substr(0, rest.find('/')));
+      }
+    }
+    if (e == nullptr) co_return co_await route(req, target, client);
     const auto start = std::chrono::steady_clock::now();
-    metrics.begin();
-    Response res = co_await route(req, client);
-    metrics.end();
-    metrics.record(res.result_int(), std::chrono::steady_clock::now() - start);
+    e->metrics.begin();
+    Response res = co_await route(req, target, client);
+    e->metrics.end();
+    e->metrics.record(res.result_int(), std::chrono::steady_clock::now() - start);
     co_return res;
   }
 
-  net::awaitable<Response> route(const Request& req, tcp::socket& client) {
-    const std::string_view target(req.target().data(), req.target().size());
+  net::awaitable<Response> route(const Request& req, std::string_view target, tcp::socket& client) {
     const unsigned v = req.version();
     if (target == "/v2" || target.starts_with("/v2/"))
       co_return co_await handle_v2(req, target, client);
@@ -466,9 +522,12 @@ struct Server::Impl {
       if (req.method() != bh::verb::get) co_return method_not_allowed("GET", v);
       Response res(bh::status::ok, v);
       res.set(bh::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
-      const std::string text = metrics.prometheus(
-          options.model_name,
-          submitter ? std::optional<SubmitterStats>(submitter->stats()) : std::nullopt);
+      std::vector<Metrics::Exposed> exposed;
+      for (const auto& e : endpoints)
+        exposed.push_back(
+            {e->options.name, &e->metrics,
+             e->submitter ? std::optional<SubmitterStats>(e->submitter->stats()) : std::nullopt});
+      const std::string text = Metrics::prometheus(exposed);
       res.body().assign(text.begin(), text.end());
       co_return res;
     }
@@ -488,30 +547,38 @@ struct Server::Impl {
                                   std::string(target),
                               v);
     if (req.method() != bh::verb::post) co_return method_not_allowed("POST", v);
+    Endpoint& e = *endpoints.front();
+    if (!e.v1)
+      co_return text_response(bh::status::not_found,
+                              "/v1/infer serves a model of one float32 [rows, width] input, and '" +
+                                  e.options.name + "' is not one: use /v2/models/" +
+                                  e.options.name + "/infer",
+                              v);
     try {
-      const Decoded d = decode(req);
-      at::Tensor x = at::from_blob(const_cast<float*>(d.values.data()), {d.rows, model.input_width},
-                                   at::kFloat)
-                         .clone();
-      at::Tensor y = co_await infer(std::move(x), {}, &client);
+      const int64_t width = e.model.inputs[0].shape[0];
+      const Decoded d = decode(req, width, e.options.max_rows);
+      Tensors x{
+          at::from_blob(const_cast<float*>(d.values.data()), {d.rows, width}, at::kFloat).clone()};
+      const RequestOptions control;
+      Tensors y = co_await infer(e, std::move(x), control, &client);
       Response res(bh::status::ok, v);
-      encode(y, d, res);
+      encode(y.at(0), d, res);
       co_return res;
     } catch (const ClientGone&) {
       co_return gone(v);
-    } catch (const HttpError& e) {
-      co_return text_response(e.status, e.message, v);
-    } catch (const Error& e) {
+    } catch (const HttpError& ex) {
+      co_return text_response(ex.status, ex.message, v);
+    } catch (const Error& ex) {
       // /v1 requests have no deadline of their own: only the queue timeout can pass.
       const auto [status, message] =
-          status_of(e, "not started within the queue timeout of " +
-                           std::to_string(options.timeout.count()) + " ms");
+          status_of(ex, "not started within the queue timeout of " +
+                            std::to_string(e.options.timeout.count()) + " ms");
       Response res = text_response(status, message, v);
       if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
       co_return res;
-    } catch (const std::exception& e) {
+    } catch (const std::exception& ex) {
       co_return text_response(bh::status::internal_server_error,
-                              std::string("inference failed: ") + e.what(), v);
+                              std::string("inference failed: ") + ex.what(), v);
     }
   }
 
@@ -553,15 +620,26 @@ struct Server::Impl {
       co_return oip_error(404, "no such endpoint: " + std::string(target), v);
     std::string_view rest = target.substr(kModels.size());
     const std::string_view name = rest.substr(0, rest.find('/'));
-    const std::string_view action = rest.substr(name.size());
-    if (name != options.model_name)
-      co_return oip_error(404,
-                          "unknown model '" + std::string(name) + "': this server serves '" +
-                              options.model_name + "'",
-                          v);
+    std::string_view action = rest.substr(name.size());
+    Endpoint* found = find(name);
+    if (found == nullptr)
+      co_return oip_error(
+          404, "unknown model '" + std::string(name) + "': this server serves " + model_names(), v);
+    Endpoint& e = *found;
+    constexpr std::string_view kVersions = "/versions/";
+    if (action.starts_with(kVersions)) {  // the one version there is: "1"
+      const std::string_view version =
+          action.substr(kVersions.size()).substr(0, action.substr(kVersions.size()).find('/'));
+      if (version != "1")
+        co_return oip_error(404,
+                            "unknown version '" + std::string(version) + "' of model '" +
+                                e.options.name + "': it has version '1'",
+                            v);
+      action = action.substr(kVersions.size() + version.size());
+    }
     if (action.empty()) {
       if (auto r = need_get()) co_return *r;
-      co_return json_response(bh::status::ok, oip::model_metadata(info), v);
+      co_return json_response(bh::status::ok, oip::model_metadata(e.info), v);
     }
     if (action == "/ready") {
       if (auto r = need_get()) co_return *r;
@@ -569,7 +647,7 @@ struct Server::Impl {
     }
     if (action != "/infer")
       co_return oip_error(404,
-                          "no such endpoint: expected /v2/models/" + options.model_name +
+                          "no such endpoint: expected /v2/models/" + e.options.name +
                               ", its /ready or its /infer, got " + std::string(target),
                           v);
     if (req.method() != bh::verb::post) {
@@ -580,33 +658,55 @@ struct Server::Impl {
     try {
       const auto ct = req[bh::field::content_type];
       const std::string_view type(ct.data(), ct.size());
-      if (!type.empty() && type.substr(0, type.find(';')) != "application/json")
-        throw oip::ProtocolError{
-            415, "expected Content-Type application/json, got '" + std::string(type) + "'"};
+      const std::string_view base = type.substr(0, type.find(';'));
+      if (!type.empty() && base != "application/json" && base != "application/octet-stream")
+        throw oip::ProtocolError{415,
+                                 "expected Content-Type application/json (or "
+                                 "application/octet-stream with binary data), got '" +
+                                     std::string(type) + "'"};
+      const auto hl = req["Inference-Header-Content-Length"];
+      std::optional<std::size_t> header_length;
+      if (!hl.empty()) {
+        std::size_t n = 0;
+        const auto [ptr, ec] = std::from_chars(hl.data(), hl.data() + hl.size(), n);
+        if (ec != std::errc{} || ptr != hl.data() + hl.size())
+          throw oip::ProtocolError{400,
+                                   "Inference-Header-Content-Length: expected a length in "
+                                   "bytes, got '" +
+                                       excerpt(std::string(hl)) + "'"};
+        header_length = n;
+      }
       oip::InferRequest r = oip::parse_infer(std::string_view(req.body().data(), req.body().size()),
-                                             info, options.max_rows);
-      if (r.priority && *r.priority >= options.priority_levels)
+                                             header_length, e.info, e.options.max_rows);
+      if (r.priority && *r.priority >= e.options.priority_levels)
         throw oip::ProtocolError{400, "parameters.priority: expected a level below " +
-                                          std::to_string(options.priority_levels) +
+                                          std::to_string(e.options.priority_levels) +
                                           " (0 the highest), got " + std::to_string(*r.priority)};
       RequestOptions control;
       if (r.timeout) control.deadline = Clock::now() + *r.timeout;
       control.priority = r.priority;
-      at::Tensor x =
-          at::from_blob(r.values.data(), {r.rows, model.input_width}, at::kFloat).clone();
-      at::Tensor y = co_await infer(std::move(x), control, &client);
-      co_return json_response(bh::status::ok, oip::infer_response(info, r.id, y), v);
+      Tensors inputs = std::move(r.inputs);
+      const Tensors y = co_await infer(e, std::move(inputs), control, &client);
+      const oip::Encoded answer = oip::infer_response(e.info, r, y);
+      Response res(bh::status::ok, v);
+      res.set(bh::field::content_type,
+              answer.header_length ? "application/octet-stream" : "application/json");
+      if (answer.header_length)
+        res.set("Inference-Header-Content-Length", std::to_string(*answer.header_length));
+      res.body().assign(answer.body.begin(), answer.body.end());
+      co_return res;
     } catch (const ClientGone&) {
       co_return gone(v);
-    } catch (const oip::ProtocolError& e) {
-      co_return oip_error(e.status, e.message, v);
-    } catch (const Error& e) {
-      const auto [status, message] = status_of(e, std::string("not started in time: ") + e.what());
+    } catch (const oip::ProtocolError& ex) {
+      co_return oip_error(ex.status, ex.message, v);
+    } catch (const Error& ex) {
+      const auto [status, message] =
+          status_of(ex, std::string("not started in time: ") + ex.what());
       Response res = oip_error(static_cast<int>(status), message, v);
       if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
       co_return res;
-    } catch (const std::exception& e) {
-      co_return oip_error(500, std::string("inference failed: ") + e.what(), v);
+    } catch (const std::exception& ex) {
+      co_return oip_error(500, std::string("inference failed: ") + ex.what(), v);
     }
   }
 
@@ -629,34 +729,30 @@ struct Server::Impl {
     }
   }
 
-  Decoded decode(const Request& req) const {
+  static Decoded decode(const Request& req, int64_t width, int64_t max_rows) {
     const auto ct = req[bh::field::content_type];
     const std::string_view type(ct.data(), ct.size());
     const std::string_view base = type.substr(0, type.find(';'));
     if (base == "application/json")
-      return decode_json(std::string_view(req.body().data(), req.body().size()), model.input_width,
-                         options.max_rows);
-    if (base == "application/octet-stream")
-      return decode_raw(req.body(), model.input_width, options.max_rows);
+      return decode_json(std::string_view(req.body().data(), req.body().size()), width, max_rows);
+    if (base == "application/octet-stream") return decode_raw(req.body(), width, max_rows);
     throw HttpError{bh::status::unsupported_media_type,
                     "expected Content-Type application/json or application/octet-stream, got " +
                         (type.empty() ? std::string("none") : "'" + std::string(type) + "'")};
   }
 
-  // Runs the model on x. With a submitter, a client that hangs up while its request waits
+  // Runs model `e` on x. With a submitter, a client that hangs up while its request waits
   // cancels it (async_submit's cancellation: a queued request is never run) and ClientGone is
   // thrown; `client` is watched for that while the request is in the submitter.
-  net::awaitable<at::Tensor> infer(at::Tensor x, RequestOptions control = {},
-                                   tcp::socket* client = nullptr) {
-    if (submitter) {
-      if (client == nullptr)
-        co_return co_await async_submit(*submitter, std::move(x), net::use_awaitable, control);
+  net::awaitable<Tensors> infer(Endpoint& e, Tensors x, RequestOptions control,
+                                tcp::socket* client) {
+    if (e.submitter) {
       // `||` waits for the first to succeed: the request's outcome comes as a tuple, never as
       // an exception, so that a failed request is answered at once rather than waiting for the
-      // client to go.
+      // client to go. Both run on the connection's strand (see accept_loop).
       using namespace net::experimental::awaitable_operators;
       auto first = co_await (
-          async_submit(*submitter, std::move(x), net::as_tuple(net::use_awaitable), control) ||
+          async_submit(*e.submitter, std::move(x), net::as_tuple(net::use_awaitable), control) ||
           hangup(*client));
       if (first.index() == 1) throw ClientGone{};
       auto [error, y] = std::get<0>(std::move(first));
@@ -664,7 +760,10 @@ struct Server::Impl {
       co_return std::move(y);
     }
     // Per-op: forward here and wait for it (the copy to the host syncs this thread's stream).
-    co_return model.forward(x.to(options.device)).to(c10::kCPU);
+    for (at::Tensor& t : x) t = t.to(e.options.device);
+    Tensors y = e.model.forward(x);
+    for (at::Tensor& t : y) t = t.to(c10::kCPU);
+    co_return y;
   }
 
   // Completes when the client hangs up (end of stream or an error on its socket). A client that
@@ -704,18 +803,22 @@ struct Server::Impl {
     return res;
   }
 
-  std::string stats_json() const { return submitter ? stats_to_json(submitter->stats()) : "{}"; }
+  std::string stats_json() const {
+    std::string out = "{";
+    for (const auto& e : endpoints)
+      out += (out.size() > 1 ? "," : "") +
+             boost::json::serialize(boost::json::string(e->options.name)) + ":" +
+             (e->submitter ? stats_to_json(e->submitter->stats()) : std::string("{}"));
+    return out + "}";
+  }
 
-  Model model;
   ServerOptions options;
-  oip::ModelInfo info;
-  Metrics metrics;
+  std::vector<std::unique_ptr<Endpoint>> endpoints;
   std::atomic<bool> stopping{false};
   std::atomic<int> unanswered{0};  // requests read whose answer is not written yet
   net::io_context ioc;
   tcp::acceptor acceptor;
   unsigned short port = 0;
-  std::optional<Submitter> submitter;
   std::vector<std::thread> threads;
   std::once_flag stopped;
   std::mutex done_mu;
@@ -723,8 +826,16 @@ struct Server::Impl {
   bool done = false;
 };
 
-Server::Server(Model model, ServerOptions options)
-    : impl_(std::make_unique<Impl>(std::move(model), std::move(options))) {}
+Server::Server(std::vector<ServedModel> models, ServerOptions options)
+    : impl_(std::make_unique<Impl>(std::move(models), std::move(options))) {}
+Server::Server(Model model, ServerOptions options, ModelOptions model_options)
+    : Server(
+          [&] {
+            std::vector<ServedModel> one;
+            one.push_back({std::move(model), std::move(model_options)});
+            return one;
+          }(),
+          std::move(options)) {}
 Server::~Server() = default;
 unsigned short Server::port() const {
   return impl_->port;
