@@ -2,14 +2,23 @@
 --   wrk -t2 -c8 -d5s --latency -s bench/http/post.lua http://127.0.0.1:8080/v1/infer -- raw 256
 --   wrk ... -s bench/http/post.lua http://127.0.0.1:8080/v2/models/model/infer -- oip 256
 -- args: encoding (raw: little-endian float32 bytes; json: a JSON array; oip: an Open Inference
--- Protocol infer request with JSON tensor data), width.
+-- Protocol infer request with JSON tensor data; oip-binary: the same with the binary tensor data
+-- extension both ways), width.
 local req
 
 function init(args)
   local encoding, width = args[1] or "raw", tonumber(args[2] or 256)
-  if encoding == "raw" then
+  local bytes = string.rep(string.char(0, 0, 0, 63), width)  -- 0.5f, little endian
+  if encoding == "oip-binary" then
+    local header = '{"inputs":[{"name":"input","shape":[1,' .. width ..
+                   '],"datatype":"FP32","parameters":{"binary_data_size":' .. 4 * width ..
+                   '}}],"parameters":{"binary_data_output":true}}'
+    req = wrk.format("POST", nil, {["Content-Type"] = "application/octet-stream",
+                                   ["Inference-Header-Content-Length"] = tostring(#header)},
+                     header .. bytes)
+  elseif encoding == "raw" then
     req = wrk.format("POST", nil, {["Content-Type"] = "application/octet-stream"},
-                     string.rep(string.char(0, 0, 0, 63), width))  -- 0.5f, little endian
+                     bytes)
   else
     local t = {}
     for i = 1, width do t[i] = "0.5" end
@@ -29,7 +38,7 @@ end
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    "RESULT requests_per_s=%.1f p50_us=%d p90_us=%d p99_us=%d non2xx=%d socket_errors=%d\n",
-    summary.requests / (summary.duration / 1e6), latency:percentile(50), latency:percentile(90),
+    "RESULT requests=%d requests_per_s=%.1f p50_us=%d p90_us=%d p99_us=%d non2xx=%d socket_errors=%d\n",
+    summary.requests, summary.requests / (summary.duration / 1e6), latency:percentile(50), latency:percentile(90),
     latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
 end
