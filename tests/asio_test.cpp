@@ -224,7 +224,13 @@ TEST(AsyncSubmit, RefusedRequestsCompleteWithTheErrorThroughTheToken) {
 // once, with the request's value or the timer, and the submitter's counters add up.
 TEST(AsyncSubmit, StressOrWithTimersOnAMultiThreadedIoContext) {
   using namespace asio::experimental::awaitable_operators;
-  auto s = make_submitter(2);
+  // Batches take 50 us or more, so that the timers (0 to 199 us) win some races and lose others
+  // on any machine.
+  IntSubmitter s(BatchModel<int, int>{[](Batch<int, int>& b) {
+                   std::this_thread::sleep_for(std::chrono::microseconds(50));
+                   for (std::size_t i = 0; i < b.size(); ++i) b.set_value(i, b.input(i) * 2);
+                 }},
+                 {.workers = 2, .policy = EveryN{8}});
   asio::io_context io;
   constexpr int kCoroutines = 64, kRounds = 200;
   std::atomic<int> values{0}, timeouts{0}, wrong{0}, finished{0};
