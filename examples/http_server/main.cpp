@@ -48,7 +48,7 @@ int main(int argc, char** argv) {
       {"device", "auto"},       {"threads", "4"},        {"workers", "1"},
       {"queue", "4096"},        {"max-body", "1048576"}, {"max-rows", "256"},
       {"timeout-ms", "0"},      {"shed", "off"},         {"name", "model"},
-      {"priority-levels", "2"}, {"config", ""}};
+      {"priority-levels", "2"}, {"config", ""},          {"cancel-on-hangup", "on"}};
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i];
     if (f == "--help" || f == "-h") usage(flags, "");
@@ -65,6 +65,10 @@ int main(int argc, char** argv) {
     options.port = static_cast<unsigned short>(number(flags, "port"));
     options.threads = static_cast<int>(number(flags, "threads"));
     options.max_body_bytes = static_cast<std::size_t>(number(flags, "max-body"));
+    if (flags["cancel-on-hangup"] != "on" && flags["cancel-on-hangup"] != "off")
+      usage(flags,
+            "--cancel-on-hangup: expected on or off, got '" + flags["cancel-on-hangup"] + "'");
+    options.cancel_on_hangup = flags["cancel-on-hangup"] == "on";
     std::vector<http::ServedModel> models;
     if (!flags["config"].empty()) {
       std::ifstream in(flags["config"]);

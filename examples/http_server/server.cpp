@@ -746,6 +746,8 @@ struct Server::Impl {
   // thrown; `client` is watched for that while the request is in the submitter.
   net::awaitable<Tensors> infer(Endpoint& e, Tensors x, RequestOptions control,
                                 tcp::socket* client) {
+    if (e.submitter && !options.cancel_on_hangup)
+      co_return co_await async_submit(*e.submitter, std::move(x), net::use_awaitable, control);
     if (e.submitter) {
       // `||` waits for the first to succeed: the request's outcome comes as a tuple, never as
       // an exception, so that a failed request is answered at once rather than waiting for the

@@ -82,6 +82,10 @@ struct ServerOptions {
   unsigned short port = 0;  ///< 0: an ephemeral port (see Server::port()).
   int threads = 4;          ///< Threads running the io_context (and, per-op, the models).
   std::size_t max_body_bytes = 1 << 20;  ///< Larger bodies get 413.
+  /// A client that hangs up while its request is queued cancels it (499 in /metrics). The
+  /// watch costs each request a wait on its socket and two coroutines; off, a request runs to
+  /// its answer whether or not anyone reads it.
+  bool cancel_on_hangup = true;
 };
 
 /// A model and how it is served.
@@ -122,7 +126,7 @@ std::vector<ServedModel> load_config(std::string_view json_text);
 /// Input numbers must be finite and within their datatype's range (JSON and binary alike). JSON
 /// has no inf or nan, so a JSON answer whose output holds one is a 500 naming the element
 /// (binary answers carry every value as it is): a 200 body is always valid in its content type.
-/// A client that hangs up while its request is queued cancels it.
+/// A client that hangs up while its request is queued cancels it (ServerOptions::cancel_on_hangup).
 /// stop() (SIGTERM in main) stops accepting, answers every request already read, then
 /// returns.
 /// Errors are answered, never crash the server: 400 malformed body, wrong length or a number
