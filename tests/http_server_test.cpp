@@ -392,7 +392,10 @@ TEST(HttpServer, FullQueueAnswers503WithRetryAfterAndLosesNothing) {
 
 // A client that hangs up while its request waits in the queue cancels it: the model never sees
 // it (its rows, all 7s here, never reach a forward), and the submitter counts a cancellation.
-TEST(HttpServer, AClientThatHangsUpCancelsItsQueuedRequest) {
+// A client hangs up while its request waits in the queue behind one the model holds. With the
+// watch on (the default) the request is cancelled and the model never sees it (499 in
+// /metrics); with it off the request runs to an answer no one reads.
+void hang_up_while_queued(bool cancel_on_hangup) {
   std::latch running(1);
   std::atomic<bool> release{false};
   std::atomic<int> sevens{0};
@@ -403,7 +406,8 @@ TEST(HttpServer, AClientThatHangsUpCancelsItsQueuedRequest) {
                 return x * 2;
               },
               kWidth, "blocking"};
-  Server server(model, {.threads = 4}, {.mode = Mode::kStacked, .name = "m"});
+  Server server(model, {.threads = 4, .cancel_on_hangup = cancel_on_hangup},
+                {.mode = Mode::kStacked, .name = "m"});
   const unsigned short port = server.port();
   Reply first;
   std::thread a([&] {
@@ -428,6 +432,20 @@ TEST(HttpServer, AClientThatHangsUpCancelsItsQueuedRequest) {
     ASSERT_NE(server.stats_json().find("\"queued\":1"), std::string::npos) << server.stats_json();
     stream.socket().close();
   }
+  if (!cancel_on_hangup) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // time to (wrongly) cancel
+    release = true;
+    a.join();
+    EXPECT_EQ(first.status, 200u);
+    for (int i = 0; i < 5000 && sevens.load() == 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    EXPECT_EQ(sevens.load(), 1) << "the hung-up client's request did not run";
+    const std::string metrics = send(port, bh::verb::get, "/metrics", "", "").body;
+    EXPECT_NE(metrics.find("syncbatch_failures_total{model=\"m\",reason=\"cancelled\"} 0"),
+              std::string::npos)
+        << metrics;
+    return;
+  }
   std::string metrics;
   for (int i = 0; i < 5000; ++i) {  // until the server has seen the hang-up and cancelled it
     metrics = send(port, bh::verb::get, "/metrics", "", "").body;
@@ -447,6 +465,14 @@ TEST(HttpServer, AClientThatHangsUpCancelsItsQueuedRequest) {
   EXPECT_EQ(sevens.load(), 0);
   EXPECT_NE(send(port, bh::verb::get, "/metrics", "", "").body.find("code=\"499\"} 1"),
             std::string::npos);
+}
+
+TEST(HttpServer, AClientThatHangsUpCancelsItsQueuedRequest) {
+  hang_up_while_queued(true);
+}
+
+TEST(HttpServer, WithoutTheHangUpWatchAHungUpClientsRequestRuns) {
+  hang_up_while_queued(false);
 }
 
 // The queue timeout: a request held in the queue past it is answered 504, not run; a request
