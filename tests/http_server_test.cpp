@@ -83,7 +83,7 @@ Reply post(unsigned short port, const std::string& content_type, const std::stri
 
 std::string raw_bytes(const at::Tensor& x) {
   const at::Tensor c = x.contiguous();
-  return std::string(static_cast<const char*>(c.data_ptr()), c.numel() * sizeof(float));
+  return std::string(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size());
 }
 
 at::Tensor from_raw(const std::string& bytes, int64_t cols) {
@@ -631,11 +631,8 @@ TEST(HttpServer, ServesSeveralModelsFromAConfigWithIntegerAndBinaryTensors) {
       R"({"inputs":[{"name":"ids","datatype":"INT64","shape":[2,3],"parameters":{"binary_data_size":48}},)"
       R"({"name":"x","datatype":"FP32","shape":[2,2],"parameters":{"binary_data_size":16}}],)"
       R"("outputs":[{"name":"y","parameters":{"binary_data":true}}]})";
-  const auto bytes = [](const at::Tensor& t) {
-    return std::string(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
-  };
   const Reply bin = send(port, bh::verb::post, "/v2/models/pair/versions/1/infer",
-                         "application/octet-stream", header + bytes(ids) + bytes(x),
+                         "application/octet-stream", header + raw_bytes(ids) + raw_bytes(x),
                          {{"Inference-Header-Content-Length", std::to_string(header.size())}});
   ASSERT_EQ(bin.status, 200u) << bin.body;
   EXPECT_EQ(bin.content_type, "application/octet-stream");
@@ -645,14 +642,14 @@ TEST(HttpServer, ServesSeveralModelsFromAConfigWithIntegerAndBinaryTensors) {
           boost::json::parse(bin.body.substr(0, json_size)).as_object().at("outputs")),
       R"([{"name":"y","datatype":"FP32","shape":[2,2],"parameters":{"binary_data_size":16}}])");
   const at::Tensor want = x * 2 + ids.sum(1, true).to(at::kFloat);
-  EXPECT_EQ(bin.body.substr(json_size), bytes(want));
+  EXPECT_EQ(bin.body.substr(json_size), raw_bytes(want));
   // A header length that is not a number, and binary sizes that do not add up: 400, named.
   const Reply bad_length = send(port, bh::verb::post, "/v2/models/pair/infer", "", header,
                                 {{"Inference-Header-Content-Length", "12x"}});
   EXPECT_EQ(bad_length.status, 400u);
   EXPECT_NE(bad_length.body.find("expected a length in bytes, got '12x'"), std::string::npos);
   const Reply short_body =
-      send(port, bh::verb::post, "/v2/models/pair/infer", "", header + bytes(ids),
+      send(port, bh::verb::post, "/v2/models/pair/infer", "", header + raw_bytes(ids),
            {{"Inference-Header-Content-Length", std::to_string(header.size())}});
   EXPECT_EQ(short_body.status, 400u);
   EXPECT_NE(short_body.body.find("expected 16 bytes of binary data, the body has 0 left"),

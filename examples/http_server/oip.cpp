@@ -96,6 +96,19 @@ const json::value* field(const json::object& o, std::string_view key) {
   return it == o.end() ? nullptr : &it->value();
 }
 
+// The index in `specs` of the tensor a request names (a JSON string), or specs.size().
+std::size_t index_of(const std::vector<TensorSpec>& specs, const json::value* name) {
+  std::size_t k = 0;
+  while (k < specs.size() &&
+         !(name != nullptr && name->is_string() && name->as_string() == specs[k].name))
+    ++k;
+  return k;
+}
+
+std::string names_of(const std::vector<TensorSpec>& specs) {
+  return quoted_names(specs, [](const TensorSpec& t) { return t.name; });
+}
+
 std::string got(const json::value* v) {
   return v == nullptr ? std::string("none") : excerpt(*v);
 }
@@ -279,8 +292,7 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
     if (!id->is_string()) throw bad("id: expected a string, got " + excerpt(*id));
     r.id = std::string(id->as_string());
   }
-  std::string names;
-  for (const TensorSpec& t : model.inputs) names += (names.empty() ? "'" : ", '") + t.name + "'";
+  const std::string names = names_of(model.inputs);
   const json::value* inputs = field(o, "inputs");
   if (inputs == nullptr || !inputs->is_array() || inputs->as_array().size() != model.inputs.size())
     throw bad("inputs: expected an array of " + std::to_string(model.inputs.size()) + " (" + names +
@@ -290,10 +302,7 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
     if (!in.is_object()) throw bad("inputs: expected objects, got " + excerpt(in));
     const json::object& t = in.as_object();
     const json::value* name = field(t, "name");
-    std::size_t k = 0;
-    while (k < model.inputs.size() &&
-           !(name != nullptr && name->is_string() && name->as_string() == model.inputs[k].name))
-      ++k;
+    const std::size_t k = index_of(model.inputs, name);
     if (k == model.inputs.size())
       throw bad("inputs: expected a name among " + names + ", got " + got(name));
     const TensorSpec& spec = model.inputs[k];
@@ -364,17 +373,11 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
   if (const json::value* outputs = field(o, "outputs")) {
     if (!outputs->is_array()) throw bad("outputs: expected an array, got " + excerpt(*outputs));
     for (const json::value& out : outputs->as_array()) {
-      const json::value* n = out.is_object() ? field(out.as_object(), "name") : nullptr;
-      std::size_t k = 0;
-      while (k < model.outputs.size() &&
-             !(n != nullptr && n->is_string() && n->as_string() == model.outputs[k].name))
-        ++k;
-      if (k == model.outputs.size()) {
-        std::string known;
-        for (const TensorSpec& t : model.outputs)
-          known += (known.empty() ? "'" : ", '") + t.name + "'";
-        throw bad("outputs: expected names among " + known + ", got " + excerpt(out));
-      }
+      const std::size_t k =
+          index_of(model.outputs, out.is_object() ? field(out.as_object(), "name") : nullptr);
+      if (k == model.outputs.size())
+        throw bad("outputs: expected names among " + names_of(model.outputs) + ", got " +
+                  excerpt(out));
       for (std::size_t seen : r.outputs)
         if (seen == k)
           throw bad("outputs: expected '" + model.outputs[k].name + "' once, got twice");

@@ -487,9 +487,17 @@ struct Server::Impl {
   }
 
   std::string model_names() const {
-    std::string names;
-    for (const auto& e : endpoints) names += (names.empty() ? "'" : ", '") + e->options.name + "'";
-    return names;
+    return quoted_names(endpoints, [](const auto& e) { return e->options.name; });
+  }
+
+  // "/v2/models/{name}..." split into the name and what follows it; none for other targets.
+  static std::optional<std::pair<std::string_view, std::string_view>> model_path(
+      std::string_view target) {
+    constexpr std::string_view kModels = "/v2/models/";
+    if (!target.starts_with(kModels)) return std::nullopt;
+    const std::string_view rest = target.substr(kModels.size());
+    const std::string_view name = rest.substr(0, rest.find('/'));
+    return std::pair{name, rest.substr(name.size())};
   }
 
   // Inference requests are timed and counted for /metrics, by model; the rest are answered as
@@ -499,11 +507,8 @@ struct Server::Impl {
     Endpoint* e = nullptr;
     if (req.method() == bh::verb::post) {
       if (target == "/v1/infer" && endpoints.front()->v1) e = endpoints.front().get();
-      constexpr std::string_view kModels = "/v2/models/";
-      if (target.starts_with(kModels) && target.ends_with("/infer")) {
-        const std::string_view rest = target.substr(kModels.size());
-        e = find(rest.substr(0, rest.find('/')));
-      }
+      if (const auto path = model_path(target); path && target.ends_with("/infer"))
+        e = find(path->first);
     }
     if (e == nullptr) co_return co_await route(req, target, client);
     const auto start = std::chrono::steady_clock::now();
@@ -615,12 +620,10 @@ struct Server::Impl {
       const bool ready = target.ends_with("live") || !stopping.load();
       co_return json_response(ready ? bh::status::ok : bh::status::bad_request, "", v);
     }
-    constexpr std::string_view kModels = "/v2/models/";
-    if (!target.starts_with(kModels))
-      co_return oip_error(404, "no such endpoint: " + std::string(target), v);
-    std::string_view rest = target.substr(kModels.size());
-    const std::string_view name = rest.substr(0, rest.find('/'));
-    std::string_view action = rest.substr(name.size());
+    const auto path = model_path(target);
+    if (!path) co_return oip_error(404, "no such endpoint: " + std::string(target), v);
+    const std::string_view name = path->first;
+    std::string_view action = path->second;
     Endpoint* found = find(name);
     if (found == nullptr)
       co_return oip_error(

@@ -24,6 +24,14 @@ inline std::string excerpt(const boost::json::value& v) {
   return excerpt(boost::json::serialize(v));
 }
 
+/// 'a', 'b', 'c': the names of `items` (name(item) of each) as error messages list them.
+template <class Items, class Name>
+std::string quoted_names(const Items& items, Name name) {
+  std::string out;
+  for (const auto& item : items) out += (out.empty() ? "'" : ", '") + name(item) + "'";
+  return out;
+}
+
 /// The shortest text that reads back as `d`.
 inline std::string number_text(double d) {
   char buf[32];
