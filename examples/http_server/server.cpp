@@ -28,7 +28,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/strand.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -342,7 +342,7 @@ struct Endpoint {
 };
 
 struct Server::Impl {
-  Impl(std::vector<ServedModel> models, ServerOptions o) : options(std::move(o)), acceptor(ioc) {
+  Impl(std::vector<ServedModel> models, ServerOptions o) : options(std::move(o)) {
     if (models.empty()) throw std::invalid_argument("Server: expected at least 1 model, got 0");
     if (options.threads < 1)
       throw std::invalid_argument("Server: expected at least 1 thread, got " +
@@ -354,19 +354,29 @@ struct Server::Impl {
                                       m.options.name + "' twice");
       endpoints.push_back(std::make_unique<Endpoint>(std::move(m)));
     }
+    // One io_context per thread, each run by its thread alone: a connection lives on one of
+    // them (round robin), so its coroutine, its socket's operations and its request's
+    // completion never run on two threads at once (which racing a request against the
+    // client's hang-up, `||` in infer, needs) without a strand, and the threads share no
+    // scheduler lock.
+    for (int i = 0; i < options.threads; ++i) {
+      contexts.push_back(std::make_unique<net::io_context>(1));
+      work.push_back(net::make_work_guard(*contexts.back()));
+    }
+    acceptor.emplace(*contexts.front());
     const tcp::endpoint endpoint(net::ip::make_address(options.address), options.port);
-    acceptor.open(endpoint.protocol());
-    acceptor.set_option(net::socket_base::reuse_address(true));
-    acceptor.bind(endpoint);
-    acceptor.listen();
-    port = acceptor.local_endpoint().port();
-    net::co_spawn(ioc, accept_loop(), net::detached);
-    for (int i = 0; i < options.threads; ++i) threads.emplace_back([this] { run_thread(); });
+    acceptor->open(endpoint.protocol());
+    acceptor->set_option(net::socket_base::reuse_address(true));
+    acceptor->bind(endpoint);
+    acceptor->listen();
+    port = acceptor->local_endpoint().port();
+    net::co_spawn(*contexts.front(), accept_loop(), net::detached);
+    for (auto& c : contexts) threads.emplace_back([this, &ioc = *c] { run_thread(ioc); });
   }
 
   ~Impl() { stop(); }
 
-  void run_thread() {
+  void run_thread(net::io_context& ioc) {
     // Per-op models run here: on CUDA each thread forwards on a stream of its own (as the
     // per-op benchmark clients do) and waits for it per request.
     std::vector<std::unique_ptr<c10::StreamGuard>> streams;
@@ -384,18 +394,18 @@ struct Server::Impl {
   void stop() {
     std::call_once(stopped, [this] {
       stopping.store(true);
-      net::post(ioc, [this] {
+      net::post(*contexts.front(), [this] {
         boost::system::error_code ignored;
-        acceptor.close(ignored);
+        acceptor->close(ignored);
       });
       for (auto& e : endpoints)  // drains: pending requests complete first
         if (e->submitter) e->submitter->shutdown();
       // Their answers are written by the io threads: give them time to go out (bounded, for a
-      // client that stops reading) before the io_context stops.
+      // client that stops reading) before the io_contexts stop.
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
       while (unanswered.load() > 0 && std::chrono::steady_clock::now() < deadline)
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      ioc.stop();
+      for (auto& c : contexts) c->stop();
       for (auto& t : threads)
         if (t.joinable() && t.get_id() != std::this_thread::get_id()) t.join();
       std::lock_guard lock(done_mu);
@@ -405,21 +415,17 @@ struct Server::Impl {
   }
 
   net::awaitable<void> accept_loop() {
-    for (;;) {
-      // Each connection runs on a strand of its own: its coroutine, the socket's operations and
-      // the request's completion never run on two io threads at once, which racing a request
-      // against the client's hang-up (||, in infer) needs.
-      auto [ec, socket] =
-          co_await acceptor.async_accept(net::make_strand(ioc), net::as_tuple(net::use_awaitable));
-      if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
+    for (std::size_t next = 0;; ++next) {
+      net::io_context& home = *contexts[next % contexts.size()];
+      auto [ec, socket] = co_await acceptor->async_accept(home, net::as_tuple(net::use_awaitable));
+      if (ec == net::error::operation_aborted || !acceptor->is_open()) co_return;
       if (ec) {  // e.g. too many open files: keep serving the others, retry in a moment
-        net::steady_timer pause(acceptor.get_executor(), std::chrono::milliseconds(10));
+        net::steady_timer pause(acceptor->get_executor(), std::chrono::milliseconds(10));
         co_await pause.async_wait(net::as_tuple(net::use_awaitable));
         continue;
       }
       socket.set_option(tcp::no_delay(true), ec);
-      auto strand = socket.get_executor();
-      net::co_spawn(strand, session(beast::tcp_stream(std::move(socket))), net::detached);
+      net::co_spawn(home, session(beast::tcp_stream(std::move(socket))), net::detached);
     }
   }
 
@@ -754,7 +760,7 @@ struct Server::Impl {
     if (e.submitter) {
       // `||` waits for the first to succeed: the request's outcome comes as a tuple, never as
       // an exception, so that a failed request is answered at once rather than waiting for the
-      // client to go. Both run on the connection's strand (see accept_loop).
+      // client to go. Both run on the connection's io_context, which one thread runs (see Impl).
       using namespace net::experimental::awaitable_operators;
       auto first = co_await (
           async_submit(*e.submitter, std::move(x), net::as_tuple(net::use_awaitable), control) ||
@@ -821,8 +827,9 @@ struct Server::Impl {
   std::vector<std::unique_ptr<Endpoint>> endpoints;
   std::atomic<bool> stopping{false};
   std::atomic<int> unanswered{0};  // requests read whose answer is not written yet
-  net::io_context ioc;
-  tcp::acceptor acceptor;
+  std::vector<std::unique_ptr<net::io_context>> contexts;  // one per thread
+  std::vector<net::executor_work_guard<net::io_context::executor_type>> work;
+  std::optional<tcp::acceptor> acceptor;  // on contexts.front()
   unsigned short port = 0;
   std::vector<std::thread> threads;
   std::once_flag stopped;

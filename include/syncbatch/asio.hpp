@@ -56,8 +56,9 @@ concept Submitter = requires {
 /// type cancels the request as Future::cancel() does; the handler then gets Error(kCancelled),
 /// or the value if the request was past the point of no return. Emit the signal on the
 /// handler's executor (as those utilities do). On an io_context run by several threads that
-/// executor must be a strand (`co_spawn(make_strand(io), ...)`): `||` and parallel_group run
-/// both operations and emit the loser's cancellation on the coroutine's executor, and a
+/// executor must be a strand (`co_spawn(make_strand(io), ...)`), or each thread runs an
+/// io_context of its own (as examples/http_server does): `||` and parallel_group run both
+/// operations and emit the loser's cancellation on the coroutine's executor, and a
 /// cancellation slot is not thread-safe.
 ///
 /// Errors: a request that is not accepted (shut down, or queue full with kReject), whose
