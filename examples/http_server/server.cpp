@@ -47,7 +47,7 @@ namespace beast = boost::beast;
 namespace bh = boost::beast::http;
 using tcp = net::ip::tcp;
 using Request = bh::request<bh::vector_body<char>>;
-using Response = bh::response<bh::vector_body<char>>;
+using Response = bh::response<bh::string_body>;  // bodies are built as strings and moved in
 
 Mode parse_mode(const std::string& s) {
   if (s == "per-op") return Mode::kPerOp;
@@ -198,7 +198,7 @@ void encode(const at::Tensor& y, const Decoded& d, Response& res) {
   const at::Tensor out = y.to(at::kFloat).contiguous().view({y.size(0), -1});
   const int64_t rows = out.size(0), cols = out.size(1);
   const float* p = out.data_ptr<float>();
-  std::vector<char>& body = res.body();
+  std::string& body = res.body();
   if (d.encoding == Encoding::kRaw) {
     res.set(bh::field::content_type, "application/octet-stream");
     res.set("X-Output-Shape", std::to_string(rows) + "," + std::to_string(cols));
@@ -229,7 +229,7 @@ void encode(const at::Tensor& y, const Decoded& d, Response& res) {
   }
   if (d.nested) s += ']';
   res.set(bh::field::content_type, "application/json");
-  body.assign(s.begin(), s.end());
+  body = std::move(s);
 }
 
 // The first transfer coding of a request other than chunked (the only one this server decodes),
@@ -246,8 +246,7 @@ std::optional<std::string> unsupported_transfer_coding(const bh::request_header<
 Response text_response(bh::status status, const std::string& message, unsigned version) {
   Response res(status, version);
   res.set(bh::field::content_type, "text/plain; charset=utf-8");
-  const std::string text = message + "\n";
-  res.body().assign(text.begin(), text.end());
+  res.body() = message + "\n";
   return res;
 }
 
@@ -538,8 +537,7 @@ struct Server::Impl {
         exposed.push_back(
             {e->options.name, &e->metrics,
              e->submitter ? std::optional<SubmitterStats>(e->submitter->stats()) : std::nullopt});
-      const std::string text = Metrics::prometheus(exposed);
-      res.body().assign(text.begin(), text.end());
+      res.body() = Metrics::prometheus(exposed);
       co_return res;
     }
     if (target == "/healthz" || target == "/stats") {
@@ -547,8 +545,7 @@ struct Server::Impl {
       if (target == "/healthz") co_return text_response(bh::status::ok, "ok", v);
       Response res(bh::status::ok, v);
       res.set(bh::field::content_type, "application/json");
-      const std::string s = stats_json();
-      res.body().assign(s.begin(), s.end());
+      res.body() = stats_json();
       co_return res;
     }
     if (target != "/v1/infer")
@@ -593,10 +590,10 @@ struct Server::Impl {
     }
   }
 
-  static Response json_response(bh::status status, const std::string& body, unsigned v) {
+  static Response json_response(bh::status status, std::string body, unsigned v) {
     Response res(status, v);
     res.set(bh::field::content_type, "application/json");
-    res.body().assign(body.begin(), body.end());
+    res.body() = std::move(body);
     return res;
   }
 
@@ -696,13 +693,13 @@ struct Server::Impl {
       control.priority = r.priority;
       Tensors inputs = std::move(r.inputs);
       const Tensors y = co_await infer(e, std::move(inputs), control, &client);
-      const oip::Encoded answer = oip::infer_response(e.info, r, y);
+      oip::Encoded answer = oip::infer_response(e.info, r, y);
       Response res(bh::status::ok, v);
       res.set(bh::field::content_type,
               answer.header_length ? "application/octet-stream" : "application/json");
       if (answer.header_length)
         res.set("Inference-Header-Content-Length", std::to_string(*answer.header_length));
-      res.body().assign(answer.body.begin(), answer.body.end());
+      res.body() = std::move(answer.body);
       co_return res;
     } catch (const ClientGone&) {
       co_return gone(v);
