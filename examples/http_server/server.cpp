@@ -37,6 +37,7 @@
 #include "metrics.hpp"
 #include "oip.hpp"
 #include "syncbatch/asio.hpp"
+#include "syncbatch/detail/thread_name.hpp"
 #include "syncbatch/torch.hpp"
 #include "syncbatch/version.hpp"
 #include "text.hpp"
@@ -370,7 +371,11 @@ struct Server::Impl {
     acceptor->listen();
     port = acceptor->local_endpoint().port();
     net::co_spawn(*contexts.front(), accept_loop(), net::detached);
-    for (auto& c : contexts) threads.emplace_back([this, &ioc = *c] { run_thread(ioc); });
+    for (std::size_t i = 0; i < contexts.size(); ++i)
+      threads.emplace_back([this, i] {
+        detail::name_this_thread("sb-io-" + std::to_string(i));
+        run_thread(*contexts[i]);
+      });
   }
 
   ~Impl() { stop(); }

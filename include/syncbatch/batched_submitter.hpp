@@ -20,6 +20,7 @@
 
 #include "syncbatch/detail/request.hpp"
 #include "syncbatch/detail/request_queue.hpp"
+#include "syncbatch/detail/thread_name.hpp"
 #include "syncbatch/error.hpp"
 #include "syncbatch/future.hpp"
 #include "syncbatch/stats.hpp"
@@ -455,7 +456,11 @@ class BatchedSubmitter {
   }
 
   void start() {
-    if (options_.waker_thread) waker_ = std::thread([this] { waker_loop(); });
+    if (options_.waker_thread)
+      waker_ = std::thread([this] {
+        detail::name_this_thread("sb-waker");
+        waker_loop();
+      });
     std::latch started(static_cast<std::ptrdiff_t>(options_.workers));
     std::vector<std::exception_ptr> startup_errors(options_.workers);
     workers_.reserve(options_.workers);
@@ -529,6 +534,7 @@ class BatchedSubmitter {
 
   void run_worker(std::size_t index, std::latch& started, std::exception_ptr& startup_error) {
     bool reported = false;
+    detail::name_this_thread("sb-worker-" + std::to_string(index));
     try {
       auto ctx = backend_.make_worker(index);
       reported = true;
