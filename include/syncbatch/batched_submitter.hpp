@@ -758,8 +758,12 @@ class BatchedSubmitter {
         ++cancelled;
       }
       failures += r->has_error() ? 1 : 0;
-      r->complete();
       stats_.record_latency(after - r->arrived(), after);
+      r->prepare();
+    }
+    // Then delivered together: callbacks that post to io threads reach them in one burst.
+    for (RequestPtr r : batch) {
+      r->complete();
       intrusive_ptr_release(r);
     }
     if (options_.waker_thread && size >= kDelegatedWakeMin) {
