@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <latch>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -716,6 +717,48 @@ TEST(StackedMode, SharedResultsAreMadeOnTheReadersThread) {
   s.shutdown();
   EXPECT_EQ(via_callback.load(), 1);
   EXPECT_EQ(cuts_on_worker.load(), 1) << "a callback's result is made on the worker";
+}
+
+int cut_or_throw(const SharedSums& s, std::size_t i) {
+  if (s.values[i] % 2 != 0) throw std::runtime_error("no row " + std::to_string(i));
+  return s.values[i];
+}
+
+// A callback whose result cannot be made (the cut throws) is called with that error, and the
+// batch's other callbacks with their values: none is left uncalled.
+TEST(StackedMode, ACallbackWhoseSharedResultCannotBeMadeGetsTheError) {
+  BatchedSubmitter<int, int> s(BatchModel<int, int>{[](Batch<int, int>& b) {
+                                 auto shared = std::make_shared<SharedSums>();
+                                 for (std::size_t i = 0; i < b.size(); ++i)
+                                   shared->values.push_back(b.input(i));
+                                 for (std::size_t i = 0; i < b.size(); ++i)
+                                   b.set_shared<SharedSums, &cut_or_throw>(i, shared, i);
+                               }},
+                               {.policy = EveryN{8}});
+  std::mutex mu;
+  std::map<int, std::string> outcomes;  // by input: the value, or the error's message
+  for (int i = 0; i < 32; ++i)
+    s.submit_then(i, [&, i](std::exception_ptr e, int v) {
+      std::string outcome = std::to_string(v);
+      if (e) {
+        try {
+          std::rethrow_exception(e);
+        } catch (const std::exception& ex) {
+          outcome = ex.what();
+        }
+      }
+      std::lock_guard lock(mu);
+      outcomes[i] = outcome;
+    });
+  s.shutdown();
+  ASSERT_EQ(outcomes.size(), 32u);
+  for (int i = 0; i < 32; ++i) {
+    if (i % 2 == 0) {
+      EXPECT_EQ(outcomes[i], std::to_string(i));
+    } else {
+      EXPECT_EQ(outcomes[i].rfind("no row ", 0), 0u) << "input " << i << ": " << outcomes[i];
+    }
+  }
 }
 
 }  // namespace
