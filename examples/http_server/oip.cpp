@@ -121,8 +121,16 @@ void put(const json::value& v, T* out, std::size_t i, const std::string& what) {
     if (!v.is_bool()) throw bad(element() + "expected true or false, got " + excerpt(v));
     out[i] = v.get_bool();
   } else if constexpr (kIsFloat<T>) {
-    if (!v.is_number()) throw bad(element() + "expected a number, got " + excerpt(v));
-    const double d = v.to_number<double>();
+    double d = 0;
+    if (v.is_double()) {
+      d = v.get_double();
+    } else if (v.is_int64()) {
+      d = static_cast<double>(v.get_int64());
+    } else if (v.is_uint64()) {
+      d = static_cast<double>(v.get_uint64());
+    } else {
+      throw bad(element() + "expected a number, got " + excerpt(v));
+    }
     const double max = static_cast<double>(std::numeric_limits<T>::max());
     if (!std::isfinite(d) || std::fabs(d) > max)
       throw bad(element() + "expected a finite number of magnitude at most " + number_text(max) +
@@ -281,8 +289,15 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
               std::to_string(body.size()) + " bytes, got " + std::to_string(*header_length));
   const std::string_view header = header_length ? body.substr(0, *header_length) : body;
   std::string_view binary = header_length ? body.substr(*header_length) : std::string_view{};
+  // The parser and its stack are the thread's, kept between requests; the parsed values live
+  // in a buffer on this stack frame (the heap only past it): no allocation per JSON value.
+  thread_local json::parser parser;
+  alignas(std::max_align_t) unsigned char values[32 * 1024];
+  json::monotonic_resource memory(values, sizeof values);
+  parser.reset(&memory);
   boost::system::error_code ec;
-  const json::value v = json::parse(header, ec);
+  parser.write(header, ec);
+  const json::value v = ec ? json::value() : parser.release();
   if (ec)
     throw bad("malformed JSON body: " + ec.message() + " (expected an inference request object)");
   if (!v.is_object()) throw bad("expected an inference request object, got " + excerpt(v));
