@@ -1,8 +1,8 @@
-// http_server: serves a model over HTTP through syncbatch (see server.hpp for the endpoints).
+// http_server: serves models over HTTP through syncbatch (see protocol.hpp for the endpoints).
 //
 //   http_server --port 8080 --model mlp:3x256 --mode stacked --policy adaptive:2ms
 //   curl -s localhost:8080/v1/infer -H 'Content-Type: application/json' -d "[$(seq -s, 256)]"
-//   http_server --port 8080 --config models.json   (several models: see load_config in server.hpp;
+//   http_server --port 8080 --config models.json   (several models: see load_config in model.hpp;
 //                                                   the flags of one model are then not used)
 #include <csignal>
 #include <cstdio>

@@ -10,8 +10,8 @@
 #include <boost/json.hpp>
 
 #include "mlp.hpp"
+#include "model.hpp"
 #include "oip.hpp"
-#include "server.hpp"
 #include "syncbatch/torch/device_sync.hpp"
 #include "syncbatch/torch/torchscript.hpp"
 #include "text.hpp"
@@ -21,6 +21,25 @@
 
 namespace syncbatch::http {
 namespace json = boost::json;
+
+Mode parse_mode(const std::string& s) {
+  if (s == "per-op") return Mode::kPerOp;
+  if (s == "per-call") return Mode::kPerCall;
+  if (s == "stacked") return Mode::kStacked;
+  throw std::invalid_argument("mode: expected per-op, per-call or stacked, got '" + s + "'");
+}
+
+std::string to_string(Mode mode) {
+  switch (mode) {
+    case Mode::kPerOp:
+      return "per-op";
+    case Mode::kPerCall:
+      return "per-call";
+    case Mode::kStacked:
+      return "stacked";
+  }
+  return "?";
+}
 
 Model::Model(Forward f, std::vector<TensorSpec> in, std::vector<TensorSpec> out, std::string what)
     : forward(std::move(f)),

@@ -1,21 +1,17 @@
-// The HTTP inference server: Boost.Beast over Boost.Asio coroutines, Boost.JSON for bodies.
+// The HTTP server's transport: Boost.Beast over Boost.Asio coroutines, an io_context per
+// thread. What it answers is the protocol's (protocol.cpp).
 #include "server.hpp"
 
-#include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
-#include <bit>
-#include <charconv>
-#include <cmath>
+#include <atomic>
 #include <condition_variable>
-#include <cstring>
-#include <limits>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
-#include <string_view>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -25,7 +21,6 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -34,12 +29,8 @@
 #include <boost/beast/http.hpp>
 #include <boost/json/src.hpp>  // Boost.JSON header-only: no compiled library to link
 
-#include "metrics.hpp"
-#include "oip.hpp"
-#include "syncbatch/asio.hpp"
+#include "protocol.hpp"
 #include "syncbatch/detail/thread_name.hpp"
-#include "syncbatch/torch.hpp"
-#include "syncbatch/version.hpp"
 #include "text.hpp"
 
 namespace syncbatch::http {
@@ -47,191 +38,8 @@ namespace net = boost::asio;
 namespace beast = boost::beast;
 namespace bh = boost::beast::http;
 using tcp = net::ip::tcp;
-using Request = bh::request<bh::vector_body<char>>;
-using Response = bh::response<bh::string_body>;  // bodies are built as strings and moved in
-
-Mode parse_mode(const std::string& s) {
-  if (s == "per-op") return Mode::kPerOp;
-  if (s == "per-call") return Mode::kPerCall;
-  if (s == "stacked") return Mode::kStacked;
-  throw std::invalid_argument("mode: expected per-op, per-call or stacked, got '" + s + "'");
-}
-
-std::string to_string(Mode mode) {
-  switch (mode) {
-    case Mode::kPerOp:
-      return "per-op";
-    case Mode::kPerCall:
-      return "per-call";
-    case Mode::kStacked:
-      return "stacked";
-  }
-  return "?";
-}
 
 namespace {
-
-std::string version_string() {
-  return std::to_string(SYNCBATCH_VERSION_MAJOR) + "." + std::to_string(SYNCBATCH_VERSION_MINOR) +
-         "." + std::to_string(SYNCBATCH_VERSION_PATCH);
-}
-
-// Thrown where the client hung up while its request waited (the request was cancelled).
-struct ClientGone {};
-
-// A client error: its HTTP status and the message the body carries.
-struct HttpError {
-  bh::status status;
-  std::string message;
-};
-
-enum class Encoding { kJson, kRaw };
-
-// The request body, decoded: rows of input_width floats, and how to answer.
-struct Decoded {
-  std::vector<float> values;
-  int64_t rows = 0;
-  Encoding encoding = Encoding::kJson;
-  bool nested = false;  // JSON: [[...], ...] rather than [...]
-};
-
-std::string plural(int64_t n, const char* what) {
-  return std::to_string(n) + " " + what + (n == 1 ? "" : "s");
-}
-
-std::string element(int64_t row, std::size_t j) {
-  return "row " + std::to_string(row) + ", element " + std::to_string(j);
-}
-
-void append_row(const boost::json::array& row, int64_t width, int64_t index,
-                std::vector<float>& out) {
-  if (static_cast<int64_t>(row.size()) != width)
-    throw HttpError{bh::status::bad_request,
-                    "row " + std::to_string(index) + ": expected " + plural(width, "number") +
-                        ", got " + plural(static_cast<int64_t>(row.size()), "element")};
-  for (std::size_t j = 0; j < row.size(); ++j) {
-    if (!row[j].is_number())
-      throw HttpError{bh::status::bad_request,
-                      element(index, j) + ": expected a number, got " + excerpt(row[j])};
-    // A number JSON can write but float32 cannot hold is refused rather than run as inf.
-    const double d = row[j].to_number<double>();
-    if (!fits_float32(d))
-      throw HttpError{
-          bh::status::bad_request,
-          element(index, j) + ": expected a finite number in float32 range (magnitude at most " +
-              number_text(std::numeric_limits<float>::max()) + "), got " + number_text(d)};
-    out.push_back(static_cast<float>(d));
-  }
-}
-
-// The request's row limit, whatever its encoding.
-void check_rows(int64_t rows, int64_t max_rows) {
-  if (rows > max_rows)
-    throw HttpError{bh::status::payload_too_large, "expected at most " + plural(max_rows, "row") +
-                                                       ", got " + std::to_string(rows)};
-}
-
-Decoded decode_json(std::string_view body, int64_t width, int64_t max_rows) {
-  boost::system::error_code ec;
-  boost::json::value v = boost::json::parse(body, ec);
-  if (ec)
-    throw HttpError{bh::status::bad_request, "malformed JSON body: " + ec.message() +
-                                                 " (expected [x, ...] or [[x, ...], ...])"};
-  if (!v.is_array() || v.as_array().empty())
-    throw HttpError{bh::status::bad_request,
-                    "expected a non-empty JSON array of numbers, or of rows, got " +
-                        (v.is_array() ? std::string("an empty array") : excerpt(v))};
-  const boost::json::array& a = v.as_array();
-  Decoded d;
-  d.encoding = Encoding::kJson;
-  d.nested = a.front().is_array();
-  if (!d.nested) {
-    d.rows = 1;
-    append_row(a, width, 0, d.values);
-    return d;
-  }
-  d.rows = static_cast<int64_t>(a.size());
-  check_rows(d.rows, max_rows);
-  d.values.reserve(static_cast<std::size_t>(d.rows * width));
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (!a[i].is_array())
-      throw HttpError{
-          bh::status::bad_request,
-          "row " + std::to_string(i) + ": expected an array of numbers, got " + excerpt(a[i])};
-    append_row(a[i].as_array(), width, static_cast<int64_t>(i), d.values);
-  }
-  return d;
-}
-
-Decoded decode_raw(const std::vector<char>& body, int64_t width, int64_t max_rows) {
-  const std::size_t row_bytes = static_cast<std::size_t>(width) * sizeof(float);
-  if (body.empty() || body.size() % row_bytes != 0)
-    throw HttpError{bh::status::bad_request,
-                    "expected a non-empty multiple of " + std::to_string(row_bytes) + " bytes (" +
-                        std::to_string(width) + " little-endian float32 per row), got " +
-                        plural(static_cast<int64_t>(body.size()), "byte")};
-  Decoded d;
-  d.encoding = Encoding::kRaw;
-  d.rows = static_cast<int64_t>(body.size() / row_bytes);
-  check_rows(d.rows, max_rows);
-  d.values.resize(body.size() / sizeof(float));
-  std::memcpy(d.values.data(), body.data(), body.size());
-  if constexpr (std::endian::native == std::endian::big)
-    for (float& f : d.values)
-      f = std::bit_cast<float>(__builtin_bswap32(std::bit_cast<uint32_t>(f)));
-  for (std::size_t i = 0; i < d.values.size(); ++i)
-    if (!std::isfinite(d.values[i]))
-      throw HttpError{
-          bh::status::bad_request,
-          element(static_cast<int64_t>(i) / width, i % static_cast<std::size_t>(width)) +
-              ": expected a finite float32, got " + number_text(d.values[i])};
-  return d;
-}
-
-void append_float(std::string& s, float f) {
-  char buf[32];
-  const auto r = std::to_chars(buf, buf + sizeof buf, f);
-  s.append(buf, r.ptr);
-}
-
-// Encodes a [rows, cols] float32 CPU tensor as the request came.
-void encode(const at::Tensor& y, const Decoded& d, Response& res) {
-  const at::Tensor out = y.to(at::kFloat).contiguous().view({y.size(0), -1});
-  const int64_t rows = out.size(0), cols = out.size(1);
-  const float* p = out.data_ptr<float>();
-  std::string& body = res.body();
-  if (d.encoding == Encoding::kRaw) {
-    res.set(bh::field::content_type, "application/octet-stream");
-    res.set("X-Output-Shape", std::to_string(rows) + "," + std::to_string(cols));
-    body.resize(static_cast<std::size_t>(rows * cols) * sizeof(float));
-    std::memcpy(body.data(), p, body.size());
-    return;
-  }
-  // JSON has no inf or nan: an output that is not finite is an error naming it, never a body
-  // no parser accepts. Raw float32 answers above keep every value as the model made it.
-  for (int64_t i = 0; i < rows * cols; ++i)
-    if (!std::isfinite(p[i]))
-      throw HttpError{bh::status::internal_server_error,
-                      "output " + element(i / cols, static_cast<std::size_t>(i % cols)) + " is " +
-                          number_text(p[i]) +
-                          ", which JSON cannot carry; send the request as "
-                          "application/octet-stream to get the raw float32 values"};
-  std::string s;
-  s.reserve(static_cast<std::size_t>(rows * cols) * 12 + 8);
-  if (d.nested) s += '[';
-  for (int64_t i = 0; i < rows; ++i) {
-    if (i > 0) s += ',';
-    s += '[';
-    for (int64_t j = 0; j < cols; ++j) {
-      if (j > 0) s += ',';
-      append_float(s, p[i * cols + j]);
-    }
-    s += ']';
-  }
-  if (d.nested) s += ']';
-  res.set(bh::field::content_type, "application/json");
-  body = std::move(s);
-}
 
 // The first transfer coding of a request other than chunked (the only one this server decodes),
 // if any.
@@ -244,116 +52,33 @@ std::optional<std::string> unsupported_transfer_coding(const bh::request_header<
   return std::nullopt;
 }
 
-Response text_response(bh::status status, const std::string& message, unsigned version) {
-  Response res(status, version);
-  res.set(bh::field::content_type, "text/plain; charset=utf-8");
-  res.body() = message + "\n";
-  return res;
+// Completes when the client hangs up (end of stream or an error on its socket). A client that
+// sends more (a pipelined request) is there: this then waits until it is cancelled (the
+// request finished first), as it does when cancelled while waiting.
+// A receive that peeks rather than a wait for readability: a receive is a speculative
+// operation, queued on the socket's existing registration, where a wait changes the socket's
+// epoll registration, one system call per request.
+net::awaitable<void> hangup(tcp::socket& client) {
+  char byte = 0;
+  auto [ec, n] = co_await client.async_receive(net::buffer(&byte, 1), tcp::socket::message_peek,
+                                               net::as_tuple(net::use_awaitable));
+  if (ec || n == 0) co_return;  // cancelled (the request finished), reset, or end of stream
+  net::steady_timer never(client.get_executor(), net::steady_timer::time_point::max());
+  co_await never.async_wait(net::as_tuple(net::use_awaitable));
 }
 
-at::Tensor to_host_async(const at::Tensor& y) {
-  if (y.device().is_cpu()) return y;
-  at::Tensor host = at::empty(y.sizes(), y.options().device(c10::kCPU).pinned_memory(y.is_cuda()));
-  host.copy_(y, /*non_blocking=*/true);  // complete when the batch's sync is
-  return host;
-}
-
-std::string stats_to_json(const SubmitterStats& s) {
-  boost::json::object o;
-  o["submitted"] = s.submitted;
-  o["rejected"] = s.rejected;
-  o["completed"] = s.completed;
-  o["failed"] = s.failed;
-  o["batches"] = s.batches;
-  o["syncs"] = s.syncs;
-  o["queued"] = s.queued;
-  o["batch_limit"] = s.batch_limit;
-  o["mean_batch_size"] = s.mean_batch_size();
-  o["latency_p50_us"] = static_cast<double>(s.latency.p50.count()) / 1e3;
-  o["latency_p99_us"] = static_cast<double>(s.latency.p99.count()) / 1e3;
-  o["recent_latency_p99_us"] = static_cast<double>(s.recent_latency.p99.count()) / 1e3;
-  return boost::json::serialize(o);
+std::vector<ServedModel> check(const ServerOptions& options, std::vector<ServedModel> models) {
+  if (options.threads < 1)
+    throw std::invalid_argument("Server: expected at least 1 thread, got " +
+                                std::to_string(options.threads));
+  return models;
 }
 
 }  // namespace
 
-// One model as the server serves it.
-struct Endpoint {
-  using Submitter = BatchedSubmitter<Tensors, Tensors, TorchBackend>;
-
-  Endpoint(ServedModel served)
-      : model(std::move(served.model)), options(std::move(served.options)) {
-    const ModelOptions& o = options;
-    const std::string what = "model '" + o.name + "': ";
-    if (!model.forward || model.inputs.empty() || model.outputs.empty())
-      throw std::invalid_argument(what + "expected a forward function, inputs and outputs");
-    if (o.name.empty() || o.name.find('/') != std::string::npos)
-      throw std::invalid_argument("Server: expected a model name without '/', got '" + o.name +
-                                  "'");
-    if (o.priority_levels < 1)
-      throw std::invalid_argument(what + "expected at least 1 priority level, got 0");
-    if (o.timeout.count() < 0)
-      throw std::invalid_argument(what + "expected a timeout >= 0 ms, got " +
-                                  std::to_string(o.timeout.count()));
-    if (o.shed_late && o.timeout.count() == 0)
-      throw std::invalid_argument(what + "shedding needs a timeout to predict against, got none");
-    for (const auto& specs : {model.inputs, model.outputs})
-      for (const TensorSpec& t : specs) oip::datatype_name(t.dtype);  // one the protocol names
-    info = {o.name, model.inputs, model.outputs};
-    v1 = model.inputs.size() == 1 && model.inputs[0].dtype == at::kFloat &&
-         model.inputs[0].shape.size() == 1 && model.inputs[0].shape[0] >= 1;
-    const SubmitterOptions sopts{.queue_capacity = o.queue_capacity,
-                                 .on_full = OverflowPolicy::kReject,
-                                 .workers = o.workers,
-                                 .policy = o.policy,
-                                 .default_timeout = o.timeout,
-                                 .shed_late = o.shed_late,
-                                 .priority_levels = o.priority_levels,
-                                 .default_priority = o.priority_levels - 1};
-    const c10::Device device = o.device;
-    if (o.mode == Mode::kPerCall) {
-      submitter.emplace(
-          [f = model.forward, device](Tensors& x) {
-            for (at::Tensor& t : x) t = t.to(device, /*non_blocking=*/true);
-            Tensors y = f(x);
-            for (at::Tensor& t : y) t = to_host_async(t);
-            return y;
-          },
-          sopts, TorchBackend(device));
-    } else if (o.mode == Mode::kStacked) {
-      StackingOptions stacking{.device = device, .output_device = c10::Device(c10::kCPU)};
-      for (const TensorSpec& t : model.inputs)
-        stacking.expect.push_back(InputSpec{t.dtype, t.shape, t.pad_value});
-      if (!o.batch_buckets.empty())
-        stacking.batch_buckets = RowBuckets(o.batch_buckets, "batch_buckets");
-      if (!o.length_buckets.empty())
-        stacking.length_buckets = RowBuckets(o.length_buckets, "length_buckets");
-      submitter.emplace(make_stacked_model_multi(model.forward, std::move(stacking)), sopts,
-                        TorchBackend(device));
-    }
-  }
-
-  Model model;
-  ModelOptions options;
-  oip::ModelInfo info;
-  bool v1 = false;  // takes /v1/infer's one float32 [rows, width] input
-  Metrics metrics;
-  std::optional<Submitter> submitter;
-};
-
 struct Server::Impl {
-  Impl(std::vector<ServedModel> models, ServerOptions o) : options(std::move(o)) {
-    if (models.empty()) throw std::invalid_argument("Server: expected at least 1 model, got 0");
-    if (options.threads < 1)
-      throw std::invalid_argument("Server: expected at least 1 thread, got " +
-                                  std::to_string(options.threads));
-    for (ServedModel& m : models) {
-      for (const auto& e : endpoints)
-        if (e->options.name == m.options.name)
-          throw std::invalid_argument("Server: expected unique model names, got '" +
-                                      m.options.name + "' twice");
-      endpoints.push_back(std::make_unique<Endpoint>(std::move(m)));
-    }
+  Impl(std::vector<ServedModel> models, ServerOptions o)
+      : options(std::move(o)), protocol(check(options, std::move(models))) {
     // One io_context per thread, each run by its thread alone: a connection lives on one of
     // them (round robin), so its coroutine, its socket's operations and its request's
     // completion never run on two threads at once (which racing a request against the
@@ -384,26 +109,22 @@ struct Server::Impl {
     // Per-op models run here: on CUDA each thread forwards on a stream of its own (as the
     // per-op benchmark clients do) and waits for it per request.
     std::vector<std::unique_ptr<c10::StreamGuard>> streams;
-    for (const auto& e : endpoints) {
-      const c10::Device device = e->options.device;
-      if (e->options.mode == Mode::kPerOp && device.is_cuda())
-        streams.push_back(std::make_unique<c10::StreamGuard>(
-            c10::impl::getDeviceGuardImpl(device.type())
-                ->getStreamFromGlobalPool(device, /*isHighPriority=*/false)));
-    }
+    for (const c10::Device device : protocol.per_op_cuda_devices())
+      streams.push_back(std::make_unique<c10::StreamGuard>(
+          c10::impl::getDeviceGuardImpl(device.type())
+              ->getStreamFromGlobalPool(device, /*isHighPriority=*/false)));
     c10::InferenceMode inference;
     ioc.run();
   }
 
   void stop() {
     std::call_once(stopped, [this] {
-      stopping.store(true);
+      protocol.set_stopping();
       net::post(*contexts.front(), [this] {
         boost::system::error_code ignored;
         acceptor->close(ignored);
       });
-      for (auto& e : endpoints)  // drains: pending requests complete first
-        if (e->submitter) e->submitter->shutdown();
+      protocol.shutdown();  // drains: pending requests complete first
       // Their answers are written by the io threads: give them time to go out (bounded, for a
       // client that stops reading) before the io_contexts stop.
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
@@ -478,9 +199,11 @@ struct Server::Impl {
       }
       Request req = parser.release();
       unanswered.fetch_add(1);  // until its answer is written: stop() waits for it
-      Response res = co_await handle(req, stream.socket());
-      res.version(req.version());
-      res.keep_alive(req.keep_alive() && !stopping.load());  // a stopping server closes
+      tcp::socket& client = stream.socket();
+      Response res = co_await protocol.handle(
+          req, options.cancel_on_hangup ? HangupWatch([&client] { return hangup(client); })
+                                        : HangupWatch());
+      res.keep_alive(req.keep_alive() && !protocol.stopping());  // a stopping server closes
       res.prepare_payload();
       auto [wec, wn] = co_await bh::async_write(stream, res, net::as_tuple(net::use_awaitable));
       unanswered.fetch_sub(1);
@@ -490,337 +213,8 @@ struct Server::Impl {
     stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
   }
 
-  Endpoint* find(std::string_view name) {
-    for (auto& e : endpoints)
-      if (e->options.name == name) return e.get();
-    return nullptr;
-  }
-
-  std::string model_names() const {
-    return quoted_names(endpoints, [](const auto& e) { return e->options.name; });
-  }
-
-  // "/v2/models/{name}..." split into the name and what follows it; none for other targets.
-  static std::optional<std::pair<std::string_view, std::string_view>> model_path(
-      std::string_view target) {
-    constexpr std::string_view kModels = "/v2/models/";
-    if (!target.starts_with(kModels)) return std::nullopt;
-    const std::string_view rest = target.substr(kModels.size());
-    const std::string_view name = rest.substr(0, rest.find('/'));
-    return std::pair{name, rest.substr(name.size())};
-  }
-
-  // Inference requests are timed and counted for /metrics, by model; the rest are answered as
-  // they come.
-  net::awaitable<Response> handle(const Request& req, tcp::socket& client) {
-    const std::string_view target(req.target().data(), req.target().size());
-    Endpoint* e = nullptr;
-    if (req.method() == bh::verb::post) {
-      if (target == "/v1/infer" && endpoints.front()->v1) e = endpoints.front().get();
-      if (const auto path = model_path(target); path && target.ends_with("/infer"))
-        e = find(path->first);
-    }
-    if (e == nullptr) co_return co_await route(req, target, client);
-    const auto start = std::chrono::steady_clock::now();
-    e->metrics.begin();
-    Response res = co_await route(req, target, client);
-    e->metrics.end();
-    e->metrics.record(res.result_int(), std::chrono::steady_clock::now() - start);
-    co_return res;
-  }
-
-  net::awaitable<Response> route(const Request& req, std::string_view target, tcp::socket& client) {
-    const unsigned v = req.version();
-    if (target == "/v2" || target.starts_with("/v2/"))
-      co_return co_await handle_v2(req, target, client);
-    if (target == "/metrics") {
-      if (req.method() != bh::verb::get) co_return method_not_allowed("GET", v);
-      Response res(bh::status::ok, v);
-      res.set(bh::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
-      std::vector<Metrics::Exposed> exposed;
-      for (const auto& e : endpoints)
-        exposed.push_back(
-            {e->options.name, &e->metrics,
-             e->submitter ? std::optional<SubmitterStats>(e->submitter->stats()) : std::nullopt});
-      res.body() = Metrics::prometheus(exposed);
-      co_return res;
-    }
-    if (target == "/healthz" || target == "/stats") {
-      if (req.method() != bh::verb::get) co_return method_not_allowed("GET", v);
-      if (target == "/healthz") co_return text_response(bh::status::ok, "ok", v);
-      Response res(bh::status::ok, v);
-      res.set(bh::field::content_type, "application/json");
-      res.body() = stats_json();
-      co_return res;
-    }
-    if (target != "/v1/infer")
-      co_return text_response(bh::status::not_found,
-                              "no such endpoint: expected /v2/..., POST /v1/infer, GET /healthz, "
-                              "GET /metrics or GET /stats, got " +
-                                  std::string(target),
-                              v);
-    if (req.method() != bh::verb::post) co_return method_not_allowed("POST", v);
-    Endpoint& e = *endpoints.front();
-    if (!e.v1)
-      co_return text_response(bh::status::not_found,
-                              "/v1/infer serves a model of one float32 [rows, width] input, and '" +
-                                  e.options.name + "' is not one: use /v2/models/" +
-                                  e.options.name + "/infer",
-                              v);
-    try {
-      const int64_t width = e.model.inputs[0].shape[0];
-      const Decoded d = decode(req, width, e.options.max_rows);
-      Tensors x{
-          at::from_blob(const_cast<float*>(d.values.data()), {d.rows, width}, at::kFloat).clone()};
-      const RequestOptions control;
-      Tensors y = co_await infer(e, std::move(x), control, &client);
-      Response res(bh::status::ok, v);
-      encode(y.at(0), d, res);
-      co_return res;
-    } catch (const ClientGone&) {
-      co_return gone(v);
-    } catch (const HttpError& ex) {
-      co_return text_response(ex.status, ex.message, v);
-    } catch (const Error& ex) {
-      // /v1 requests have no deadline of their own: only the queue timeout can pass.
-      const auto [status, message] =
-          status_of(ex, "not started within the queue timeout of " +
-                            std::to_string(e.options.timeout.count()) + " ms");
-      Response res = text_response(status, message, v);
-      if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
-      co_return res;
-    } catch (const std::exception& ex) {
-      co_return text_response(bh::status::internal_server_error,
-                              std::string("inference failed: ") + ex.what(), v);
-    }
-  }
-
-  static Response json_response(bh::status status, std::string body, unsigned v) {
-    Response res(status, v);
-    res.set(bh::field::content_type, "application/json");
-    res.body() = std::move(body);
-    return res;
-  }
-
-  static Response oip_error(int status, const std::string& message, unsigned v) {
-    return json_response(static_cast<bh::status>(status), oip::error_body(message), v);
-  }
-
-  // The Open Inference Protocol's endpoints (see server.hpp).
-  net::awaitable<Response> handle_v2(const Request& req, std::string_view target,
-                                     tcp::socket& client) {
-    const unsigned v = req.version();
-    const bool get = req.method() == bh::verb::get;
-    auto need_get = [&]() -> std::optional<Response> {
-      if (get) return std::nullopt;
-      Response res = oip_error(405, "expected method GET", v);
-      res.set(bh::field::allow, "GET");
-      return res;
-    };
-    if (target == "/v2") {
-      if (auto r = need_get()) co_return *r;
-      co_return json_response(bh::status::ok, oip::server_metadata(version_string()), v);
-    }
-    if (target == "/v2/health/live" || target == "/v2/health/ready") {
-      if (auto r = need_get()) co_return *r;
-      // Ready while accepting: a stopping server is live but not ready (4xx, as the protocol
-      // says, so that balancers take it out).
-      const bool ready = target.ends_with("live") || !stopping.load();
-      co_return json_response(ready ? bh::status::ok : bh::status::bad_request, "", v);
-    }
-    const auto path = model_path(target);
-    if (!path) co_return oip_error(404, "no such endpoint: " + std::string(target), v);
-    const std::string_view name = path->first;
-    std::string_view action = path->second;
-    Endpoint* found = find(name);
-    if (found == nullptr)
-      co_return oip_error(
-          404, "unknown model '" + std::string(name) + "': this server serves " + model_names(), v);
-    Endpoint& e = *found;
-    constexpr std::string_view kVersions = "/versions/";
-    if (action.starts_with(kVersions)) {  // the one version there is: "1"
-      const std::string_view version =
-          action.substr(kVersions.size()).substr(0, action.substr(kVersions.size()).find('/'));
-      if (version != "1")
-        co_return oip_error(404,
-                            "unknown version '" + std::string(version) + "' of model '" +
-                                e.options.name + "': it has version '1'",
-                            v);
-      action = action.substr(kVersions.size() + version.size());
-    }
-    if (action.empty()) {
-      if (auto r = need_get()) co_return *r;
-      co_return json_response(bh::status::ok, oip::model_metadata(e.info), v);
-    }
-    if (action == "/ready") {
-      if (auto r = need_get()) co_return *r;
-      co_return json_response(stopping.load() ? bh::status::bad_request : bh::status::ok, "", v);
-    }
-    if (action != "/infer")
-      co_return oip_error(404,
-                          "no such endpoint: expected /v2/models/" + e.options.name +
-                              ", its /ready or its /infer, got " + std::string(target),
-                          v);
-    if (req.method() != bh::verb::post) {
-      Response res = oip_error(405, "expected method POST", v);
-      res.set(bh::field::allow, "POST");
-      co_return res;
-    }
-    try {
-      const auto ct = req[bh::field::content_type];
-      const std::string_view type(ct.data(), ct.size());
-      const std::string_view base = type.substr(0, type.find(';'));
-      if (!type.empty() && base != "application/json" && base != "application/octet-stream")
-        throw oip::ProtocolError{415,
-                                 "expected Content-Type application/json (or "
-                                 "application/octet-stream with binary data), got '" +
-                                     std::string(type) + "'"};
-      const auto hl = req["Inference-Header-Content-Length"];
-      std::optional<std::size_t> header_length;
-      if (!hl.empty()) {
-        std::size_t n = 0;
-        const auto [ptr, ec] = std::from_chars(hl.data(), hl.data() + hl.size(), n);
-        if (ec != std::errc{} || ptr != hl.data() + hl.size())
-          throw oip::ProtocolError{400,
-                                   "Inference-Header-Content-Length: expected a length in "
-                                   "bytes, got '" +
-                                       excerpt(std::string(hl)) + "'"};
-        header_length = n;
-      }
-      oip::InferRequest r = oip::parse_infer(std::string_view(req.body().data(), req.body().size()),
-                                             header_length, e.info, e.options.max_rows);
-      if (r.priority && *r.priority >= e.options.priority_levels)
-        throw oip::ProtocolError{400, "parameters.priority: expected a level below " +
-                                          std::to_string(e.options.priority_levels) +
-                                          " (0 the highest), got " + std::to_string(*r.priority)};
-      RequestOptions control;
-      if (r.timeout) control.deadline = Clock::now() + *r.timeout;
-      control.priority = r.priority;
-      Tensors inputs = std::move(r.inputs);
-      const Tensors y = co_await infer(e, std::move(inputs), control, &client);
-      oip::Encoded answer = oip::infer_response(e.info, r, y);
-      Response res(bh::status::ok, v);
-      res.set(bh::field::content_type,
-              answer.header_length ? "application/octet-stream" : "application/json");
-      if (answer.header_length)
-        res.set("Inference-Header-Content-Length", std::to_string(*answer.header_length));
-      res.body() = std::move(answer.body);
-      co_return res;
-    } catch (const ClientGone&) {
-      co_return gone(v);
-    } catch (const oip::ProtocolError& ex) {
-      co_return oip_error(ex.status, ex.message, v);
-    } catch (const Error& ex) {
-      const auto [status, message] =
-          status_of(ex, std::string("not started in time: ") + ex.what());
-      Response res = oip_error(static_cast<int>(status), message, v);
-      if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
-      co_return res;
-    } catch (const std::exception& ex) {
-      co_return oip_error(500, std::string("inference failed: ") + ex.what(), v);
-    }
-  }
-
-  // The HTTP status and message of a request the library failed or refused; `expired` is the
-  // message for one whose deadline passed before it started (each protocol words its own).
-  static std::pair<bh::status, std::string> status_of(const Error& e, std::string expired) {
-    switch (e.code()) {
-      case ErrorCode::kQueueFull:
-        return {bh::status::service_unavailable, "the inference queue is full; retry shortly"};
-      case ErrorCode::kOverloaded:
-        return {bh::status::service_unavailable, std::string("overloaded: ") + e.what()};
-      case ErrorCode::kShutDown:
-        return {bh::status::service_unavailable, "the server is shutting down"};
-      case ErrorCode::kDeadlineExceeded:
-        return {bh::status::gateway_timeout, std::move(expired)};
-      case ErrorCode::kBadRequest:
-        return {bh::status::bad_request, e.what()};
-      default:
-        return {bh::status::internal_server_error, std::string("inference failed: ") + e.what()};
-    }
-  }
-
-  static Decoded decode(const Request& req, int64_t width, int64_t max_rows) {
-    const auto ct = req[bh::field::content_type];
-    const std::string_view type(ct.data(), ct.size());
-    const std::string_view base = type.substr(0, type.find(';'));
-    if (base == "application/json")
-      return decode_json(std::string_view(req.body().data(), req.body().size()), width, max_rows);
-    if (base == "application/octet-stream") return decode_raw(req.body(), width, max_rows);
-    throw HttpError{bh::status::unsupported_media_type,
-                    "expected Content-Type application/json or application/octet-stream, got " +
-                        (type.empty() ? std::string("none") : "'" + std::string(type) + "'")};
-  }
-
-  // Runs model `e` on x. With a submitter, a client that hangs up while its request waits
-  // cancels it (async_submit's cancellation: a queued request is never run) and ClientGone is
-  // thrown; `client` is watched for that while the request is in the submitter.
-  net::awaitable<Tensors> infer(Endpoint& e, Tensors x, RequestOptions control,
-                                tcp::socket* client) {
-    if (e.submitter && !options.cancel_on_hangup)
-      co_return co_await async_submit(*e.submitter, std::move(x), net::use_awaitable, control);
-    if (e.submitter) {
-      // `||` waits for the first to succeed: the request's outcome comes as a tuple, never as
-      // an exception, so that a failed request is answered at once rather than waiting for the
-      // client to go. Both run on the connection's io_context, which one thread runs (see Impl).
-      using namespace net::experimental::awaitable_operators;
-      auto first = co_await (
-          async_submit(*e.submitter, std::move(x), net::as_tuple(net::use_awaitable), control) ||
-          hangup(*client));
-      if (first.index() == 1) throw ClientGone{};
-      auto [error, y] = std::get<0>(std::move(first));
-      if (error) std::rethrow_exception(error);
-      co_return std::move(y);
-    }
-    // Per-op: forward here and wait for it (the copy to the host syncs this thread's stream).
-    for (at::Tensor& t : x) t = t.to(e.options.device);
-    Tensors y = e.model.forward(x);
-    for (at::Tensor& t : y) t = t.to(c10::kCPU);
-    co_return y;
-  }
-
-  // Completes when the client hangs up (end of stream or an error on its socket). A client that
-  // sends more (a pipelined request) is there: this then waits until it is cancelled (the
-  // request finished first), as it does when cancelled while waiting.
-  // A receive that peeks rather than a wait for readability: a receive is a speculative
-  // operation, queued on the socket's existing registration, where a wait changes the socket's
-  // epoll registration, one system call per request.
-  static net::awaitable<void> hangup(tcp::socket& client) {
-    char byte = 0;
-    auto [ec, n] = co_await client.async_receive(net::buffer(&byte, 1), tcp::socket::message_peek,
-                                                 net::as_tuple(net::use_awaitable));
-    if (ec || n == 0) co_return;  // cancelled (the request finished), reset, or end of stream
-    net::steady_timer never(client.get_executor(), net::steady_timer::time_point::max());
-    co_await never.async_wait(net::as_tuple(net::use_awaitable));
-  }
-
-  // The answer to a client that hung up: never read, but counted in /metrics as 499 (nginx's
-  // "client closed request").
-  static Response gone(unsigned v) {
-    Response res(static_cast<bh::status>(499), v);
-    res.keep_alive(false);
-    return res;
-  }
-
-  static Response method_not_allowed(const char* allowed, unsigned v) {
-    Response res =
-        text_response(bh::status::method_not_allowed, std::string("expected method ") + allowed, v);
-    res.set(bh::field::allow, allowed);
-    return res;
-  }
-
-  std::string stats_json() const {
-    std::string out = "{";
-    for (const auto& e : endpoints)
-      out += (out.size() > 1 ? "," : "") +
-             boost::json::serialize(boost::json::string(e->options.name)) + ":" +
-             (e->submitter ? stats_to_json(e->submitter->stats()) : std::string("{}"));
-    return out + "}";
-  }
-
   ServerOptions options;
-  std::vector<std::unique_ptr<Endpoint>> endpoints;
-  std::atomic<bool> stopping{false};
+  Protocol protocol;
   std::atomic<int> unanswered{0};  // requests read whose answer is not written yet
   std::vector<std::unique_ptr<net::io_context>> contexts;  // one per thread
   std::vector<net::executor_work_guard<net::io_context::executor_type>> work;
@@ -855,7 +249,7 @@ void Server::wait() {
   impl_->done_cv.wait(lock, [&] { return impl_->done; });
 }
 std::string Server::stats_json() const {
-  return impl_->stats_json();
+  return impl_->protocol.stats_json();
 }
 
 }  // namespace syncbatch::http

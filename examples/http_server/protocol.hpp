@@ -1,0 +1,99 @@
+// The HTTP server's protocol layer: requests in, responses out, through the models'
+// submitters; the Open Inference Protocol, /v1/infer, /metrics and /stats. No sockets: the
+// transport (server.hpp) reads requests and writes what this answers, and tests drive it
+// directly.
+#pragma once
+
+#include <c10/core/Device.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/beast/http/message.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/vector_body.hpp>
+
+#include "model.hpp"
+
+namespace syncbatch::http {
+
+using Request = boost::beast::http::request<boost::beast::http::vector_body<char>>;
+/// Bodies are built as strings and moved in.
+using Response = boost::beast::http::response<boost::beast::http::string_body>;
+
+/// Completes when the client that sent the request is gone; cancelled (and then completes) when
+/// the request is answered first. Run on the executor handle() runs on.
+using HangupWatch = std::function<boost::asio::awaitable<void>()>;
+
+/// Answers the server's HTTP requests, with no sockets of its own. Endpoints:
+///   Open Inference Protocol v2 (REST; JSON tensor data and the binary tensor data extension):
+///   GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{v}],
+///        /v2/models/{name}[/versions/{v}]/ready
+///   POST /v2/models/{name}[/versions/{v}]/infer   the model's inputs by name, each with its
+///                    datatype (BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64)
+///                    and shape [rows, ...], data flat or nested, or binary (parameters
+///                    .binary_data_size, after a JSON header of Inference-Header-Content-Length
+///                    bytes); answered with the outputs asked for (all by default), as JSON or
+///                    binary (parameters.binary_data per output, binary_data_output for all);
+///                    parameters.timeout (microseconds) and parameters.priority (a level)
+///                    control the request; errors are {"error": "..."} with the statuses below.
+///   GET  /metrics    Prometheus text format (syncbatch_* metrics, labelled with the model)
+///   POST /v1/infer   (the first model, when it takes one float32 [rows, width] input)
+///                    application/json: [x, ...] (one row) or [[x, ...], ...] (rows), answered
+///                    in the same shape; application/octet-stream: rows of float32, little
+///                    endian, answered likewise with an X-Output-Shape: rows,cols header.
+///   GET  /healthz    200 "ok"
+///   GET  /stats      the submitters' counters as JSON, by model
+/// Input numbers must be finite and within their datatype's range (JSON and binary alike). JSON
+/// has no inf or nan, so a JSON answer whose output holds one is a 500 naming the element
+/// (binary answers carry every value as it is): a 200 body is always valid in its content type.
+/// A request whose client hangs up while it is queued is cancelled (see handle()).
+/// Errors are answered, never crash the server: 400 malformed body, wrong length or a number
+/// out of range (the message names what was expected and what came, quoting at most 80
+/// characters), 404, 405, 413 rows over the limit, 415 other content types, 503 with
+/// Retry-After when the queue is full,
+/// the request is shed (kOverloaded) or the server is stopping, 504 when the request was not
+/// started within its timeout, 500 when the model throws or gives a non-finite JSON output.
+/// A text/plain answer: `message` and a newline.
+Response text_response(boost::beast::http::status status, const std::string& message,
+                       unsigned version);
+
+class Protocol {
+ public:
+  /// Serves `models` (at least one; names unique, without '/'), each through a submitter of its
+  /// own (per-op models run on the caller of handle()).
+  /// Errors: std::invalid_argument naming the bad option or model.
+  explicit Protocol(std::vector<ServedModel> models);
+  ~Protocol();
+  Protocol(const Protocol&) = delete;
+  Protocol& operator=(const Protocol&) = delete;
+
+  /// The answer to `request` (its version set; keep-alive and the payload's length are the
+  /// transport's). With `hangup`, an inference request races it while queued: a client gone
+  /// first cancels the request (never run; answered 499, counted in /metrics, never read).
+  /// Per-op models run on the calling thread. Never throws for a request's content.
+  /// Thread safety: any number of concurrent calls, on executors that one thread each runs (or
+  /// strands: the race above needs it).
+  boost::asio::awaitable<Response> handle(const Request& request, HangupWatch hangup = nullptr);
+
+  /// From now on the readiness endpoints answer 400 (not ready): a load balancer or orchestrator
+  /// stops sending. Requests are still answered.
+  void set_stopping();
+  bool stopping() const;
+  /// Drains every submitter: queued requests complete first; later ones answer 503.
+  void shutdown();
+  /// The submitters' stats as JSON, by model name ("{}" for a model served per-op).
+  std::string stats_json() const;
+  /// The CUDA devices of the models served per-op: a thread that calls handle() should set a
+  /// stream of its own on each (per-op benchmark clients do).
+  std::vector<c10::Device> per_op_cuda_devices() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace syncbatch::http

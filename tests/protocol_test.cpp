@@ -1,0 +1,283 @@
+// The HTTP server's protocol layer driven directly, with no sockets: every route's status and
+// body, readiness while stopping, every encoding of an inference, and a request whose client is
+// gone while it waits in the queue cancelled before the model sees it (the hang-up watch here is
+// a coroutine of the test's).
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <future>
+#include <latch>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+#include <boost/json.hpp>
+
+#include "protocol.hpp"
+
+namespace syncbatch::http {
+namespace {
+
+namespace net = boost::asio;
+namespace bh = boost::beast::http;
+using namespace std::chrono_literals;
+
+constexpr int64_t kWidth = 4;
+
+Model affine() {
+  return {[](const at::Tensor& x) { return x * 2 + 1; }, kWidth, "x*2+1"};
+}
+
+std::vector<ServedModel> one(Model model, Mode mode = Mode::kStacked) {
+  std::vector<ServedModel> models;
+  models.push_back({std::move(model), {.mode = mode, .name = "m"}});
+  return models;
+}
+
+Request make(bh::verb verb, const std::string& target, const std::string& content_type = "",
+             const std::string& body = "") {
+  Request req(verb, target, 11);
+  if (!content_type.empty()) req.set(bh::field::content_type, content_type);
+  req.body().assign(body.begin(), body.end());
+  req.prepare_payload();
+  return req;
+}
+
+// Runs the protocol's coroutines on one thread of its own, as the server's io threads do.
+class Driver {
+ public:
+  explicit Driver(Protocol& protocol)
+      : protocol_(protocol), work_(net::make_work_guard(ioc_)), thread_([this] { ioc_.run(); }) {}
+  ~Driver() {
+    work_.reset();
+    thread_.join();
+  }
+  std::future<Response> start(Request req, HangupWatch watch = nullptr) {
+    auto r = std::make_shared<Request>(std::move(req));
+    return net::co_spawn(
+        ioc_,
+        [this, r, watch]() -> net::awaitable<Response> {
+          co_return co_await protocol_.handle(*r, watch);
+        },
+        net::use_future);
+  }
+  Response call(Request req, HangupWatch watch = nullptr) {
+    return start(std::move(req), std::move(watch)).get();
+  }
+  Response get(const std::string& target) { return call(make(bh::verb::get, target)); }
+
+ private:
+  Protocol& protocol_;
+  net::io_context ioc_;
+  net::executor_work_guard<net::io_context::executor_type> work_;
+  std::thread thread_;
+};
+
+std::string oip_json(const std::vector<float>& row) {
+  std::string data;
+  for (float f : row) {
+    if (!data.empty()) data += ',';
+    data += std::to_string(f);
+  }
+  return R"({"inputs":[{"name":"input","shape":[1,)" + std::to_string(row.size()) +
+         R"(],"datatype":"FP32","data":[)" + data + "]}]}";
+}
+
+// The floats of the first output of an OIP JSON answer.
+std::vector<double> output_data(const std::string& body) {
+  std::vector<double> out;
+  const boost::json::value v = boost::json::parse(body);
+  for (const auto& x : v.at("outputs").at(0).at("data").as_array())
+    out.push_back(x.to_number<double>());
+  return out;
+}
+
+TEST(Protocol, RoutesAnswerWithTheProtocolsStatusesAndBodies) {
+  Protocol protocol(one(affine()));
+  Driver d(protocol);
+  struct Case {
+    bh::verb verb;
+    std::string target;
+    unsigned status;
+    std::string body_has;
+  };
+  const std::vector<Case> cases{
+      {bh::verb::get, "/v2", 200, R"("name":"syncbatch")"},
+      {bh::verb::get, "/v2/health/live", 200, ""},
+      {bh::verb::get, "/v2/health/ready", 200, ""},
+      {bh::verb::get, "/v2/models/m", 200,
+       R"("inputs":[{"name":"input","datatype":"FP32","shape":[-1,4]}])"},
+      {bh::verb::get, "/v2/models/m/versions/1", 200, R"("versions":["1"])"},
+      {bh::verb::get, "/v2/models/m/versions/2", 404, "unknown version '2' of model 'm'"},
+      {bh::verb::get, "/v2/models/m/ready", 200, ""},
+      {bh::verb::get, "/v2/models/nope", 404, "unknown model 'nope': this server serves 'm'"},
+      {bh::verb::get, "/v2/models/m/explain", 404, "no such endpoint"},
+      {bh::verb::post, "/v2", 405, "expected method GET"},
+      {bh::verb::get, "/v2/models/m/infer", 405, "expected method POST"},
+      {bh::verb::get, "/v2/nowhere", 404, "no such endpoint: /v2/nowhere"},
+      {bh::verb::get, "/healthz", 200, "ok"},
+      {bh::verb::post, "/metrics", 405, "expected method GET"},
+      {bh::verb::get, "/stats", 200, R"("m":{"submitted":)"},
+      {bh::verb::get, "/nowhere", 404, "no such endpoint"},
+  };
+  for (const Case& c : cases) {
+    const Response res = d.call(make(c.verb, c.target));
+    EXPECT_EQ(res.result_int(), c.status) << c.target << ": " << res.body();
+    EXPECT_NE(res.body().find(c.body_has), std::string::npos) << c.target << ": " << res.body();
+    if (c.status == 405) {
+      EXPECT_FALSE(res[bh::field::allow].empty()) << c.target;
+    }
+    if (c.target.starts_with("/v2") && c.status >= 400) {  // the protocol's error object
+      const boost::json::value v = boost::json::parse(res.body());
+      EXPECT_TRUE(v.is_object() && v.as_object().contains("error")) << res.body();
+    }
+  }
+}
+
+TEST(Protocol, InferenceAnswersEveryEncodingWithTheModelsOutput) {
+  for (Mode mode : {Mode::kPerOp, Mode::kPerCall, Mode::kStacked}) {
+    Protocol protocol(one(affine(), mode));
+    Driver d(protocol);
+    const std::vector<float> row{0.5f, -1.0f, 2.0f, 3.25f};
+    const std::vector<double> want{2.0, -1.0, 5.0, 7.5};
+    const Response json =
+        d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json", oip_json(row)));
+    ASSERT_EQ(json.result_int(), 200u) << json.body();
+    EXPECT_EQ(output_data(json.body()), want);
+    // The binary tensor data extension: a JSON header, then the raw float32 bytes.
+    const std::string header =
+        R"({"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","parameters":{"binary_data_size":16}}],"parameters":{"binary_data_output":true}})";
+    std::string body = header;
+    body.append(reinterpret_cast<const char*>(row.data()), 16);
+    Request binary = make(bh::verb::post, "/v2/models/m/infer", "application/octet-stream", body);
+    binary.set("Inference-Header-Content-Length", std::to_string(header.size()));
+    const Response res = d.call(std::move(binary));
+    ASSERT_EQ(res.result_int(), 200u) << res.body();
+    const std::size_t n = std::stoul(std::string(res["Inference-Header-Content-Length"]));
+    ASSERT_EQ(res.body().size(), n + 16);
+    std::vector<float> got(4);
+    std::memcpy(got.data(), res.body().data() + n, 16);
+    EXPECT_EQ(std::vector<double>(got.begin(), got.end()), want);
+    // /v1/infer: JSON and raw rows.
+    const Response v1 =
+        d.call(make(bh::verb::post, "/v1/infer", "application/json", "[0.5,-1,2,3.25]"));
+    EXPECT_EQ(v1.result_int(), 200u);
+    EXPECT_EQ(v1.body(), "[2,-1,5,7.5]");
+    const Response bad =
+        d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json", "{\"inputs\":[]}"));
+    EXPECT_EQ(bad.result_int(), 400u);
+    EXPECT_NE(bad.body().find("inputs: expected an array of 1 ('input'), got []"),
+              std::string::npos)
+        << bad.body();
+    protocol.shutdown();
+  }
+}
+
+TEST(Protocol, AStoppingServerIsLiveButNotReadyThenRefusesAfterItsDrain) {
+  Protocol protocol(one(affine()));
+  Driver d(protocol);
+  protocol.set_stopping();
+  EXPECT_TRUE(protocol.stopping());
+  EXPECT_EQ(d.get("/v2/health/live").result_int(), 200u);
+  EXPECT_EQ(d.get("/v2/health/ready").result_int(), 400u);
+  EXPECT_EQ(d.get("/v2/models/m/ready").result_int(), 400u);
+  const std::string body = oip_json({1, 1, 1, 1});
+  EXPECT_EQ(
+      d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json", body)).result_int(),
+      200u)
+      << "requests still in flight are answered";
+  protocol.shutdown();
+  const Response late =
+      d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json", body));
+  EXPECT_EQ(late.result_int(), 503u);
+  EXPECT_EQ(late[bh::field::retry_after], "1");
+  EXPECT_NE(late.body().find("shutting down"), std::string::npos) << late.body();
+}
+
+// Request 2 waits in the queue behind request 1, which the model holds; its client's watch
+// completes (the client is gone): request 2 is cancelled, answered 499 and counted, and the
+// model never sees it. A watch that never completes is cancelled when the answer comes first.
+TEST(Protocol, AQueuedRequestWhoseClientIsGoneIsCancelledBeforeTheModelSeesIt) {
+  std::latch running(1);
+  std::atomic<bool> release{false};
+  std::atomic<int> calls{0}, sevens{0};
+  Model held{[&](const at::Tensor& x) {
+               calls.fetch_add(1);
+               running.count_down();
+               while (!release.load()) std::this_thread::sleep_for(1ms);
+               if ((x == 7).all(1).any().item<bool>()) sevens.fetch_add(1);
+               return x * 2 + 1;
+             },
+             kWidth, "held"};
+  Protocol protocol(one(std::move(held)));
+  Driver d(protocol);
+  auto first = d.start(
+      make(bh::verb::post, "/v2/models/m/infer", "application/json", oip_json({1, 1, 1, 1})));
+  running.wait();
+  std::atomic<bool> watching{false};
+  auto gone_after_a_while = [&watching]() -> net::awaitable<void> {
+    watching = true;
+    net::steady_timer t(co_await net::this_coro::executor, 30ms);
+    co_await t.async_wait(net::use_awaitable);
+  };
+  auto second = d.start(
+      make(bh::verb::post, "/v2/models/m/infer", "application/json", oip_json({7, 7, 7, 7})),
+      gone_after_a_while);
+  const bool answered = second.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  release = true;  // before any assertion: the model must not hold the worker past the test
+  ASSERT_TRUE(answered) << "the gone client's request was not cancelled while queued";
+  EXPECT_TRUE(watching.load());
+  EXPECT_EQ(second.get().result_int(), 499u);
+  EXPECT_EQ(first.get().result_int(), 200u);
+  // An answer that comes first cancels the watch: a watch of an hour does not hold it.
+  auto never_gone = []() -> net::awaitable<void> {
+    net::steady_timer t(co_await net::this_coro::executor, std::chrono::hours(1));
+    co_await t.async_wait(net::use_awaitable);
+  };
+  const auto started = std::chrono::steady_clock::now();
+  const Response third =
+      d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json", oip_json({2, 2, 2, 2})),
+             never_gone);
+  EXPECT_EQ(third.result_int(), 200u);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::minutes(1));
+  EXPECT_EQ(sevens.load(), 0) << "the model saw the cancelled request";
+  EXPECT_EQ(calls.load(), 2);
+  const std::string metrics = d.get("/metrics").body();
+  EXPECT_NE(metrics.find(R"(syncbatch_failures_total{model="m",reason="cancelled"} 1)"),
+            std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find(R"(code="499"} 1)"), std::string::npos) << metrics;
+  protocol.shutdown();
+}
+
+TEST(Protocol, ModelOptionsAreCheckedWithTheModelsName) {
+  std::vector<ServedModel> twice = one(affine());
+  twice.push_back({affine(), {.name = "m"}});
+  EXPECT_THROW(
+      {
+        try {
+          Protocol p(std::move(twice));
+        } catch (const std::invalid_argument& e) {
+          EXPECT_NE(std::string(e.what()).find("unique model names, got 'm' twice"),
+                    std::string::npos)
+              << e.what();
+          throw;
+        }
+      },
+      std::invalid_argument);
+  EXPECT_THROW(Protocol(std::vector<ServedModel>{}), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace syncbatch::http
