@@ -4,6 +4,7 @@
 // a coroutine of the test's).
 #include <ATen/ATen.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -259,6 +260,89 @@ TEST(Protocol, AQueuedRequestWhoseClientIsGoneIsCancelledBeforeTheModelSeesIt) {
       << metrics;
   EXPECT_NE(metrics.find(R"(code="499"} 1)"), std::string::npos) << metrics;
   protocol.shutdown();
+}
+
+// One model on two devices (both the CPU here, as replicas): every request answered right, each
+// replica runs some, /stats shows each device's share; mismatched replicas and per-op mode on
+// several devices are refused by name.
+TEST(Protocol, SeveralDevicesServeOneModelThroughAReplicaEach) {
+  std::array<std::atomic<int>, 2> rows_seen{};
+  auto counting = [&rows_seen](int i) {
+    return Model{[&rows_seen, i](const at::Tensor& x) {
+                   rows_seen[i].fetch_add(static_cast<int>(x.size(0)));
+                   std::this_thread::sleep_for(1ms);  // busy: the other replica gets work
+                   return x * 2 + 1;
+                 },
+                 kWidth, "replica " + std::to_string(i)};
+  };
+  std::vector<ServedModel> models;
+  models.push_back({counting(0),
+                    {.mode = Mode::kStacked,
+                     .name = "m",
+                     .devices = {c10::Device(c10::kCPU), c10::Device(c10::kCPU)}},
+                    {counting(0), counting(1)}});
+  Protocol protocol(std::move(models));
+  Driver d(protocol);
+  std::vector<std::future<Response>> answers;
+  for (int i = 0; i < 200; ++i)
+    answers.push_back(d.start(make(bh::verb::post, "/v2/models/m/infer", "application/json",
+                                   oip_json({float(i), 0, 1, 2}))));
+  for (int i = 0; i < 200; ++i) {
+    const Response res = answers[i].get();
+    ASSERT_EQ(res.result_int(), 200u) << res.body();
+    EXPECT_EQ(output_data(res.body()), (std::vector<double>{2.0 * i + 1, 1, 3, 5}));
+  }
+  EXPECT_EQ(rows_seen[0].load() + rows_seen[1].load(), 200);
+  EXPECT_GT(rows_seen[0].load(), 0);
+  EXPECT_GT(rows_seen[1].load(), 0);
+  const boost::json::value stats = boost::json::parse(d.get("/stats").body());
+  const auto& replicas = stats.at("m").at("replicas").as_array();
+  ASSERT_EQ(replicas.size(), 2u);
+  EXPECT_EQ(replicas[0].at("device").as_string(), "cpu");
+  EXPECT_EQ(replicas[0].at("completed").to_number<int64_t>() +
+                replicas[1].at("completed").to_number<int64_t>(),
+            200);
+  EXPECT_EQ(stats.at("m").at("completed").to_number<int64_t>(), 200);
+  protocol.shutdown();
+
+  const auto refused = [](std::vector<ServedModel> bad, const std::string& says) {
+    try {
+      Protocol p(std::move(bad));
+      ADD_FAILURE() << "accepted; expected: " << says;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
+    }
+  };
+  std::vector<ServedModel> short_one;
+  short_one.push_back({affine(),
+                       {.name = "m", .devices = {c10::Device(c10::kCPU), c10::Device(c10::kCPU)}},
+                       {affine()}});
+  refused(std::move(short_one), "model 'm': expected one replica per device (2), got 1");
+  std::vector<ServedModel> per_op;
+  per_op.push_back({affine(),
+                    {.mode = Mode::kPerOp,
+                     .name = "m",
+                     .devices = {c10::Device(c10::kCPU), c10::Device(c10::kCPU)}},
+                    {affine(), affine()}});
+  refused(std::move(per_op), "per-op mode runs on one device; got 2 devices");
+}
+
+TEST(Protocol, AConfigsDevicesLoadTheModelOnEach) {
+  const std::vector<ServedModel> models =
+      load_config(R"({"models": [{"name": "m", "model": "mlp:1x4", "devices": ["cpu", "cpu"]}]})");
+  ASSERT_EQ(models.size(), 1u);
+  EXPECT_EQ(models[0].options.devices.size(), 2u);
+  EXPECT_EQ(models[0].replicas.size(), 2u);
+  try {
+    load_config(
+        R"({"models": [{"name": "m", "model": "mlp:1x4", "device": "cpu", "devices": ["cpu"]}]})");
+    ADD_FAILURE() << "accepted both device and devices";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find(
+                  R"(models[0] ('m').devices: expected "devices" or "device", not both)"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(Protocol, ModelOptionsAreCheckedWithTheModelsName) {

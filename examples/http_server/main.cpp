@@ -39,6 +39,17 @@ long number(const std::map<std::string, std::string>& flags, const std::string& 
   return n;
 }
 
+// "cuda:0" or "cuda:0+cuda:1" (one replica each).
+std::string devices_text(const syncbatch::http::ModelOptions& o) {
+  if (o.devices.empty()) return o.device.str();
+  std::string out;
+  for (const c10::Device d : o.devices) {
+    if (!out.empty()) out += '+';
+    out += d.str();
+  }
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -48,7 +59,8 @@ int main(int argc, char** argv) {
       {"device", "auto"},       {"threads", "4"},        {"workers", "1"},
       {"queue", "4096"},        {"max-body", "1048576"}, {"max-rows", "256"},
       {"timeout-ms", "0"},      {"shed", "off"},         {"name", "model"},
-      {"priority-levels", "2"}, {"config", ""},          {"cancel-on-hangup", "on"}};
+      {"priority-levels", "2"}, {"config", ""},          {"cancel-on-hangup", "on"},
+      {"devices", ""}};
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i];
     if (f == "--help" || f == "-h") usage(flags, "");
@@ -90,14 +102,27 @@ int main(int argc, char** argv) {
       m.max_rows = number(flags, "max-rows");
       m.name = flags["name"];
       m.priority_levels = static_cast<std::size_t>(number(flags, "priority-levels"));
-      http::Model model = http::load_model(flags["model"], number(flags, "input-width"), m.device);
-      models.push_back({std::move(model), std::move(m)});
+      // --devices cuda:0,cuda:1: one replica on each (MultiDeviceSubmitter); else --device.
+      std::stringstream list(flags["devices"]);
+      for (std::string d; std::getline(list, d, ',');) m.devices.push_back(parse_device(d));
+      if (!flags["devices"].empty() && m.devices.empty())
+        usage(flags, "--devices: expected a comma-separated list of devices, got '" +
+                         flags["devices"] + "'");
+      std::vector<http::Model> replicas;
+      for (const c10::Device d : m.devices)
+        replicas.push_back(http::load_model(flags["model"], number(flags, "input-width"), d));
+      if (!m.devices.empty()) m.device = m.devices.front();
+      http::Model model =
+          replicas.empty()
+              ? http::load_model(flags["model"], number(flags, "input-width"), m.device)
+              : replicas.front();
+      models.push_back({std::move(model), std::move(m), std::move(replicas)});
     }
     std::string described;
     for (const http::ServedModel& m : models)
       described += std::string(described.empty() ? "" : ", ") + m.model.description +
                    " as /v2/models/" + m.options.name + " (" + http::to_string(m.options.mode) +
-                   ", " + m.options.policy.describe() + ", " + m.options.device.str() + ")";
+                   ", " + m.options.policy.describe() + ", " + devices_text(m.options) + ")";
     http::Server server(std::move(models), options);
     std::printf("listening on http://%s:%u (%s)\n", options.address.c_str(), server.port(),
                 described.c_str());

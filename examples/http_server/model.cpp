@@ -214,6 +214,17 @@ std::vector<ServedModel> load_config(std::string_view json_text) {
     o.mode = parse_mode(text(m, "mode", where, to_string(o.mode)));
     o.policy = SyncPolicy::parse(text(m, "policy", where, "adaptive:2ms"));
     o.device = parse_device(text(m, "device", where, "auto"));
+    if (const json::value* devices = find(m, "devices")) {
+      if (find(m, "device") != nullptr)
+        config_error(where + ".devices", "\"devices\" or \"device\", not both", devices);
+      if (!devices->is_array() || devices->as_array().empty())
+        config_error(where + ".devices", "a non-empty array of devices", devices);
+      for (const json::value& d : devices->as_array()) {
+        if (!d.is_string()) config_error(where + ".devices", "device names", &d);
+        o.devices.push_back(parse_device(std::string(d.as_string())));
+      }
+      o.device = o.devices.front();
+    }
     o.workers = static_cast<std::size_t>(whole(m, "workers", where, 1, 1));
     o.queue_capacity = static_cast<std::size_t>(whole(m, "queue", where, 4096, 1));
     o.timeout = std::chrono::milliseconds(whole(m, "timeout_ms", where, 0));
@@ -225,9 +236,13 @@ std::vector<ServedModel> load_config(std::string_view json_text) {
     o.max_rows = whole(m, "max_rows", where, 256, 1);
     o.batch_buckets = sizes(m, "batch_buckets", where, 1);
     o.length_buckets = sizes(m, "length_buckets", where, 1);
-    Model model =
-        load_model(spec, 0, o.device, tensors(m, "inputs", where), tensors(m, "outputs", where));
-    out.push_back({std::move(model), std::move(o)});
+    const std::vector<TensorSpec> inputs = tensors(m, "inputs", where);
+    const std::vector<TensorSpec> outputs = tensors(m, "outputs", where);
+    std::vector<Model> replicas;  // one per device, loaded there
+    for (const c10::Device d : o.devices)
+      replicas.push_back(load_model(spec, 0, d, inputs, outputs));
+    Model model = replicas.empty() ? load_model(spec, 0, o.device, inputs, outputs) : replicas[0];
+    out.push_back({std::move(model), std::move(o), std::move(replicas)});
   }
   return out;
 }

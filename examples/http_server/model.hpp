@@ -71,16 +71,24 @@ struct ModelOptions {
   /// Stacked mode: lengths the varying dims are padded to (StackingOptions::length_buckets;
   /// empty: the longest of the batch).
   std::vector<int64_t> length_buckets{};
+  /// Per-call and stacked modes: serve on several devices through MultiDeviceSubmitter, one
+  /// replica of the model on each (ServedModel::replicas), each request to the least-loaded.
+  /// Empty: `device` alone.
+  std::vector<c10::Device> devices{};
 };
 
 /// A model and how it is served.
 struct ServedModel {
   Model model;
   ModelOptions options{};
+  /// With options.devices: the model on each of those devices, in their order (`model` then
+  /// gives the inputs and outputs; its forward is not used).
+  std::vector<Model> replicas{};
 };
 
 /// The models of a JSON configuration file's text (the README has an example):
-/// {"models": [{"name", "model", "mode", "policy", "device", "workers", "queue", "timeout_ms",
+/// {"models": [{"name", "model", "mode", "policy", "device" (or "devices": a list, one replica
+/// each), "workers", "queue", "timeout_ms",
 /// "shed", "priority_levels", "max_rows", "batch_buckets", "length_buckets",
 /// "inputs": [{"name", "datatype", "shape", "pad"}], "outputs": [{"name", "datatype"}]}]};
 /// only "name" and "model" (as load_model takes it) are required, the rest default as

@@ -23,6 +23,7 @@
 #include "metrics.hpp"
 #include "oip.hpp"
 #include "syncbatch/asio.hpp"
+#include "syncbatch/multi_device.hpp"
 #include "syncbatch/torch.hpp"
 #include "syncbatch/version.hpp"
 #include "text.hpp"
@@ -202,7 +203,7 @@ at::Tensor to_host_async(const at::Tensor& y) {
   return host;
 }
 
-std::string stats_to_json(const SubmitterStats& s) {
+boost::json::object stats_object(const SubmitterStats& s) {
   boost::json::object o;
   o["submitted"] = s.submitted;
   o["rejected"] = s.rejected;
@@ -216,14 +217,14 @@ std::string stats_to_json(const SubmitterStats& s) {
   o["latency_p50_us"] = static_cast<double>(s.latency.p50.count()) / 1e3;
   o["latency_p99_us"] = static_cast<double>(s.latency.p99.count()) / 1e3;
   o["recent_latency_p99_us"] = static_cast<double>(s.recent_latency.p99.count()) / 1e3;
-  return boost::json::serialize(o);
+  return o;
 }
 
 }  // namespace
 
 // One model as the server serves it.
 struct Endpoint {
-  using Submitter = BatchedSubmitter<Tensors, Tensors, TorchBackend>;
+  using Submitter = MultiDeviceSubmitter<Tensors, Tensors, TorchBackend>;
 
   Endpoint(ServedModel served)
       : model(std::move(served.model)), options(std::move(served.options)) {
@@ -241,11 +242,20 @@ struct Endpoint {
                                   std::to_string(o.timeout.count()));
     if (o.shed_late && o.timeout.count() == 0)
       throw std::invalid_argument(what + "shedding needs a timeout to predict against, got none");
+    if (served.replicas.size() != o.devices.size())
+      throw std::invalid_argument(what + "expected one replica per device (" +
+                                  std::to_string(o.devices.size()) + "), got " +
+                                  std::to_string(served.replicas.size()));
+    if (!o.devices.empty() && o.mode == Mode::kPerOp)
+      throw std::invalid_argument(what + "per-op mode runs on one device; got " +
+                                  std::to_string(o.devices.size()) +
+                                  " devices (serve them per-call or stacked)");
     for (const auto& specs : {model.inputs, model.outputs})
       for (const TensorSpec& t : specs) oip::datatype_name(t.dtype);  // one the protocol names
     info = {o.name, model.inputs, model.outputs};
     v1 = model.inputs.size() == 1 && model.inputs[0].dtype == at::kFloat &&
          model.inputs[0].shape.size() == 1 && model.inputs[0].shape[0] >= 1;
+    if (o.mode == Mode::kPerOp) return;
     const SubmitterOptions sopts{.queue_capacity = o.queue_capacity,
                                  .on_full = OverflowPolicy::kReject,
                                  .workers = o.workers,
@@ -254,27 +264,41 @@ struct Endpoint {
                                  .shed_late = o.shed_late,
                                  .priority_levels = o.priority_levels,
                                  .default_priority = o.priority_levels - 1};
-    const c10::Device device = o.device;
-    if (o.mode == Mode::kPerCall) {
-      submitter.emplace(
-          [f = model.forward, device](Tensors& x) {
-            for (at::Tensor& t : x) t = t.to(device, /*non_blocking=*/true);
-            Tensors y = f(x);
-            for (at::Tensor& t : y) t = to_host_async(t);
-            return y;
-          },
-          sopts, TorchBackend(device));
-    } else if (o.mode == Mode::kStacked) {
-      StackingOptions stacking{.device = device, .output_device = c10::Device(c10::kCPU)};
-      for (const TensorSpec& t : model.inputs)
-        stacking.expect.push_back(InputSpec{t.dtype, t.shape, t.pad_value});
-      if (!o.batch_buckets.empty())
-        stacking.batch_buckets = RowBuckets(o.batch_buckets, "batch_buckets");
-      if (!o.length_buckets.empty())
-        stacking.length_buckets = RowBuckets(o.length_buckets, "length_buckets");
-      submitter.emplace(make_stacked_model_multi(model.forward, std::move(stacking)), sopts,
-                        TorchBackend(device));
+    std::vector<Replica<Tensors, Tensors, TorchBackend>> replicas;
+    if (o.devices.empty()) {
+      replicas.push_back({replica_model(model.forward, o.device), TorchBackend(o.device)});
+    } else {
+      for (std::size_t i = 0; i < o.devices.size(); ++i)
+        replicas.push_back(
+            {replica_model(served.replicas[i].forward, o.devices[i]), TorchBackend(o.devices[i])});
     }
+    submitter.emplace(std::move(replicas), sopts);
+  }
+
+  // The submitter model of the forward `f` on `device`, in the endpoint's mode.
+  SubmitterModel<Tensors, Tensors> replica_model(const Model::Forward& f,
+                                                 c10::Device device) const {
+    if (options.mode == Mode::kPerCall)
+      return [f, device](Tensors& x) {
+        for (at::Tensor& t : x) t = t.to(device, /*non_blocking=*/true);
+        Tensors y = f(x);
+        for (at::Tensor& t : y) t = to_host_async(t);
+        return y;
+      };
+    StackingOptions stacking{.device = device, .output_device = c10::Device(c10::kCPU)};
+    for (const TensorSpec& t : model.inputs)
+      stacking.expect.push_back(InputSpec{t.dtype, t.shape, t.pad_value});
+    if (!options.batch_buckets.empty())
+      stacking.batch_buckets = RowBuckets(options.batch_buckets, "batch_buckets");
+    if (!options.length_buckets.empty())
+      stacking.length_buckets = RowBuckets(options.length_buckets, "length_buckets");
+    return make_stacked_model_multi(f, std::move(stacking));
+  }
+
+  // The submitter's stats: with one device, its replica's (latency percentiles and batch
+  // limit included); with several, their sum (MultiDeviceSubmitter::stats).
+  SubmitterStats stats() const {
+    return submitter->replicas() == 1 ? submitter->replica(0).stats() : submitter->stats();
   }
 
   Model model;
@@ -356,7 +380,7 @@ struct Protocol::Impl {
       for (const auto& e : endpoints)
         exposed.push_back(
             {e->options.name, &e->metrics,
-             e->submitter ? std::optional<SubmitterStats>(e->submitter->stats()) : std::nullopt});
+             e->submitter ? std::optional<SubmitterStats>(e->stats()) : std::nullopt});
       res.body() = Metrics::prometheus(exposed);
       co_return res;
     }
@@ -610,12 +634,24 @@ struct Protocol::Impl {
   }
 
   std::string stats_json() const {
-    std::string out = "{";
-    for (const auto& e : endpoints)
-      out += (out.size() > 1 ? "," : "") +
-             boost::json::serialize(boost::json::string(e->options.name)) + ":" +
-             (e->submitter ? stats_to_json(e->submitter->stats()) : std::string("{}"));
-    return out + "}";
+    boost::json::object out;
+    for (const auto& e : endpoints) {
+      boost::json::object o;
+      if (e->submitter) {
+        o = stats_object(e->stats());
+        if (e->submitter->replicas() > 1) {  // and each device's
+          boost::json::array replicas;
+          for (std::size_t i = 0; i < e->submitter->replicas(); ++i) {
+            boost::json::object r = stats_object(e->submitter->replica(i).stats());
+            r["device"] = e->options.devices[i].str();
+            replicas.push_back(std::move(r));
+          }
+          o["replicas"] = std::move(replicas);
+        }
+      }
+      out[e->options.name] = std::move(o);
+    }
+    return boost::json::serialize(out);
   }
 
   std::vector<std::unique_ptr<Endpoint>> endpoints;

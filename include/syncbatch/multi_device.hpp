@@ -80,6 +80,7 @@ class MultiDeviceSubmitter {
   std::size_t replicas() const noexcept { return submitters_.size(); }
   /// One replica's submitter (for its stats, or to reach one device directly).
   Submitter& replica(std::size_t i) { return *submitters_.at(i); }
+  const Submitter& replica(std::size_t i) const { return *submitters_.at(i); }
 
   /// The replicas' counters and batch-size histograms added up (SubmitterStats::operator+=).
   /// Latency summaries and batch_limit stay zero here, since percentiles cannot be added: read
