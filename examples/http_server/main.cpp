@@ -108,15 +108,8 @@ int main(int argc, char** argv) {
       if (!flags["devices"].empty() && m.devices.empty())
         usage(flags, "--devices: expected a comma-separated list of devices, got '" +
                          flags["devices"] + "'");
-      std::vector<http::Model> replicas;
-      for (const c10::Device d : m.devices)
-        replicas.push_back(http::load_model(flags["model"], number(flags, "input-width"), d));
-      if (!m.devices.empty()) m.device = m.devices.front();
-      http::Model model =
-          replicas.empty()
-              ? http::load_model(flags["model"], number(flags, "input-width"), m.device)
-              : replicas.front();
-      models.push_back({std::move(model), std::move(m), std::move(replicas)});
+      models.push_back(
+          http::load_served(flags["model"], number(flags, "input-width"), std::move(m)));
     }
     std::string described;
     for (const http::ServedModel& m : models)

@@ -102,6 +102,18 @@ Model load_model(const std::string& spec, int64_t input_width, c10::Device devic
   return {std::move(forward), std::move(inputs), std::move(outputs), std::move(what)};
 }
 
+ServedModel load_served(const std::string& spec, int64_t input_width, ModelOptions options,
+                        const std::vector<TensorSpec>& inputs,
+                        const std::vector<TensorSpec>& outputs) {
+  std::vector<Model> replicas;  // one per device, loaded there
+  for (const c10::Device d : options.devices)
+    replicas.push_back(load_model(spec, input_width, d, inputs, outputs));
+  if (!replicas.empty()) options.device = options.devices.front();
+  Model model = replicas.empty() ? load_model(spec, input_width, options.device, inputs, outputs)
+                                 : replicas.front();
+  return {std::move(model), std::move(options), std::move(replicas)};
+}
+
 namespace {
 
 [[noreturn]] void config_error(const std::string& where, const std::string& expected,
@@ -223,7 +235,6 @@ std::vector<ServedModel> load_config(std::string_view json_text) {
         if (!d.is_string()) config_error(where + ".devices", "device names", &d);
         o.devices.push_back(parse_device(std::string(d.as_string())));
       }
-      o.device = o.devices.front();
     }
     o.workers = static_cast<std::size_t>(whole(m, "workers", where, 1, 1));
     o.queue_capacity = static_cast<std::size_t>(whole(m, "queue", where, 4096, 1));
@@ -236,13 +247,8 @@ std::vector<ServedModel> load_config(std::string_view json_text) {
     o.max_rows = whole(m, "max_rows", where, 256, 1);
     o.batch_buckets = sizes(m, "batch_buckets", where, 1);
     o.length_buckets = sizes(m, "length_buckets", where, 1);
-    const std::vector<TensorSpec> inputs = tensors(m, "inputs", where);
-    const std::vector<TensorSpec> outputs = tensors(m, "outputs", where);
-    std::vector<Model> replicas;  // one per device, loaded there
-    for (const c10::Device d : o.devices)
-      replicas.push_back(load_model(spec, 0, d, inputs, outputs));
-    Model model = replicas.empty() ? load_model(spec, 0, o.device, inputs, outputs) : replicas[0];
-    out.push_back({std::move(model), std::move(o), std::move(replicas)});
+    out.push_back(load_served(spec, 0, std::move(o), tensors(m, "inputs", where),
+                              tensors(m, "outputs", where)));
   }
   return out;
 }

@@ -86,6 +86,13 @@ struct ServedModel {
   std::vector<Model> replicas{};
 };
 
+/// The model `spec` (as load_model takes it) served with `options`: loaded on options.device,
+/// or, with options.devices, once on each of them (ServedModel::replicas; options.device is
+/// then the first). Errors: as load_model.
+ServedModel load_served(const std::string& spec, int64_t input_width, ModelOptions options,
+                        const std::vector<TensorSpec>& inputs = {},
+                        const std::vector<TensorSpec>& outputs = {});
+
 /// The models of a JSON configuration file's text (the README has an example):
 /// {"models": [{"name", "model", "mode", "policy", "device" (or "devices": a list, one replica
 /// each), "workers", "queue", "timeout_ms",
