@@ -333,6 +333,22 @@ TEST(Protocol, AConfigsDevicesLoadTheModelOnEach) {
   ASSERT_EQ(models.size(), 1u);
   EXPECT_EQ(models[0].options.devices.size(), 2u);
   EXPECT_EQ(models[0].replicas.size(), 2u);
+  // Each bad "devices" is refused, naming the model, the key, what was expected and what came.
+  const std::vector<std::pair<std::string, std::string>> bad{
+      {R"("devices": [])",
+       R"(models[0] ('m').devices: expected a non-empty array of devices, got [])"},
+      {R"("devices": "cpu")",
+       R"(models[0] ('m').devices: expected a non-empty array of devices, got "cpu")"},
+      {R"("devices": ["cpu", 1])", R"(models[0] ('m').devices: expected device names, got 1)"},
+  };
+  for (const auto& [devices, says] : bad) {
+    try {
+      load_config(R"({"models": [{"name": "m", "model": "mlp:1x4", )" + devices + "}]}");
+      ADD_FAILURE() << "accepted " << devices;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
+    }
+  }
   try {
     load_config(
         R"({"models": [{"name": "m", "model": "mlp:1x4", "device": "cpu", "devices": ["cpu"]}]})");
