@@ -752,6 +752,7 @@ TEST(StackedMode, ACallbackWhoseSharedResultCannotBeMadeGetsTheError) {
     });
   s.shutdown();
   ASSERT_EQ(outcomes.size(), 32u);
+  EXPECT_EQ(s.stats().failed, 16u) << "the requests whose result could not be made are failures";
   for (int i = 0; i < 32; ++i) {
     if (i % 2 == 0) {
       EXPECT_EQ(outcomes[i], std::to_string(i));

@@ -757,9 +757,8 @@ class BatchedSubmitter {
         r->set_error(detail::cancelled_error("while its batch ran"));
         ++cancelled;
       }
-      failures += r->has_error() ? 1 : 0;
       stats_.record_latency(after - r->arrived(), after);
-      r->prepare();
+      failures += r->prepare() ? 1 : 0;  // a result that cannot be made fails its request too
     }
     // Then delivered together: callbacks that post to io threads reach them in one burst.
     for (RequestPtr r : batch) {

@@ -65,8 +65,9 @@ class Completion
   /// Worker side, optional, before complete(): does the work of delivering the result that
   /// need not be in complete() itself, so that a batch's complete() calls follow each other
   /// closely (its callbacks' posts then find their io threads awake, rather than waking one
-  /// per request). Requests completed through a callback make their result here.
-  virtual void prepare() noexcept {}
+  /// per request). Requests completed through a callback make their result here. Returns
+  /// whether the request completes with an error.
+  virtual bool prepare() noexcept { return has_error(); }
 
   /// Worker side: wakes every sleeping waiter of the submitter, after complete() of a batch.
   static void wake_all(std::atomic<std::uint32_t>& wakeups) noexcept {
@@ -208,13 +209,15 @@ class CallbackRequest final : public Request<In, Out> {
       : Request<In, Out>(wakeups, stats, std::move(input), arrived, deadline), f_(std::move(f)) {}
   /// Makes the result (the caller's rows of a shared batch output); a failure to make it is
   /// the request's error.
-  void prepare() noexcept override {
-    if (result_) return;
-    try {
-      result_.emplace(this->take_pair());
-    } catch (...) {
-      result_.emplace(std::current_exception(), Out{});
+  bool prepare() noexcept override {
+    if (!result_) {
+      try {
+        result_.emplace(this->take_pair());
+      } catch (...) {
+        result_.emplace(std::current_exception(), Out{});
+      }
     }
+    return result_->first != nullptr;
   }
   void complete() noexcept override {
     prepare();
