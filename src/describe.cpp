@@ -53,4 +53,13 @@ std::string describe_tensor(const at::Tensor& t) {
          (t.device().is_cpu() ? "" : " on " + t.device().str());
 }
 
+std::string describe_tensors(c10::ArrayRef<at::Tensor> ts) {
+  std::string s = "[";
+  for (const at::Tensor& t : ts) {
+    if (s.size() > 1) s += ", ";
+    s += describe_tensor(t);
+  }
+  return s + "]";
+}
+
 }  // namespace syncbatch

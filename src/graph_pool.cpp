@@ -30,6 +30,7 @@ std::size_t GraphKeyHash::operator()(const GraphKey& k) const noexcept {
   mix(static_cast<std::size_t>(k.rows));
   mix(static_cast<std::size_t>(k.calls));
   for (int64_t d : k.trailing) mix(static_cast<std::size_t>(d));
+  for (int64_t d : k.layout) mix(static_cast<std::size_t>(d));
   return h;
 }
 

@@ -36,6 +36,9 @@ struct GraphKey {
   Replays kind;
   int64_t rows;       // rows per forward
   int64_t calls = 1;  // forwards per replay
+  // What the input packs (GraphedMultiModel: each input's dtype and shape after dim 0, the
+  // static input being their bytes side by side); empty for a single tensor.
+  c10::SmallVector<int64_t, 8> layout{};
   bool operator==(const GraphKey&) const = default;
 
   /// Shaped like `x` (its dtype and trailing shape) on `stream`.

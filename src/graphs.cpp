@@ -5,9 +5,13 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/SmallVector.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <stdexcept>
 #include <utility>
 
 #include "graph_pool.hpp"
@@ -191,7 +195,23 @@ class RowReplay {
   at::Tensor call(const at::Tensor& x) {
     if (!usable() || !x.defined() || x.dim() == 0 || x.size(0) == 0) return g_.eager(x);
     return run(
-        x, x.size(0), [&](const at::Tensor& dst) { g_.engine->copy(dst, x); }, [&] { return x; });
+        key_like(x), x.size(0), [&](const at::Tensor& dst) { g_.engine->copy(dst, x); },
+        [&] { return x; });
+  }
+
+  // A call of `rows` rows keyed by `key` (its rows set here), `gather(dst)` writing them into
+  // the static input and `whole()` giving them as one tensor: GraphedMultiModel's packed calls.
+  template <class Gather, class Whole>
+  at::Tensor call_gathered(GraphKey key, int64_t rows, Gather gather, Whole whole) {
+    if (!usable()) return g_.eager(whole());
+    return run(std::move(key), rows, gather, whole);
+  }
+
+  // The key of a call shaped like `x` on the current stream (rows set by run), with `layout`.
+  GraphKey key_like(const at::Tensor& x, const c10::SmallVector<int64_t, 8>& layout = {}) const {
+    GraphKey key = GraphKey::like(x, g_.current_stream(), Replays::kRows, 0);
+    key.layout = layout;
+    return key;
   }
 
   at::Tensor call_rows(c10::ArrayRef<at::Tensor> parts) {
@@ -213,15 +233,15 @@ class RowReplay {
       rows += p.size(0);
     }
     return run(
-        first, rows, [&](at::Tensor dst) { at::cat_out(dst, parts, 0); }, whole);
+        key_like(first), rows, [&](at::Tensor dst) { at::cat_out(dst, parts, 0); }, whole);
   }
 
-  void warm_up(const at::Tensor& example) {
+  void warm_up(const at::Tensor& example, const c10::SmallVector<int64_t, 8>& layout = {}) {
     if (!usable()) return;
     GraphContext::check_example(example, "warm_up");
-    const c10::Stream stream = g_.current_stream();
     for (int64_t bucket : buckets_.sizes()) {
-      const GraphKey key = GraphKey::like(example, stream, Replays::kRows, bucket);
+      GraphKey key = key_like(example, layout);
+      key.rows = bucket;
       const auto input = [&] { return example.narrow(0, 0, std::min(bucket, example.size(0))); };
       const auto capture = [&](GraphSlot& slot, const at::Tensor& x) {
         return capture_slot(slot, key, x);
@@ -233,17 +253,17 @@ class RowReplay {
  private:
   bool usable() const { return g_.unavailable.empty() && !failed_.load(std::memory_order_acquire); }
 
-  // Runs `rows` rows shaped like `like` through their bucket's graph, `gather(dst)` writing
+  // Runs `rows` rows keyed by `key` through their bucket's graph, `gather(dst)` writing
   // them into the graph's static input; `whole()` gives them as one tensor where a capture or
   // an eager run needs that.
   template <class Gather, class Whole>
-  at::Tensor run(const at::Tensor& like, int64_t rows, Gather gather, Whole whole) {
+  at::Tensor run(GraphKey key, int64_t rows, Gather gather, Whole whole) {
     const int64_t bucket = buckets_.bucket_for(rows);
     if (bucket == 0) {
       g_.pool.fallback(oversize_reason_);
       return g_.eager(whole());
     }
-    const GraphKey key = GraphKey::like(like, g_.current_stream(), Replays::kRows, bucket);
+    key.rows = bucket;
     GraphSlot* slot = g_.pool.checkout(key, g_.options.capture_on_first_use);
     if (slot == nullptr) return g_.eager(whole());
     if (!slot->graph) {
@@ -512,6 +532,226 @@ const std::vector<int64_t>& GraphedModel::buckets() const {
 }
 c10::Device GraphedModel::device() const {
   return impl_->ctx.device;
+}
+
+// GraphedMultiModel: a call's inputs packed as the bytes of each row side by side in one
+// [rows, bytes] tensor, run through a GraphedModel's row replay whose model unpacks them, runs
+// the model and packs its outputs the same way; the caller gets views into the packed output.
+namespace {
+
+// Segments start at multiples of this, so each reads back as its dtype without a copy.
+constexpr int64_t kSegmentAlign = 16;
+
+struct Segment {
+  at::ScalarType dtype;
+  c10::SmallVector<int64_t, 4> trailing;  // shape after dim 0
+  int64_t offset = 0;                     // within a packed row, in bytes
+  int64_t bytes = 0;
+};
+
+struct Packing {
+  std::vector<Segment> segments;
+  int64_t row_bytes = 0;
+};
+
+Packing packing_of(c10::ArrayRef<at::Tensor> ts) {
+  Packing p;
+  for (const at::Tensor& t : ts) {
+    const c10::IntArrayRef trailing = t.sizes().slice(1);
+    Segment s{t.scalar_type(), {trailing.begin(), trailing.end()}};
+    s.bytes = static_cast<int64_t>(t.element_size()) * c10::multiply_integers(trailing);
+    s.offset = p.row_bytes;
+    p.row_bytes += (s.bytes + kSegmentAlign - 1) / kSegmentAlign * kSegmentAlign;
+    p.segments.push_back(std::move(s));
+  }
+  return p;
+}
+
+// What a packing holds, as GraphKey::layout: per tensor its dtype, rank and trailing sizes.
+c10::SmallVector<int64_t, 8> layout_of(const Packing& p) {
+  c10::SmallVector<int64_t, 8> layout;
+  for (const Segment& s : p.segments) {
+    layout.push_back(static_cast<int64_t>(s.dtype));
+    layout.push_back(static_cast<int64_t>(s.trailing.size()));
+    layout.append(s.trailing.begin(), s.trailing.end());
+  }
+  return layout;
+}
+
+// Segment `s` of packed rows [rows, row_bytes]: a view as its dtype and shape.
+at::Tensor segment_view(const at::Tensor& packed, const Segment& s) {
+  c10::SmallVector<int64_t, 5> shape{packed.size(0)};
+  shape.append(s.trailing.begin(), s.trailing.end());
+  return packed.narrow(1, s.offset, s.bytes).view(s.dtype).view(shape);
+}
+
+// The inputs of the packed call running on this thread (set around each call and warm-up):
+// the packed model reads them, in eager runs and in captures alike, which run on the caller's
+// thread.
+thread_local const Packing* current_inputs = nullptr;
+
+class ScopedInputs {
+ public:
+  explicit ScopedInputs(const Packing* p) : previous_(current_inputs) { current_inputs = p; }
+  ~ScopedInputs() { current_inputs = previous_; }
+  ScopedInputs(const ScopedInputs&) = delete;
+  ScopedInputs& operator=(const ScopedInputs&) = delete;
+
+ private:
+  const Packing* previous_;
+};
+
+// Thrown by the packed model for outputs it cannot pack: the call then runs the model eagerly.
+class NotRowWise : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+}  // namespace
+
+struct GraphedMultiModel::State {
+  State(Forward m, c10::Device d, GraphOptions o, std::shared_ptr<detail::GraphEngine> e)
+      : model((check_model(m), std::move(m))),
+        impl(std::make_shared<GraphedModel::Impl>(
+            [this](const at::Tensor& packed) { return run_packed(packed); }, d, std::move(o),
+            std::move(e))) {}
+
+  static void check_model(const Forward& m) {
+    if (!m) throw Error(ErrorCode::kInvalidArgument, "GraphedMultiModel: the model is empty");
+  }
+
+  // Whether `xs` can be packed: the same rows (>= 1) each, on the model's device.
+  bool packable(const std::vector<at::Tensor>& xs) const {
+    if (xs.empty()) return false;
+    for (const at::Tensor& x : xs)
+      if (!x.defined() || x.dim() == 0 || x.size(0) == 0 || x.size(0) != xs.front().size(0) ||
+          x.device() != impl->ctx.device)
+        return false;
+    return true;
+  }
+
+  // The packed model: unpack the inputs, run the model, pack its outputs (and note how).
+  at::Tensor run_packed(const at::Tensor& packed) {
+    const Packing& in = *current_inputs;
+    std::vector<at::Tensor> xs;
+    xs.reserve(in.segments.size());
+    for (const Segment& s : in.segments) xs.push_back(segment_view(packed, s).contiguous());
+    const std::vector<at::Tensor> ys = model(xs);
+    const int64_t rows = packed.size(0);
+    for (std::size_t i = 0; i < ys.size(); ++i)
+      if (!ys[i].defined() || ys[i].dim() == 0 || ys[i].size(0) != rows)
+        throw NotRowWise("the model returned " + describe_tensor(ys[i]) + " as output " +
+                         std::to_string(i) + " for inputs of " + std::to_string(rows) +
+                         " rows; graphs need one output row per input row, so calls run eagerly");
+    if (ys.empty())
+      throw NotRowWise(
+          "the model returned no outputs; graphs need at least one, so calls run "
+          "eagerly");
+    Packing out = packing_of(ys);
+    at::Tensor result = at::empty({rows, out.row_bytes}, packed.options());
+    for (std::size_t i = 0; i < ys.size(); ++i) segment_view(result, out.segments[i]).copy_(ys[i]);
+    const auto layout = layout_of(in);
+    std::lock_guard lock(mu);
+    outputs.try_emplace(std::vector<int64_t>(layout.begin(), layout.end()), std::move(out));
+    return result;
+  }
+
+  std::vector<at::Tensor> call(const std::vector<at::Tensor>& xs) {
+    GraphContext& g = impl->ctx;
+    if (not_row_wise.load(std::memory_order_acquire) || !packable(xs)) {
+      g.eager_runs.fetch_add(1, std::memory_order_relaxed);
+      return model(xs);
+    }
+    const Packing in = packing_of(xs);
+    const auto layout = layout_of(in);
+    const int64_t rows = xs.front().size(0);
+    const ScopedInputs scope(&in);
+    const auto gather = [&](const at::Tensor& dst) {
+      for (std::size_t i = 0; i < xs.size(); ++i)
+        g.engine->copy(segment_view(dst, in.segments[i]), xs[i]);
+    };
+    const auto whole = [&] {
+      at::Tensor packed = at::empty({rows, in.row_bytes}, xs.front().options().dtype(at::kByte));
+      gather(packed);
+      return packed;
+    };
+    at::Tensor out;
+    try {
+      GraphKey key{g.current_stream(), at::kByte, {in.row_bytes}, Replays::kRows, 0};
+      key.layout = layout;
+      out = impl->rows.call_gathered(std::move(key), rows, gather, whole);
+    } catch (const NotRowWise& e) {
+      not_row_wise.store(true, std::memory_order_release);
+      g.pool.fallback(e.what());
+      g.eager_runs.fetch_add(1, std::memory_order_relaxed);
+      return model(xs);
+    }
+    std::vector<at::Tensor> result;
+    std::lock_guard lock(mu);
+    const Packing& packing = outputs.at(std::vector<int64_t>(layout.begin(), layout.end()));
+    result.reserve(packing.segments.size());
+    for (const Segment& s : packing.segments) result.push_back(segment_view(out, s));
+    return result;
+  }
+
+  void warm_up(const std::vector<at::Tensor>& example) {
+    if (!packable(example))
+      throw Error(
+          ErrorCode::kInvalidArgument,
+          "GraphedMultiModel::warm_up: expected tensors of the same rows (at least one) on " +
+              impl->ctx.device.str() + ", got " + describe_tensors(example));
+    if (not_row_wise.load(std::memory_order_acquire)) return;
+    const Packing in = packing_of(example);
+    const ScopedInputs scope(&in);
+    at::Tensor packed = at::empty({example.front().size(0), in.row_bytes},
+                                  example.front().options().dtype(at::kByte));
+    for (std::size_t i = 0; i < example.size(); ++i)
+      segment_view(packed, in.segments[i]).copy_(example[i]);
+    try {
+      impl->rows.warm_up(packed, layout_of(in));
+    } catch (const NotRowWise& e) {
+      not_row_wise.store(true, std::memory_order_release);
+      impl->ctx.pool.fallback(e.what());
+    }
+  }
+
+  const Forward model;
+  std::mutex mu;
+  // How the model's outputs are packed, by the layout of the inputs (guarded by mu).
+  std::map<std::vector<int64_t>, Packing> outputs;
+  std::atomic<bool> not_row_wise{false};  // outputs cannot be packed: eager for good
+  // Last: its model refers to this state.
+  std::shared_ptr<GraphedModel::Impl> impl;
+};
+
+GraphedMultiModel::GraphedMultiModel(Forward model, c10::Device device, GraphOptions options)
+    : state_(std::make_shared<State>(std::move(model), device, std::move(options),
+                                     detail::default_graph_engine())) {}
+
+GraphedMultiModel make_graphed_multi_model_with_engine(
+    GraphedMultiModel::Forward model, c10::Device device, GraphOptions options,
+    std::shared_ptr<detail::GraphEngine> engine) {
+  return GraphedMultiModel(std::make_shared<GraphedMultiModel::State>(
+      std::move(model), device, std::move(options), std::move(engine)));
+}
+
+std::vector<at::Tensor> GraphedMultiModel::operator()(const std::vector<at::Tensor>& inputs) const {
+  return state_->call(inputs);
+}
+void GraphedMultiModel::warm_up(const std::vector<at::Tensor>& example) const {
+  state_->warm_up(example);
+}
+void GraphedMultiModel::release() const {
+  state_->impl->ctx.pool.release();
+}
+GraphStats GraphedMultiModel::stats() const {
+  return state_->impl->stats();
+}
+const std::vector<int64_t>& GraphedMultiModel::buckets() const {
+  return state_->impl->rows.buckets();
+}
+c10::Device GraphedMultiModel::device() const {
+  return state_->impl->ctx.device;
 }
 
 }  // namespace syncbatch

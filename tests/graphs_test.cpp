@@ -554,6 +554,146 @@ TEST(GraphedModel, ServesBatchedSubmitterInBothModesUnderLoad) {
   EXPECT_LE(s.graphs, GraphOptions{}.max_graphs);
 }
 
+// GraphedMultiModel on the stand-in engine: lists of tensors packed into one static input.
+struct MultiFixture {
+  testing::TokenModel model;
+  std::shared_ptr<FakeEngine> engine = std::make_shared<FakeEngine>();
+  std::vector<std::string> logged;
+  GraphedMultiModel make(GraphedMultiModel::Forward f = {}, GraphOptions options = {}) {
+    options.log = [this](const std::string& s) { logged.push_back(s); };
+    if (!f) f = [m = model](const Tensors& in) { return m(in); };
+    return make_graphed_multi_model_with_engine(std::move(f), c10::kCPU, std::move(options),
+                                                engine);
+  }
+};
+
+Tensors tokens(int64_t rows, int64_t len, at::ScalarType mask_dtype = at::kLong) {
+  return {at::randint(0, 32, {rows, len}, at::kLong), at::ones({rows, len}, mask_dtype)};
+}
+
+::testing::AssertionResult same_tensors(const Tensors& got, const Tensors& want) {
+  if (got.size() != want.size())
+    return ::testing::AssertionFailure() << got.size() << " tensors, want " << want.size();
+  for (std::size_t i = 0; i < got.size(); ++i)
+    if (got[i].sizes() != want[i].sizes() || got[i].scalar_type() != want[i].scalar_type() ||
+        !at::allclose(got[i], want[i], 1e-5, 1e-6))
+      return ::testing::AssertionFailure() << "output " << i << ": " << describe_tensor(got[i])
+                                           << " vs " << describe_tensor(want[i]);
+  return ::testing::AssertionSuccess();
+}
+
+// Rows 1 to 9 at two lengths, with float, int64 and mixed outputs: each call equals the model
+// run eagerly, later replays leave earlier results alone, and each (bucket, length) pair
+// captures once.
+TEST(GraphedMultiModel, EveryRowCountAndLengthMatchesEager) {
+  MultiFixture f;
+  const GraphedMultiModel graphed = f.make();
+  std::vector<Tensors> inputs, outputs;
+  for (int64_t len : {3, 8})
+    for (int64_t rows = 1; rows <= 9; ++rows) {
+      inputs.push_back(tokens(rows, len, len == 3 ? at::kLong : at::kFloat));
+      outputs.push_back(graphed(inputs.back()));
+    }
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    EXPECT_TRUE(same_tensors(outputs[i], f.model(inputs[i]))) << i;
+  const GraphStats s = graphed.stats();
+  EXPECT_EQ(s.captured, 10u);  // buckets 1, 2, 4, 8, 16 at each length
+  EXPECT_EQ(f.engine->captures.load(), 10);
+  EXPECT_EQ(s.replays, 18u);
+  EXPECT_EQ(s.eager_runs, 0u);
+  EXPECT_EQ(s.padded_rows, 2u * (0 + 0 + 1 + 0 + 3 + 2 + 1 + 0 + 7));
+  EXPECT_TRUE(f.logged.empty());
+}
+
+// Two layouts of the same packed size (float [4] then [8], and [8] then [4]: 48 bytes a row
+// each) are different signatures: each gets its own graph and its own results.
+TEST(GraphedMultiModel, LayoutsOfEqualSizeGetTheirOwnGraphs) {
+  MultiFixture f;
+  const auto sums = [](const Tensors& in) {
+    return Tensors{in[0].sum(1, true) * 10 + in[1].sum(1, true), in[1] * 2};
+  };
+  const GraphedMultiModel graphed = f.make(sums);
+  const Tensors a{at::randn({2, 4}), at::randn({2, 8})}, b{at::randn({2, 8}), at::randn({2, 4})};
+  for (int round = 0; round < 2; ++round) {
+    EXPECT_TRUE(same_tensors(graphed(a), sums(a)));
+    EXPECT_TRUE(same_tensors(graphed(b), sums(b)));
+  }
+  EXPECT_EQ(graphed.stats().captured, 2u);
+  EXPECT_EQ(graphed.stats().replays, 4u);
+}
+
+// A model whose outputs do not have one row per input row cannot be packed: it runs eagerly,
+// for good, with the reason logged once.
+TEST(GraphedMultiModel, OutputsWithoutOneRowPerInputRowRunEagerly) {
+  MultiFixture f;
+  const auto total = [](const Tensors& in) { return Tensors{in[0].sum(0, true), in[1]}; };
+  const GraphedMultiModel graphed = f.make(total);
+  for (int i = 0; i < 3; ++i) {
+    const Tensors in{at::randn({4, 2}), at::randn({4, 5})};
+    EXPECT_TRUE(same_tensors(graphed(in), total(in)));
+  }
+  const GraphStats s = graphed.stats();
+  EXPECT_EQ(s.replays, 0u);
+  EXPECT_EQ(s.captured, 0u);
+  EXPECT_GE(s.eager_runs, 3u);
+  ASSERT_EQ(f.logged.size(), 1u);
+  EXPECT_NE(f.logged[0].find("the model returned float32 [1, 2] as output 0 for inputs of 4 rows; "
+                             "graphs need one output row per input row"),
+            std::string::npos)
+      << f.logged[0];
+}
+
+// Inputs that cannot be packed (rows that differ, none, an undefined tensor) go to the model as
+// they are: its own error comes back, and warm_up names what it expected.
+TEST(GraphedMultiModel, InputsThatCannotBePackedRunEagerly) {
+  MultiFixture f;
+  const auto add = [](const Tensors& in) {
+    if (in.size() != 2) throw std::invalid_argument("two inputs, please");
+    return Tensors{in[0] + in[1]};
+  };
+  const GraphedMultiModel graphed = f.make(add);
+  EXPECT_THROW(graphed({at::ones({2, 3}), at::ones({3, 3})}), c10::Error);  // no broadcast
+  EXPECT_THROW(graphed({}), std::invalid_argument);
+  const Tensors ok{at::ones({2, 1}), at::ones({2, 3})};  // broadcast within rows: graphed
+  EXPECT_TRUE(same_tensors(graphed(ok), add(ok)));
+  const GraphStats s = graphed.stats();
+  EXPECT_EQ(s.eager_runs, 2u);
+  EXPECT_EQ(s.replays, 1u);
+  try {
+    graphed.warm_up({at::ones({2, 3}), at::ones({3, 3})});
+    ADD_FAILURE() << "warm_up took rows that differ";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("expected tensors of the same rows (at least one) on "
+                                         "cpu, got [float32 [2, 3], float32 [3, 3]]"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// warm_up captures every bucket for the example's layout; later calls only replay; more graphs
+// than max_graphs evict the least recently used.
+TEST(GraphedMultiModel, WarmUpCapturesEveryBucketAndMaxGraphsBounds) {
+  MultiFixture f;
+  const GraphedMultiModel graphed =
+      f.make({}, {.buckets = {1, 2, 4}, .capture_on_first_use = false, .max_graphs = 4});
+  graphed.warm_up(tokens(1, 5));
+  EXPECT_EQ(graphed.stats().captured, 3u);
+  for (int64_t rows : {1, 2, 3, 4}) {
+    const Tensors in = tokens(rows, 5);
+    EXPECT_TRUE(same_tensors(graphed(in), f.model(in)));
+  }
+  EXPECT_EQ(graphed.stats().replays, 4u);
+  const Tensors other = tokens(2, 6);  // not warmed up, and capture_on_first_use is off
+  EXPECT_TRUE(same_tensors(graphed(other), f.model(other)));
+  EXPECT_EQ(graphed.stats().eager_runs, 1u);
+  graphed.warm_up(tokens(1, 7));  // three more: two of the first length give way
+  const GraphStats s = graphed.stats();
+  EXPECT_EQ(s.captured, 6u);
+  EXPECT_EQ(s.graphs, 4u);
+  EXPECT_EQ(s.evictions, 2u);
+}
+
 // The library's own engine on every device here: real CUDA graphs on CUDA devices, eager with
 // the reason on the CPU.
 class GraphedModelOnDevice : public ::testing::TestWithParam<c10::Device> {};

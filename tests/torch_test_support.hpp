@@ -33,6 +33,27 @@ class Mlp {
   at::Tensor w1_, b1_, w2_, b2_;
 };
 
+/// A token model computed row by row: ids int64 [rows, L] and a mask [rows, L] in; per-token
+/// states float [rows, L, 4], their masked mean float [rows, 4] and its argmax int64 [rows] out.
+class TokenModel {
+ public:
+  explicit TokenModel(c10::Device device = c10::kCPU) {
+    at::manual_seed(4321);
+    const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
+    emb_ = at::randn({32, 4}, opts);
+    w_ = at::randn({4, 4}, opts);
+  }
+  std::vector<at::Tensor> operator()(const std::vector<at::Tensor>& in) const {
+    const at::Tensor h = at::tanh(at::matmul(at::embedding(emb_, in.at(0)), w_));
+    const at::Tensor m = in.at(1).unsqueeze(-1).to(at::kFloat);
+    const at::Tensor pooled = (h * m).sum(1) / m.sum(1);
+    return {h, pooled, pooled.argmax(1)};
+  }
+
+ private:
+  at::Tensor emb_, w_;
+};
+
 /// The submitter the LibTorch tests drive: tensors in and out on a TorchBackend.
 using TensorSubmitter = BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend>;
 

@@ -13,6 +13,9 @@ namespace syncbatch {
 /// "float32 [2, 32]" (and " on cuda:0" off the CPU); "undefined" for an undefined tensor.
 std::string describe_tensor(const at::Tensor& t);
 
+/// "[float32 [2, 32], int64 [2, 16]]": each tensor of a list, as describe_tensor names it.
+std::string describe_tensors(c10::ArrayRef<at::Tensor> ts);
+
 /// PyTorch's user-facing dtype name (float32, int64, bfloat16, ...), not c10's enum name.
 std::string dtype_name(at::ScalarType t);
 

@@ -174,6 +174,56 @@ class GraphedModel {
   std::shared_ptr<Impl> impl_;
 };
 
+/// Graph replay for a model of several input and output tensors (token ids and a mask in,
+/// per-token states and a pooled vector out): GraphedModel for tensor lists. Every input of a
+/// call has the same rows (dim 0) and every output one row per input row, each computed from
+/// its own input rows. A call replays the graph of its row bucket for its inputs' dtypes and
+/// shapes after dim 0, so under stacked mode with batch and length buckets
+/// (StackingOptions::batch_buckets, length_buckets) the model sees one graph per pair of
+/// buckets, at most max_graphs held at once (the least recently used gives way,
+/// GraphStats::evictions).
+///
+///   GraphedMultiModel graphed([&](const Tensors& in) { return bert.call(in); }, device);
+///   make_stacked_model_multi(graphed, {.device = device, .batch_buckets = ...,
+///                                      .length_buckets = ..., .length_input = LengthInput::kMask})
+///
+/// The inputs are copied into one static input (one copy per input; their bytes side by side)
+/// and the outputs, packed the same way inside the graph, copied out in one copy: the tensors a
+/// call returns are views into that copy. Calls whose inputs cannot be packed (none, rows that
+/// differ, undefined, no rows, another device than the model's) run eagerly, as do models
+/// whose outputs do not have one row per input row (the reason logged once). Threads, streams,
+/// buckets, captures, release() and the other options are GraphedModel's.
+class GraphedMultiModel {
+ public:
+  using Forward = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
+
+  /// Errors: throws Error(kInvalidArgument) for an empty model or a bad option.
+  GraphedMultiModel(Forward model, c10::Device device, GraphOptions options = {});
+
+  /// Runs the model on `inputs`: a graph replay where possible, else eagerly.
+  /// Errors: what the model throws on them (no graph is kept for a call that fails).
+  std::vector<at::Tensor> operator()(const std::vector<at::Tensor>& inputs) const;
+
+  /// Captures, for the calling thread's current stream, every bucket's graph for inputs shaped
+  /// like `example` (its rows do not matter). A no-op where graphs are unavailable.
+  /// Errors: Error(kInvalidArgument) for an example that cannot be packed (see above); what
+  /// the model throws.
+  void warm_up(const std::vector<at::Tensor>& example) const;
+
+  void release() const;
+  GraphStats stats() const;
+  const std::vector<int64_t>& buckets() const;
+  c10::Device device() const;
+
+  struct State;
+
+ private:
+  friend GraphedMultiModel make_graphed_multi_model_with_engine(
+      Forward, c10::Device, GraphOptions, std::shared_ptr<detail::GraphEngine>);
+  explicit GraphedMultiModel(std::shared_ptr<State> state) : state_(std::move(state)) {}
+  std::shared_ptr<State> state_;
+};
+
 /// The buckets `options` describes, ascending and distinct (RowBuckets of `buckets`, or powers
 /// of two up to `max_rows`). Errors: Error(kInvalidArgument).
 std::vector<int64_t> graph_buckets(const GraphOptions& options);

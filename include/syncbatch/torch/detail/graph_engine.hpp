@@ -62,4 +62,8 @@ namespace syncbatch {
 GraphedModel make_graphed_model_with_engine(GraphedModel::Forward model, c10::Device device,
                                             GraphOptions options,
                                             std::shared_ptr<detail::GraphEngine> engine);
+/// A GraphedMultiModel on a given engine (tests).
+GraphedMultiModel make_graphed_multi_model_with_engine(GraphedMultiModel::Forward model,
+                                                       c10::Device device, GraphOptions options,
+                                                       std::shared_ptr<detail::GraphEngine> engine);
 }  // namespace syncbatch
