@@ -1,7 +1,9 @@
-// real_models: TorchScript models served as a new user would, batch-1 closed-loop client threads
-// at each --clients count: per-op sync (each client runs its own forward and syncs), stacked
-// eager, stacked with batch (and length) buckets, stacked with CUDA graphs (image models), and
-// the ideal: one client running pre-stacked batches of `clients` rows (padded to the longest for
+// real_models: TorchScript models served as a new user would, batch-1 closed-loop clients at
+// each --clients count (blocking threads, and callbacks where each completion sends its client's
+// next request): per-op sync (each client runs its own forward and syncs), stacked eager,
+// stacked with batch (and length) buckets, stacked with CUDA graphs over the same buckets
+// (GraphedModel for images, GraphedMultiModel for tokens, captured before serving), and the
+// ideal: one client running pre-stacked batches of `clients` rows (padded to the longest for
 // variable lengths). Ratios are printed from this one run.
 //
 // Models: --model FILE.pt, or FILE.pt2 for an AOTInductor package where the build has AotiModel
@@ -73,7 +75,8 @@ int main(int argc, char** argv) {
   Flags flags(argc, argv,
               "real_models [--model tiny-cnn|tiny-bert|FILE.pt] [--kind image|tokens]\n"
               "  [--shape 3,224,224] [--lengths 128|16:128] [--device auto] [--clients 1,16,64]\n"
-              "  [--seconds 2] [--warmup 0.5] [--graphs auto] [--optimizer off] [--json PATH]",
+              "  [--seconds 2] [--warmup 0.5] [--graphs auto] [--optimizer off] [--max-padding 1]\n"
+              "  [--json PATH]",
               {{"model", "tiny-cnn"},
                {"kind", ""},
                {"shape", "3,224,224"},
@@ -84,6 +87,7 @@ int main(int argc, char** argv) {
                {"warmup", "0.5"},
                {"graphs", "auto"},
                {"optimizer", "off"},
+               {"max-padding", "1"},
                {"json", ""}});
   pin_threads();
   const c10::Device device = device_flag(flags);
@@ -123,8 +127,9 @@ int main(int argc, char** argv) {
     multi = [ts](const Tensors& in) { return ts.call(in); };
   }
   if (builtin) std::filesystem::remove(path);
-  const bool graphs = !spec.tokens && graphs_flag(flags, device);
+  const bool graphs = graphs_flag(flags, device);
   const double seconds = flags.num("seconds"), warmup = flags.num("warmup");
+  const double max_padding = flags.num("max-padding");
   const auto opts = at::TensorOptions().device(device);
 
   // Each client's request: an image, or token ids of its length.
@@ -144,16 +149,36 @@ int main(int argc, char** argv) {
     return multi({in[0], at::ones_like(in[0])});
   };
 
-  std::printf("real_models: %s (%s) on %s, graph optimizer %s%s\n\n", name.c_str(),
-              spec.tokens ? "tokens" : "image", device.str().c_str(),
+  std::printf("real_models: %s (%s) on %s, graph optimizer %s%s, max_padding %.2f\n\n",
+              name.c_str(), spec.tokens ? "tokens" : "image", device.str().c_str(),
               flags.str("optimizer").c_str(),
-              spec.tokens ? (", lengths " + flags.str("lengths")).c_str() : "");
+              spec.tokens ? (", lengths " + flags.str("lengths")).c_str() : "", max_padding);
   std::printf(
-      "| clients | per-op sync | stacked | stacked + buckets | stacked + graphs | ideal | "
-      "stacked / per-op | buckets / per-op | buckets / ideal | graphs / ideal |\n"
-      "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+      "| clients | per-op sync | stacked | stacked + buckets | buckets, callbacks | stacked + "
+      "graphs | graphs, callbacks | ideal | buckets / per-op | buckets / ideal | graphs / ideal "
+      "|\n|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
   JsonRows json;
   const RowBuckets batch_buckets = RowBuckets::powers_of_two(64);
+  // Length buckets for variable lengths (multiples of 16); none for a fixed length.
+  const RowBuckets length_buckets =
+      spec.tokens && spec.min_len != spec.max_len
+          ? RowBuckets::multiples_of(16, std::max<int64_t>(16, spec.max_len))
+          : RowBuckets();
+  using Stacked = BatchedSubmitter<Tensors, Tensors, TorchBackend>;
+  const SubmitterOptions submitter_options{.queue_capacity = 4096, .policy = EveryN{64}};
+  // Options of stacked mode over the multi-tensor seam (one input for images).
+  auto stacking = [&](StackingOptions options) {
+    options.device = device;
+    if (spec.tokens) {
+      options.expect = {{at::kLong, {kVaries}}};
+      options.cut_outputs = {{.output = 0, .dim = 1, .input = 0, .input_dim = 1}};
+      options.length_input = LengthInput::kMask;
+      options.max_padding = max_padding;
+    }
+    return options;
+  };
+  const StackingOptions bucketed_options{.batch_buckets = batch_buckets,
+                                         .length_buckets = length_buckets};
   for (int clients : flags.ints("clients")) {
     std::vector<Tensors> inputs;
     for (int c = 0; c < clients; ++c) inputs.push_back(request(c));
@@ -164,52 +189,73 @@ int main(int argc, char** argv) {
         (*sync)();
       };
     });
-    // Stacked submitters over the multi-tensor seam (one input for images).
-    auto stacked_cell = [&](StackingOptions options) {
-      options.device = device;
-      if (spec.tokens) {
-        options.expect = {{at::kLong, {kVaries}}};
-        options.cut_outputs = {{.output = 0, .dim = 1, .input = 0, .input_dim = 1}};
-        options.length_input = LengthInput::kMask;
-      }
-      BatchedSubmitter<Tensors, Tensors, TorchBackend> s(
-          make_stacked_model_multi(
-              [&](const Tensors& in) { return spec.tokens ? multi(in) : run(in); },
-              std::move(options)),
-          {.queue_capacity = 4096, .policy = EveryN{64}}, TorchBackend(device));
-      return closed_loop(clients, warmup, seconds,
-                         [&](int t) { return [&, t] { s.submit(Tensors(inputs[t])).get(); }; });
-    };
-    const Cell stacked = stacked_cell({});
-    StackingOptions with_buckets{.batch_buckets = batch_buckets};
-    if (spec.tokens && spec.min_len != spec.max_len)
-      with_buckets.length_buckets =
-          RowBuckets::multiples_of(16, std::max<int64_t>(16, spec.max_len));
-    const Cell bucketed = stacked_cell(with_buckets);
-    Cell graphed_cell;
-    if (graphs) {
-      GraphedModel graphed(single, device, {.max_rows = 64});
-      BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend> s(
-          make_stacked_model(graphed, {.device = device}),
-          {.queue_capacity = 4096, .policy = EveryN{64}}, TorchBackend(device));
-      graphed_cell = closed_loop(clients, warmup, seconds, [&](int t) {
-        return [&, t] { s.submit(at::Tensor(inputs[t][0])).get(); };
+    // Blocking client threads, or callbacks (each completion sends its client's next request).
+    auto threads_cell = [&](auto& s) {
+      return closed_loop(clients, warmup, seconds, [&](int t) {
+        return [&, t] { s.submit(typename std::decay_t<decltype(s)>::Input(inputs[t])).get(); };
       });
+    };
+    auto eager_model = [&](const Tensors& in) { return spec.tokens ? multi(in) : run(in); };
+    Cell stacked, bucketed, bucketed_cb;
+    {
+      Stacked s(make_stacked_model_multi(eager_model, stacking({})), submitter_options,
+                TorchBackend(device));
+      stacked = threads_cell(s);
     }
+    {
+      Stacked s(make_stacked_model_multi(eager_model, stacking(bucketed_options)),
+                submitter_options, TorchBackend(device));
+      bucketed = threads_cell(s);
+      bucketed_cb = callback_loop(s, inputs, clients, warmup, seconds);
+    }
+    // Graphs: every bucket (and length bucket) captured before serving. Images through
+    // GraphedModel, which gathers the rows straight into its static input; tokens through
+    // GraphedMultiModel (ids and mask in, both outputs out).
+    Cell graphed, graphed_cb;
+    std::string graph_note;
+    if (graphs && !spec.tokens) {
+      GraphedModel model(single, device, {.max_rows = 64, .capture_on_first_use = false});
+      const at::Tensor example = inputs.front()[0];
+      BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend> s(
+          make_stacked_model(model, {.device = device}), submitter_options,
+          TorchBackend(device, {.on_worker_start = [&] { model.warm_up(example); }}));
+      std::vector<at::Tensor> images;
+      for (const auto& in : inputs) images.push_back(in[0]);
+      graphed = closed_loop(clients, warmup, seconds, [&](int t) {
+        return [&, t] { s.submit(at::Tensor(images[t])).get(); };
+      });
+      graphed_cb = callback_loop(s, images, clients, warmup, seconds);
+      graph_note = model.stats().last_fallback;
+    } else if (graphs) {
+      GraphedMultiModel model(multi, device, {.max_rows = 64, .capture_on_first_use = false});
+      std::vector<int64_t> lengths = length_buckets.sizes();
+      if (lengths.empty()) lengths = {spec.max_len};
+      Stacked s(make_stacked_model_multi(model, stacking(bucketed_options)), submitter_options,
+                TorchBackend(device, {.on_worker_start = [&] {
+                               for (int64_t len : lengths) {
+                                 const at::Tensor ids = at::ones({1, len}, opts.dtype(at::kLong));
+                                 model.warm_up({ids, ids});
+                               }
+                             }}));
+      graphed = threads_cell(s);
+      graphed_cb = callback_loop(s, inputs, clients, warmup, seconds);
+      const GraphStats g = model.stats();
+      graph_note = g.last_fallback;
+      std::printf("  (graphs: %llu captured, %llu held, %llu evicted, %llu eager runs)\n",
+                  static_cast<unsigned long long>(g.captured),
+                  static_cast<unsigned long long>(g.graphs),
+                  static_cast<unsigned long long>(g.evictions),
+                  static_cast<unsigned long long>(g.eager_runs));
+    }
+    if (!graph_note.empty()) std::printf("  (graphs fell back: %s)\n", graph_note.c_str());
     // Ideal: one thread, the clients' requests pre-stacked (padded to the longest), one sync.
-    Tensors batch;
-    if (spec.tokens) {
-      int64_t longest = 0;
-      for (const auto& in : inputs) longest = std::max(longest, in[0].size(1));
-      std::vector<at::Tensor> rows;
-      for (const auto& in : inputs)
-        rows.push_back(at::constant_pad_nd(in[0], {0, longest - in[0].size(1)}, 0));
-      batch = {at::cat(rows, 0)};
-    } else {
-      std::vector<at::Tensor> rows;
-      for (const auto& in : inputs) rows.push_back(in[0]);
-      batch = {at::cat(rows, 0)};
-    }
+    std::vector<at::Tensor> rows;
+    int64_t longest = 0;
+    for (const auto& in : inputs) longest = std::max(longest, in[0].dim() > 1 ? in[0].size(1) : 0);
+    for (const auto& in : inputs)
+      rows.push_back(spec.tokens ? at::constant_pad_nd(in[0], {0, longest - in[0].size(1)}, 0)
+                                 : in[0]);
+    const Tensors batch{at::cat(rows, 0)};
     const Cell ideal = closed_loop(
         1, warmup, seconds,
         [&](int) {
@@ -219,21 +265,23 @@ int main(int argc, char** argv) {
           };
         },
         clients);
-    std::printf("| %d | %.0f | %.0f | %.0f | %s | %.0f | %.2fx | %.2fx | %.2f | %s |\n", clients,
-                per_op.ops_per_s, stacked.ops_per_s, bucketed.ops_per_s,
-                graphs ? std::to_string(static_cast<long>(graphed_cell.ops_per_s)).c_str() : "-",
-                ideal.ops_per_s, stacked.ops_per_s / per_op.ops_per_s,
+    const auto rate = [](const Cell& c) { return std::to_string(std::lround(c.ops_per_s)); };
+    const double best_graphs = std::max(graphed.ops_per_s, graphed_cb.ops_per_s);
+    std::printf("| %d | %.0f | %.0f | %.0f | %.0f | %s | %s | %.0f | %.2fx | %.2f | %s |\n",
+                clients, per_op.ops_per_s, stacked.ops_per_s, bucketed.ops_per_s,
+                bucketed_cb.ops_per_s, graphs ? rate(graphed).c_str() : "-",
+                graphs ? rate(graphed_cb).c_str() : "-", ideal.ops_per_s,
                 bucketed.ops_per_s / per_op.ops_per_s, bucketed.ops_per_s / ideal.ops_per_s,
-                graphs
-                    ? std::to_string(graphed_cell.ops_per_s / ideal.ops_per_s).substr(0, 4).c_str()
-                    : "-");
+                graphs ? std::to_string(best_graphs / ideal.ops_per_s).substr(0, 4).c_str() : "-");
     std::fflush(stdout);
     json.row()
         .set("clients", clients)
         .set("per_op", per_op.ops_per_s)
         .set("stacked", stacked.ops_per_s)
         .set("stacked_buckets", bucketed.ops_per_s)
-        .set("stacked_graphs", graphed_cell.ops_per_s)
+        .set("stacked_buckets_callbacks", bucketed_cb.ops_per_s)
+        .set("stacked_graphs", graphed.ops_per_s)
+        .set("stacked_graphs_callbacks", graphed_cb.ops_per_s)
         .set("ideal", ideal.ops_per_s)
         .set("stacked_p99_us", stacked.p99_us)
         .set("buckets_p99_us", bucketed.p99_us);
@@ -241,6 +289,7 @@ int main(int argc, char** argv) {
   json.write(flags.str("json"), meta_json(device, {{"model", name},
                                                    {"kind", spec.tokens ? "tokens" : "image"},
                                                    {"lengths", flags.str("lengths")},
-                                                   {"optimizer", flags.str("optimizer")}}));
+                                                   {"optimizer", flags.str("optimizer")},
+                                                   {"max_padding", flags.str("max-padding")}}));
   return 0;
 }

@@ -108,8 +108,10 @@ Cell closed_loop(int threads, double warmup, double seconds, MakeClient make_cli
 /// an event loop does. Measures `seconds` after `warmup`; latency is submit to callback. The
 /// queue must hold `chains` requests, or a worker would block on its own submit.
 template <class Submitter>
-Cell callback_loop(Submitter& submitter, const std::vector<at::Tensor>& inputs, int chains,
-                   double warmup, double seconds) {
+Cell callback_loop(Submitter& submitter, const std::vector<typename Submitter::Input>& inputs,
+                   int chains, double warmup, double seconds) {
+  using In = typename Submitter::Input;
+  using Out = typename Submitter::Output;
   // A chain's callbacks run one at a time (each sends the next), so its slot needs no lock.
   struct Chain {
     Clock::time_point sent;
@@ -123,7 +125,7 @@ Cell callback_loop(Submitter& submitter, const std::vector<at::Tensor>& inputs, 
     chain[c].sent = Clock::now();
     // submit_then throws nothing: a refused request (queue full, shut down) calls back with the
     // error, and its chain ends there.
-    submitter.submit_then(at::Tensor(inputs[c]), [&, c](std::exception_ptr error, at::Tensor) {
+    submitter.submit_then(In(inputs[c]), [&, c](std::exception_ptr error, Out) {
       const auto now = Clock::now();
       if (record.load(std::memory_order_relaxed) && !error) {
         chain[c].samples.add(now - chain[c].sent);
