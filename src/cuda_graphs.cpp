@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -146,7 +147,21 @@ class CudaGraphEngine final : public GraphEngine {
   }
 
  private:
-  static std::string first_line(const std::string& what) { return what.substr(0, what.find('\n')); }
+  // The first line of an error, and for TorchScript's, whose first line only says that an
+  // operation failed, the last line that names an error too (e.g. "RuntimeError: CUDA error:
+  // operation not permitted when stream is capturing").
+  static std::string first_line(const std::string& what) {
+    std::string first = what.substr(0, what.find('\n'));
+    if (first.find("TorchScript interpreter") == std::string::npos) return first;
+    std::string named;
+    for (std::size_t at = 0; at < what.size();) {
+      const std::size_t end = std::min(what.find('\n', at), what.size());
+      const std::string line = what.substr(at, end - at);
+      if (line.find("Error: ") != std::string::npos) named = line;
+      at = end + 1;
+    }
+    return named.empty() ? first : first + " " + named;
+  }
 
   static void order(const c10::cuda::CUDAStream& before, const c10::cuda::CUDAStream& after) {
     at::cuda::CUDAEvent event;

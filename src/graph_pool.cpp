@@ -46,6 +46,8 @@ GraphSlot* GraphPool::checkout(const GraphKey& key, bool may_create) {
   GraphSlot* slot = nullptr;
   {
     std::lock_guard lock(mu_);
+    if (!failed_.empty() && failed_.contains(key))
+      return nullptr;  // counted as eager by the caller
     auto& slots = slots_[key];
     for (auto& s : slots)
       if (!s->busy) {
@@ -99,6 +101,11 @@ void GraphPool::discard(const GraphKey& key, GraphSlot* slot) {
   slots.erase(
       std::find_if(slots.begin(), slots.end(), [&](const auto& s) { return s.get() == slot; }));
   --held_;
+}
+
+void GraphPool::mark_failed(const GraphKey& key) {
+  std::lock_guard lock(mu_);
+  failed_.insert(key);
 }
 
 bool GraphPool::holds(const GraphKey& key) const {

@@ -16,6 +16,7 @@
 #include <set>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "syncbatch/torch/detail/graph_engine.hpp"
@@ -67,7 +68,8 @@ class GraphPool {
   /// `log` receives each distinct fallback reason once; may be empty.
   GraphPool(std::size_t max_graphs, std::function<void(const std::string&)> log);
 
-  /// A free slot of `key`, now checked out to the caller; when none is free and `may_create`,
+  /// A free slot of `key`, now checked out to the caller (nullptr for a key marked failed); when
+  /// none is free and `may_create`,
   /// a new uncaptured one: while fewer than max_graphs are held, or in place of the least
   /// recently used idle slot (freed once its stream's replays are done); nullptr with the
   /// fallback reported when every slot is in use; nullptr when none is free and not
@@ -77,6 +79,8 @@ class GraphPool {
   void checkin(GraphSlot* slot);
   /// Frees a checked-out slot (its capture failed, or the model threw while capturing).
   void discard(const GraphKey& key, GraphSlot* slot);
+  /// Marks `key` as one that cannot be captured: checkout() gives no slot for it from then on.
+  void mark_failed(const GraphKey& key);
   /// Whether a slot of `key` exists, captured or being captured.
   bool holds(const GraphKey& key) const;
   /// Waits for the idle slots' pending replays (their streams), then frees them.
@@ -99,6 +103,7 @@ class GraphPool {
   mutable std::mutex mu_;
   // Guarded by mu_:
   std::unordered_map<GraphKey, std::vector<std::unique_ptr<GraphSlot>>, GraphKeyHash> slots_;
+  std::unordered_set<GraphKey, GraphKeyHash> failed_;
   std::size_t held_ = 0;
   std::uint64_t tick_ = 0;
   std::uint64_t evictions_ = 0;

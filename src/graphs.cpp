@@ -114,8 +114,10 @@ struct GraphContext {
 
   // Captures `forward` into `slot` (checked out for `key`) with `x` (rows <= the static input's)
   // in its static input. `problem(slot)` names what the capture's output breaks ("" if
-  // nothing). Returns false, with `disabled` set for good and the slot discarded, when the model
-  // cannot be captured so; `eager_note` ends the logged reason.
+  // nothing). Returns false, with the slot discarded, when the model cannot be captured so:
+  // for an output problem, or after kFailuresBeforeGivingUp failed captures with none
+  // succeeding, `disabled` is set for good; otherwise only `key` runs eagerly from then on (some
+  // models capture at every size but one). `eager_note` ends the logged reason.
   template <class Problem>
   bool capture(GraphSlot& slot, const GraphKey& key, const at::Tensor& x,
                const GraphedModel::Forward& forward, Problem problem, std::atomic<bool>& disabled,
@@ -123,26 +125,35 @@ struct GraphContext {
     slot.input = at::zeros(key.input_sizes(), at::TensorOptions().dtype(key.dtype).device(device));
     engine->copy(slot.input.narrow(0, 0, x.size(0)), x);
     std::string why;
+    bool for_good = false;
     try {
       slot.graph = engine->capture(forward, slot.input, slot.output, options.warmup_runs);
       why = problem(slot);
+      for_good = !why.empty();
     } catch (const detail::CaptureError& e) {
-      why = std::string("the model cannot be captured as a CUDA graph (") + e.what() + "); " +
-            eager_note;
-      capture_failures.fetch_add(1, std::memory_order_relaxed);
+      const std::uint64_t failures = capture_failures.fetch_add(1, std::memory_order_relaxed) + 1;
+      for_good = failures >= kFailuresBeforeGivingUp && captured.load() == 0;
+      why = "the model cannot be captured as a CUDA graph for " + describe_tensor(slot.input) +
+            " (" + e.what() + "); " +
+            (for_good ? std::string(eager_note) : "calls of that shape run eagerly");
     }
     if (why.empty()) {
       captured.fetch_add(1, std::memory_order_relaxed);
       return true;
     }
-    disabled.store(true, std::memory_order_release);
+    if (for_good) disabled.store(true, std::memory_order_release);
     pool.discard(key, &slot);
+    if (!for_good) pool.mark_failed(key);
     pool.fallback(why);
     return false;
   }
 
+  // Failed captures, none succeeding, after which a model is taken as not capturable at all.
+  static constexpr std::uint64_t kFailuresBeforeGivingUp = 3;
+
   // Captures the graph of `key` unless one is held; `input()` gives the capture's input and
-  // `capture_slot(slot, x)` captures it. Returns false when no more graphs can be captured.
+  // `capture_slot(slot, x)` captures it. Returns false when no more graphs can be captured
+  // (max_graphs held, all in use); a key that cannot be captured is left for the next.
   template <class Input, class Capture>
   bool warm_up_key(const GraphKey& key, Input input, Capture capture_slot) {
     if (pool.holds(key)) return true;
@@ -153,7 +164,7 @@ struct GraphContext {
       return true;
     }
     try {
-      if (!capture_slot(*slot, input())) return false;
+      if (!capture_slot(*slot, input())) return true;  // discarded; calls of it run eagerly
     } catch (...) {
       pool.discard(key, slot);
       throw;
@@ -246,7 +257,7 @@ class RowReplay {
       const auto capture = [&](GraphSlot& slot, const at::Tensor& x) {
         return capture_slot(slot, key, x);
       };
-      if (!g_.warm_up_key(key, input, capture)) return;
+      if (!g_.warm_up_key(key, input, capture) || !usable()) return;
     }
   }
 
@@ -365,7 +376,7 @@ class FusedReplay {
       const auto capture = [&](GraphSlot& slot, const at::Tensor& x) {
         return capture_slot(slot, key, x);
       };
-      if (!g_.warm_up_key(key, input, capture)) return;
+      if (!g_.warm_up_key(key, input, capture) || !usable()) return;
     }
   }
 

@@ -192,20 +192,69 @@ TEST(GraphedModel, ModelThatCannotBeCapturedFallsBackForGood) {
         return x + 1;
       },
       c10::kCPU, {.log = [&](const std::string& s) { f.logged.push_back(s); }}, f.engine);
-  const at::Tensor x = at::randn({3, 2});
-  EXPECT_TRUE(at::equal(graphed(x), x + 1));
-  const at::Tensor y = at::randn({1, 2});
-  EXPECT_TRUE(at::equal(graphed(y), y + 1));
+  // Three buckets fail (4, 1, 2), none ever captured: the model is taken as not capturable,
+  // and the fourth (8) and a second call of the first run eagerly without trying.
+  for (int64_t rows : {3, 1, 2, 8, 3}) {
+    const at::Tensor x = at::randn({rows, 2});
+    EXPECT_TRUE(at::equal(graphed(x), x + 1)) << rows;
+  }
   const GraphStats s = graphed.stats();
-  EXPECT_EQ(s.capture_failures, 1u);
+  EXPECT_EQ(s.capture_failures, 3u);
   EXPECT_EQ(s.captured, 0u);
   EXPECT_EQ(s.graphs, 0u);
-  EXPECT_EQ(s.eager_runs, 2u);
+  EXPECT_EQ(s.eager_runs, 5u);
+  ASSERT_EQ(f.logged.size(), 3u);
+  EXPECT_NE(f.logged[0].find("cannot be captured as a CUDA graph for float32 [4, 2] (operation "
+                             "not permitted when stream is capturing); calls of that shape run "
+                             "eagerly"),
+            std::string::npos)
+      << f.logged[0];
+  EXPECT_NE(f.logged[2].find("for float32 [2, 2] (operation not permitted when stream is "
+                             "capturing); calls run eagerly"),
+            std::string::npos)
+      << f.logged[2];
+  // 3 x (2 warm-ups + 1 failed capture) + 5 eager runs.
+  EXPECT_EQ(calls, 14);
+}
+
+// A model that cannot be captured at one size only (BERT at one row, say) keeps its graphs for
+// the others, and calls of that size run eagerly without another capture attempt.
+TEST(GraphedModel, ABucketThatCannotBeCapturedRunsEagerlyAndTheOthersReplay) {
+  Fixture f;
+  int calls = 0;
+  GraphedModel graphed = make_graphed_model_with_engine(
+      [&](const at::Tensor& x) {
+        ++calls;
+        if (capturing && x.size(0) == 1) throw std::runtime_error("not at one row");
+        return x * 2;
+      },
+      c10::kCPU,
+      {.buckets = {1, 2, 4}, .log = [&](const std::string& s) { f.logged.push_back(s); }},
+      f.engine);
+  for (int round = 0; round < 3; ++round)
+    for (int64_t rows : {1, 2, 3}) {
+      const at::Tensor x = at::randn({rows, 2});
+      EXPECT_TRUE(at::equal(graphed(x), x * 2)) << rows;
+    }
+  const GraphStats s = graphed.stats();
+  EXPECT_EQ(s.capture_failures, 1u);
+  EXPECT_EQ(s.captured, 2u);
+  EXPECT_EQ(s.replays, 6u);
+  EXPECT_EQ(s.eager_runs, 3u);
   ASSERT_EQ(f.logged.size(), 1u);
-  EXPECT_NE(f.logged[0].find("cannot be captured"), std::string::npos) << f.logged[0];
-  EXPECT_NE(f.logged[0].find("operation not permitted"), std::string::npos) << f.logged[0];
-  // Second call: no second capture attempt (2 warm-ups + 1 failed capture + 2 eager runs).
-  EXPECT_EQ(calls, 5);
+  EXPECT_NE(f.logged[0].find("for float32 [1, 2] (not at one row); calls of that shape run "
+                             "eagerly"),
+            std::string::npos)
+      << f.logged[0];
+  // warm_up goes past the bucket it cannot capture.
+  GraphedModel warmed = make_graphed_model_with_engine(
+      [](const at::Tensor& x) {
+        if (capturing && x.size(0) == 1) throw std::runtime_error("not at one row");
+        return x * 2;
+      },
+      c10::kCPU, {.buckets = {1, 2, 4}, .capture_on_first_use = false}, f.engine);
+  warmed.warm_up(at::randn({1, 2}));
+  EXPECT_EQ(warmed.stats().captured, 2u);
 }
 
 TEST(GraphedModel, ABadInputFailsItsCallOnlyAndKeepsNoGraph) {
@@ -430,11 +479,16 @@ TEST(GraphedModelCallEach, ModelThatCannotBeCapturedRunsCallByCall) {
   EXPECT_EQ(s.fused_replays, 0u);
   EXPECT_EQ(s.replays, 0u);
   EXPECT_EQ(s.eager_runs, 6u);
-  // One failed fused capture, one failed row-bucket capture; each reason logged once.
-  EXPECT_EQ(s.capture_failures, 2u);
-  ASSERT_EQ(f.logged.size(), 2u);
-  EXPECT_NE(f.logged[0].find("call_each() runs calls one by one"), std::string::npos)
+  // The fused capture of 2 calls fails (they run one by one), the row bucket's fails, then the
+  // fused capture of 1 call: three failures with none captured, so the model is taken as not
+  // capturable; each reason logged once.
+  EXPECT_EQ(s.capture_failures, 3u);
+  ASSERT_EQ(f.logged.size(), 3u);
+  EXPECT_NE(f.logged[0].find("cannot be captured as a CUDA graph for float32 [2, 2]"),
+            std::string::npos)
       << f.logged[0];
+  EXPECT_NE(f.logged[2].find("; call_each() runs calls one by one"), std::string::npos)
+      << f.logged[2];
 }
 
 TEST(GraphedModelCallEach, ABadCallThrowsAndKeepsNoGraphForItsShape) {
