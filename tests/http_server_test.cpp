@@ -390,6 +390,73 @@ TEST(HttpServer, FullQueueAnswers503WithRetryAfterAndLosesNothing) {
   EXPECT_TRUE(at::equal(from_raw(second.body, kWidth), x * 2));
 }
 
+// A connection that keeps the server waiting (no request, half a request) is closed after
+// idle_timeout; one whose request is in the model, or that keeps sending requests, is not.
+TEST(HttpServer, IdleConnectionsCloseAndBusyOnesStay) {
+  std::atomic<bool> release{false};
+  Model model{[&](const at::Tensor& x) {
+                while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                return x * 2;
+              },
+              kWidth, "slow"};
+  Server server(model, {.threads = 2, .idle_timeout = std::chrono::milliseconds(200)},
+                {.mode = Mode::kPerCall});
+  const unsigned short port = server.port();
+  boost::asio::io_context ioc;
+  const auto connect = [&] {
+    tcp::socket s(ioc);
+    s.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port));
+    return s;
+  };
+  // Seconds until the server closes `s` (a read sees the end of the stream), 10 at most.
+  const auto until_closed = [](tcp::socket& s) {
+    const auto start = std::chrono::steady_clock::now();
+    const auto elapsed = [&] {
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    };
+    s.non_blocking(true);
+    char chunk[4096];
+    for (boost::system::error_code ec; elapsed() < 10;) {
+      s.read_some(boost::asio::buffer(chunk), ec);
+      if (ec == boost::asio::error::would_block) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      } else if (ec) {
+        break;
+      }
+    }
+    return elapsed();
+  };
+  tcp::socket silent = connect();
+  tcp::socket half = connect();
+  boost::asio::write(half, boost::asio::buffer(std::string("POST /v1/infer HTTP/1.1\r\nHost: x")));
+  const double silent_s = until_closed(silent);
+  const double half_s = until_closed(half);
+  EXPECT_GE(silent_s, 0.19);
+  EXPECT_LT(silent_s, 5.0);
+  EXPECT_LT(half_s, 5.0);
+  // A request the model holds for longer than the timeout is answered, and a client sending a
+  // request every 50 ms on one connection keeps it.
+  const at::Tensor x = at::ones({1, kWidth});
+  Reply held;
+  std::thread slow([&] { held = post(port, "application/octet-stream", raw_bytes(x)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  release = true;
+  slow.join();
+  EXPECT_EQ(held.status, 200u) << held.body;
+  boost::beast::tcp_stream busy(ioc);
+  busy.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), port));
+  for (int i = 0; i < 12; ++i) {
+    bh::request<bh::string_body> req(bh::verb::get, "/v2/health/live", 11);
+    req.set(bh::field::host, "127.0.0.1");
+    bh::write(busy, req);
+    boost::beast::flat_buffer buffer;
+    bh::response<bh::string_body> res;
+    bh::read(busy, buffer, res);
+    EXPECT_EQ(res.result_int(), 200u) << i;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
 // A client that hangs up while its request waits in the queue cancels it: the model never sees
 // it (its rows, all 7s here, never reach a forward), and the submitter counts a cancellation.
 // A client hangs up while its request waits in the queue behind one the model holds. With the
@@ -906,6 +973,16 @@ TEST(HttpServer, SigtermDrainsAndExitsZero) {
     _exit(127);
   }
   close(out[1]);
+  // Killed and reaped if the test ends before it does (an ASSERT below failing).
+  struct Child {
+    pid_t pid;
+    bool reaped = false;
+    ~Child() {
+      if (reaped) return;
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  } child{pid};
   // "listening on http://127.0.0.1:PORT (...)"
   std::string line;
   char c = 0;
@@ -934,6 +1011,7 @@ TEST(HttpServer, SigtermDrainsAndExitsZero) {
   for (auto& t : clients) t.join();
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  child.reaped = true;
   close(out[0]);
   EXPECT_TRUE(WIFEXITED(status)) << status;
   EXPECT_EQ(WEXITSTATUS(status), 0);

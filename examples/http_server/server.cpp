@@ -6,8 +6,12 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <list>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
@@ -71,8 +75,51 @@ std::vector<ServedModel> check(const ServerOptions& options, std::vector<ServedM
   if (options.threads < 1)
     throw std::invalid_argument("Server: expected at least 1 thread, got " +
                                 std::to_string(options.threads));
+  if (options.idle_timeout < std::chrono::milliseconds(1))
+    throw std::invalid_argument("Server: expected an idle_timeout of at least 1 ms, got " +
+                                std::to_string(options.idle_timeout.count()) + " ms");
   return models;
 }
+
+using Clock = std::chrono::steady_clock;
+
+// A connection as its io thread's idle sweep sees it: since when it waits for its client
+// (Clock::time_point::max() while its request runs, which does not count).
+struct Connection {
+  beast::tcp_stream* stream;
+  Clock::time_point waiting_since;
+};
+
+// The connections of one io_context, touched by its thread only. A sweep instead of a timer per
+// read and write (Beast's tcp_stream timeouts): those cost each request several timer-queue
+// operations, where this costs it two clock reads.
+struct Connections {
+  std::list<Connection> list;
+
+  // Registers a connection for as long as the returned guard lives.
+  auto enter(beast::tcp_stream& stream) {
+    const auto it = list.insert(list.end(), {&stream, Clock::now()});
+    struct Leave {
+      Leave(std::list<Connection>& l, std::list<Connection>::iterator i) : list(l), it(i) {}
+      std::list<Connection>& list;
+      std::list<Connection>::iterator it;
+      Leave(const Leave&) = delete;
+      Leave& operator=(const Leave&) = delete;
+      ~Leave() { list.erase(it); }
+    };
+    return std::make_unique<Leave>(list, it);
+  }
+
+  // Cancels what the connections that waited longer than `timeout` wait for (they then close).
+  void sweep(std::chrono::milliseconds timeout) {
+    const auto now = Clock::now();
+    for (Connection& c : list)
+      if (c.waiting_since != Clock::time_point::max() && now - c.waiting_since > timeout) {
+        c.waiting_since = Clock::time_point::max();  // once
+        c.stream->cancel();
+      }
+  }
+};
 
 }  // namespace
 
@@ -85,8 +132,10 @@ struct Server::Impl {
     // client's hang-up, `||` in infer, needs) without a strand, and the threads share no
     // scheduler lock.
     for (int i = 0; i < options.threads; ++i) {
+      connections.push_back(std::make_unique<Connections>());
       contexts.push_back(std::make_unique<net::io_context>(1));
       work.push_back(net::make_work_guard(*contexts.back()));
+      net::co_spawn(*contexts.back(), sweep(*connections.back()), net::detached);
     }
     acceptor.emplace(*contexts.front());
     const tcp::endpoint endpoint(net::ip::make_address(options.address), options.port);
@@ -139,9 +188,23 @@ struct Server::Impl {
     });
   }
 
+  // Every few parts of idle_timeout (at most a second), closes what waited longer.
+  net::awaitable<void> sweep(Connections& connections) {
+    const auto period = std::clamp(options.idle_timeout / 4, std::chrono::milliseconds(1),
+                                   std::chrono::milliseconds(1000));
+    net::steady_timer timer(co_await net::this_coro::executor);
+    for (;;) {
+      timer.expires_after(period);
+      auto [ec] = co_await timer.async_wait(net::as_tuple(net::use_awaitable));
+      if (ec) co_return;
+      connections.sweep(options.idle_timeout);
+    }
+  }
+
   net::awaitable<void> accept_loop() {
     for (std::size_t next = 0;; ++next) {
-      net::io_context& home = *contexts[next % contexts.size()];
+      const std::size_t i = next % contexts.size();
+      net::io_context& home = *contexts[i];
       auto [ec, socket] = co_await acceptor->async_accept(home, net::as_tuple(net::use_awaitable));
       if (ec == net::error::operation_aborted || !acceptor->is_open()) co_return;
       if (ec) {  // e.g. too many open files: keep serving the others, retry in a moment
@@ -150,17 +213,20 @@ struct Server::Impl {
         continue;
       }
       socket.set_option(tcp::no_delay(true), ec);
-      net::co_spawn(home, session(beast::tcp_stream(std::move(socket))), net::detached);
+      net::co_spawn(home, session(beast::tcp_stream(std::move(socket)), *connections[i]),
+                    net::detached);
     }
   }
 
-  net::awaitable<void> session(beast::tcp_stream stream) {
+  net::awaitable<void> session(beast::tcp_stream stream, Connections& connections) {
+    const auto registered = connections.enter(stream);
+    Connection& self = *registered->it;
     beast::flat_buffer buffer;
     for (;;) {
       bh::request_parser<bh::vector_body<char>> parser;
       parser.body_limit(options.max_body_bytes);
       parser.header_limit(16 * 1024);
-      stream.expires_after(std::chrono::seconds(60));
+      self.waiting_since = Clock::now();  // for a request (the answer's write counts too)
       auto [ec, n] =
           co_await bh::async_read_header(stream, buffer, parser, net::as_tuple(net::use_awaitable));
       if (!ec) {
@@ -198,6 +264,7 @@ struct Server::Impl {
         break;
       }
       Request req = parser.release();
+      self.waiting_since = Clock::time_point::max();  // the model's time does not count
       unanswered.fetch_add(1);  // until its answer is written: stop() waits for it
       tcp::socket& client = stream.socket();
       Response res = co_await protocol.handle(
@@ -205,6 +272,7 @@ struct Server::Impl {
                                         : HangupWatch());
       res.keep_alive(req.keep_alive() && !protocol.stopping());  // a stopping server closes
       res.prepare_payload();
+      self.waiting_since = Clock::now();  // for the client to read it
       auto [wec, wn] = co_await bh::async_write(stream, res, net::as_tuple(net::use_awaitable));
       unanswered.fetch_sub(1);
       if (wec || !res.keep_alive()) break;
@@ -216,6 +284,8 @@ struct Server::Impl {
   ServerOptions options;
   Protocol protocol;
   std::atomic<int> unanswered{0};  // requests read whose answer is not written yet
+  // One per thread, before contexts: their sessions leave these as the contexts go.
+  std::vector<std::unique_ptr<Connections>> connections;
   std::vector<std::unique_ptr<net::io_context>> contexts;  // one per thread
   std::vector<net::executor_work_guard<net::io_context::executor_type>> work;
   std::optional<tcp::acceptor> acceptor;  // on contexts.front()

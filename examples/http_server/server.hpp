@@ -6,6 +6,7 @@
 // protocol's (protocol.hpp), the models' options are in model.hpp.
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -23,6 +24,11 @@ struct ServerOptions {
   /// watch costs each request a peeking receive on its socket and a coroutine; off, a request
   /// runs to its answer whether or not anyone reads it.
   bool cancel_on_hangup = true;
+  /// A connection that waits this long for a client (for its next request, for the rest of
+  /// one, or for the client to read an answer) is closed; the wait for a model's answer does
+  /// not count. Checked by one sweep per io thread, a few times per timeout (at most once a
+  /// second), so a connection goes between this and a second later. At least 1 ms.
+  std::chrono::milliseconds idle_timeout{60'000};
 };
 
 /// Listens on construction, serves until stop() or destruction: the endpoints and answers of
@@ -30,8 +36,8 @@ struct ServerOptions {
 /// io_context of its own (a connection stays on one). Its own answers: 400 malformed HTTP, 413 a
 /// body over max_body_bytes, 501 a transfer coding other than chunked (RFC 9112); each closes
 /// the connection. A client that hangs up while its request is queued cancels it
-/// (cancel_on_hangup). stop() (SIGTERM in main) stops accepting, answers every request already
-/// read, then returns.
+/// (cancel_on_hangup); one that keeps the connection waiting is closed (idle_timeout). stop()
+/// (SIGTERM in main) stops accepting, answers every request already read, then returns.
 class Server {
  public:
   /// Serves `models` (at least one; names unique, without '/').
