@@ -342,6 +342,19 @@ TEST(BatchRows, RowsTimesLengthCountsPositions) {
   EXPECT_EQ(forwards, (std::vector<int64_t>{1, 2, 5, 4}));
 }
 
+// Graphs over 4 lengths x 4 row buckets (16 pairs) held at most 6 at a time: on CUDA every
+// pair captured, least recently used ones evicted, no call eager; elsewhere no replay at all.
+void expect_graphs_bounded(const GraphStats& g, c10::Device device) {
+  if (device.is_cuda()) {
+    EXPECT_LE(g.graphs, 6u);
+    EXPECT_GT(g.evictions, 0u);
+    EXPECT_EQ(g.eager_runs, 0u) << g.last_fallback;
+    EXPECT_GE(g.captured, 16u);
+  } else {
+    EXPECT_EQ(g.replays, 0u);
+  }
+}
+
 // Graphs over length buckets x batch buckets: 4 lengths x 4 row counts need 16 graphs, held 6 at
 // a time; least recently used graphs give way, no call runs eagerly (on CUDA), and every
 // request gets exactly its own result.
@@ -370,13 +383,7 @@ TEST_P(VariableLength, GraphsOverLengthAndBatchBucketsStayBounded) {
   for (std::size_t i = 0; i < inputs.size(); ++i)
     EXPECT_TRUE(at::allclose(futures[i].get(), at::tanh(inputs[i]) * 2 + 1, 1e-6, 1e-6)) << i;
   s.shutdown();
-  const GraphStats g = graphed.stats();
-  if (device.is_cuda()) {
-    EXPECT_LE(g.graphs, 6u);
-    EXPECT_GT(g.evictions, 0u);
-    EXPECT_EQ(g.eager_runs, 0u) << g.last_fallback;
-    EXPECT_GE(g.captured, 16u);
-  }
+  expect_graphs_bounded(graphed.stats(), device);
 }
 
 // The same for a model of several inputs and outputs (GraphedMultiModel): token ids and the
@@ -415,15 +422,7 @@ TEST_P(VariableLength, MultiTensorGraphsWithAMaskOverEveryBucket) {
     EXPECT_TRUE(at::equal(got[2], want[2])) << i;
   }
   s.shutdown();
-  const GraphStats g = graphed.stats();
-  if (device.is_cuda()) {
-    EXPECT_LE(g.graphs, 6u);
-    EXPECT_GT(g.evictions, 0u);
-    EXPECT_EQ(g.eager_runs, 0u) << g.last_fallback;
-    EXPECT_GE(g.captured, 16u);
-  } else {
-    EXPECT_EQ(g.replays, 0u);
-  }
+  expect_graphs_bounded(graphed.stats(), device);
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, VariableLength, ::testing::ValuesIn(available_devices()),
