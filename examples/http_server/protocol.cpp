@@ -465,7 +465,7 @@ struct Protocol::Impl {
       // Ready while accepting: a stopping server is live but not ready (4xx, as the protocol
       // says, so that balancers take it out).
       const bool ready = target.ends_with("live") || !stopping.load();
-      co_return json_response(ready ? bh::status::ok : bh::status::bad_request, "", v);
+      co_return Response(ready ? bh::status::ok : bh::status::bad_request, v);  // no body
     }
     const auto path = model_path(target);
     if (!path) co_return oip_error(404, "no such endpoint: " + std::string(target), v);
@@ -493,7 +493,7 @@ struct Protocol::Impl {
     }
     if (action == "/ready") {
       if (auto r = need_get()) co_return *r;
-      co_return json_response(stopping.load() ? bh::status::bad_request : bh::status::ok, "", v);
+      co_return Response(stopping.load() ? bh::status::bad_request : bh::status::ok, v);
     }
     if (action != "/infer")
       co_return oip_error(404,
