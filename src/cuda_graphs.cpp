@@ -46,13 +46,17 @@ void begin_capture(Graph& graph) {
 // A capture that fails inside capture_end (an invalidated capture: the model synced, say) never
 // runs the RNG state's capture epilogue, so LibTorch's CUDA generator of the device stays in
 // capture mode and every later random op there throws "Offset increment outside graph capture
-// encountered unexpectedly". An empty capture that completes runs the epilogue and clears it.
+// encountered unexpectedly". A capture that completes runs the epilogue and clears it: one of a
+// memset (not an empty one, of which LibTorch warns as a mistake).
 // Called with graph_lifecycle_mutex held, on the capture stream (not the default stream).
 void reset_rng_capture_state() {
   try {
-    at::cuda::CUDAGraph empty;
-    begin_capture(empty);
-    empty.capture_end();
+    const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+    const at::TensorBase scratch = at::detail::empty_cuda({1}, at::TensorOptions(stream.device()));
+    at::cuda::CUDAGraph graph;
+    begin_capture(graph);
+    C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr(), 0, scratch.nbytes(), stream.stream()));
+    graph.capture_end();
   } catch (...) {  // NOLINT(bugprone-empty-catch): best effort; the capture error is reported
   }
   (void)cudaGetLastError();
@@ -119,7 +123,7 @@ class CudaGraphEngine final : public GraphEngine {
         graph->graph.reset();      // unregisters it from the RNG state (the lock is held)
         reset_rng_capture_state();
         output = at::Tensor();
-        throw CaptureError(first_line(e.what()));
+        throw CaptureError(capture_error_summary(e.what()));
       }
     }
     if (on_default) order(stream, caller);
@@ -147,22 +151,6 @@ class CudaGraphEngine final : public GraphEngine {
   }
 
  private:
-  // The first line of an error, and for TorchScript's, whose first line only says that an
-  // operation failed, the last line that names an error too (e.g. "RuntimeError: CUDA error:
-  // operation not permitted when stream is capturing").
-  static std::string first_line(const std::string& what) {
-    std::string first = what.substr(0, what.find('\n'));
-    if (first.find("TorchScript interpreter") == std::string::npos) return first;
-    std::string named;
-    for (std::size_t at = 0; at < what.size();) {
-      const std::size_t end = std::min(what.find('\n', at), what.size());
-      const std::string line = what.substr(at, end - at);
-      if (line.find("Error: ") != std::string::npos) named = line;
-      at = end + 1;
-    }
-    return named.empty() ? first : first + " " + named;
-  }
-
   static void order(const c10::cuda::CUDAStream& before, const c10::cuda::CUDAStream& after) {
     at::cuda::CUDAEvent event;
     event.record(before);

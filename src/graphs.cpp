@@ -12,7 +12,9 @@
 #include <map>
 #include <mutex>
 #include <stdexcept>
+#include <string_view>
 #include <utility>
+#include <vector>
 
 #include "graph_pool.hpp"
 #include "syncbatch/error.hpp"
@@ -25,6 +27,35 @@ namespace detail {
 
 at::Tensor GraphEngine::empty(c10::IntArrayRef sizes, const at::TensorOptions& options) const {
   return at::empty(sizes, options);
+}
+
+std::string capture_error_summary(const std::string& what) {
+  std::vector<std::string_view> lines;
+  for (std::size_t at = 0; at <= what.size();) {
+    const std::size_t end = std::min(what.find('\n', at), what.size());
+    lines.emplace_back(std::string_view(what).substr(at, end - at));
+    at = end + 1;
+  }
+  std::string summary(lines.front());
+  if (summary.find("TorchScript interpreter") != std::string::npos) {
+    std::string_view named, code;
+    for (std::size_t i = 0; i < lines.size(); ++i) {
+      if (lines[i].find("Error: ") != std::string_view::npos) named = lines[i];
+      // The serialized code's frames mark the failing call on the line under it.
+      if (i > 0 && lines[i].find("<--- HERE") != std::string_view::npos &&
+          lines[i].find_first_not_of(" ~") == lines[i].find("<--- HERE"))
+        code = lines[i - 1];
+    }
+    if (!named.empty()) summary += " " + std::string(named);
+    const std::size_t indent = code.find_first_not_of(' ');
+    if (indent != std::string_view::npos)
+      summary += ", at `" + std::string(code.substr(indent)) + "`";
+  }
+  if (what.find("operation not permitted when stream is capturing") != std::string::npos)
+    summary +=
+        ": the forward waits on the device there (int(), .item() or a copy to the host of a "
+        "device tensor, e.g. a length computed on the device), which a CUDA graph cannot hold";
+  return summary;
 }
 
 std::string not_a_cuda_device(c10::Device device) {
@@ -579,8 +610,10 @@ Packing packing_of(c10::ArrayRef<at::Tensor> ts) {
 }
 
 // What a packing holds, as GraphKey::layout: per tensor its dtype, rank and trailing sizes.
-c10::SmallVector<int64_t, 8> layout_of(const Packing& p) {
-  c10::SmallVector<int64_t, 8> layout;
+using Layout = c10::SmallVector<int64_t, 8>;
+
+Layout layout_of(const Packing& p) {
+  Layout layout;
   for (const Segment& s : p.segments) {
     layout.push_back(static_cast<int64_t>(s.dtype));
     layout.push_back(static_cast<int64_t>(s.trailing.size()));
@@ -596,20 +629,28 @@ at::Tensor segment_view(const at::Tensor& packed, const Segment& s) {
   return packed.narrow(1, s.offset, s.bytes).view(s.dtype).view(shape);
 }
 
+// A call's inputs as packed, and the layout that keys their graphs and their outputs' packing.
+struct PackedInputs {
+  explicit PackedInputs(c10::ArrayRef<at::Tensor> xs)
+      : packing(packing_of(xs)), layout(layout_of(packing)) {}
+  Packing packing;
+  Layout layout;
+};
+
 // The inputs of the packed call running on this thread (set around each call and warm-up):
 // the packed model reads them, in eager runs and in captures alike, which run on the caller's
 // thread.
-thread_local const Packing* current_inputs = nullptr;
+thread_local const PackedInputs* current_inputs = nullptr;
 
 class ScopedInputs {
  public:
-  explicit ScopedInputs(const Packing* p) : previous_(current_inputs) { current_inputs = p; }
+  explicit ScopedInputs(const PackedInputs* p) : previous_(current_inputs) { current_inputs = p; }
   ~ScopedInputs() { current_inputs = previous_; }
   ScopedInputs(const ScopedInputs&) = delete;
   ScopedInputs& operator=(const ScopedInputs&) = delete;
 
  private:
-  const Packing* previous_;
+  const PackedInputs* previous_;
 };
 
 // Thrown by the packed model for outputs it cannot pack: the call then runs the model eagerly.
@@ -643,10 +684,10 @@ struct GraphedMultiModel::State {
 
   // The packed model: unpack the inputs, run the model, pack its outputs (and note how).
   at::Tensor run_packed(const at::Tensor& packed) {
-    const Packing& in = *current_inputs;
+    const PackedInputs& in = *current_inputs;
     std::vector<at::Tensor> xs;
-    xs.reserve(in.segments.size());
-    for (const Segment& s : in.segments) xs.push_back(segment_view(packed, s).contiguous());
+    xs.reserve(in.packing.segments.size());
+    for (const Segment& s : in.packing.segments) xs.push_back(segment_view(packed, s).contiguous());
     const std::vector<at::Tensor> ys = model(xs);
     const int64_t rows = packed.size(0);
     for (std::size_t i = 0; i < ys.size(); ++i)
@@ -661,10 +702,22 @@ struct GraphedMultiModel::State {
     Packing out = packing_of(ys);
     at::Tensor result = at::empty({rows, out.row_bytes}, packed.options());
     for (std::size_t i = 0; i < ys.size(); ++i) segment_view(result, out.segments[i]).copy_(ys[i]);
-    const auto layout = layout_of(in);
     std::lock_guard lock(mu);
-    outputs.try_emplace(std::vector<int64_t>(layout.begin(), layout.end()), std::move(out));
+    outputs.try_emplace(in.layout, std::move(out));
     return result;
+  }
+
+  // Writes `xs` into packed rows `dst` on the current stream.
+  void gather(const at::Tensor& dst, const PackedInputs& in, const std::vector<at::Tensor>& xs) {
+    for (std::size_t i = 0; i < xs.size(); ++i)
+      impl->ctx.engine->copy(segment_view(dst, in.packing.segments[i]), xs[i]);
+  }
+
+  at::Tensor packed_copy(const PackedInputs& in, const std::vector<at::Tensor>& xs) {
+    at::Tensor packed = impl->ctx.engine->empty({xs.front().size(0), in.packing.row_bytes},
+                                                xs.front().options().dtype(at::kByte));
+    gather(packed, in, xs);
+    return packed;
   }
 
   std::vector<at::Tensor> call(const std::vector<at::Tensor>& xs) {
@@ -673,24 +726,15 @@ struct GraphedMultiModel::State {
       g.eager_runs.fetch_add(1, std::memory_order_relaxed);
       return model(xs);
     }
-    const Packing in = packing_of(xs);
-    const auto layout = layout_of(in);
-    const int64_t rows = xs.front().size(0);
+    const PackedInputs in(xs);
     const ScopedInputs scope(&in);
-    const auto gather = [&](const at::Tensor& dst) {
-      for (std::size_t i = 0; i < xs.size(); ++i)
-        g.engine->copy(segment_view(dst, in.segments[i]), xs[i]);
-    };
-    const auto whole = [&] {
-      at::Tensor packed = at::empty({rows, in.row_bytes}, xs.front().options().dtype(at::kByte));
-      gather(packed);
-      return packed;
-    };
     at::Tensor out;
     try {
-      GraphKey key{g.current_stream(), at::kByte, {in.row_bytes}, Replays::kRows, 0};
-      key.layout = layout;
-      out = impl->rows.call_gathered(std::move(key), rows, gather, whole);
+      GraphKey key{g.current_stream(), at::kByte, {in.packing.row_bytes}, Replays::kRows, 0};
+      key.layout = in.layout;
+      out = impl->rows.call_gathered(
+          std::move(key), xs.front().size(0), [&](const at::Tensor& dst) { gather(dst, in, xs); },
+          [&] { return packed_copy(in, xs); });
     } catch (const NotRowWise& e) {
       not_row_wise.store(true, std::memory_order_release);
       g.pool.fallback(e.what());
@@ -699,7 +743,7 @@ struct GraphedMultiModel::State {
     }
     std::vector<at::Tensor> result;
     std::lock_guard lock(mu);
-    const Packing& packing = outputs.at(std::vector<int64_t>(layout.begin(), layout.end()));
+    const Packing& packing = outputs.at(in.layout);
     result.reserve(packing.segments.size());
     for (const Segment& s : packing.segments) result.push_back(segment_view(out, s));
     return result;
@@ -712,14 +756,10 @@ struct GraphedMultiModel::State {
           "GraphedMultiModel::warm_up: expected tensors of the same rows (at least one) on " +
               impl->ctx.device.str() + ", got " + describe_tensors(example));
     if (not_row_wise.load(std::memory_order_acquire)) return;
-    const Packing in = packing_of(example);
+    const PackedInputs in(example);
     const ScopedInputs scope(&in);
-    at::Tensor packed = at::empty({example.front().size(0), in.row_bytes},
-                                  example.front().options().dtype(at::kByte));
-    for (std::size_t i = 0; i < example.size(); ++i)
-      segment_view(packed, in.segments[i]).copy_(example[i]);
     try {
-      impl->rows.warm_up(packed, layout_of(in));
+      impl->rows.warm_up(packed_copy(in, example), in.layout);
     } catch (const NotRowWise& e) {
       not_row_wise.store(true, std::memory_order_release);
       impl->ctx.pool.fallback(e.what());
@@ -729,7 +769,7 @@ struct GraphedMultiModel::State {
   const Forward model;
   std::mutex mu;
   // How the model's outputs are packed, by the layout of the inputs (guarded by mu).
-  std::map<std::vector<int64_t>, Packing> outputs;
+  std::map<Layout, Packing> outputs;
   std::atomic<bool> not_row_wise{false};  // outputs cannot be packed: eager for good
   // Last: its model refers to this state.
   std::shared_ptr<GraphedModel::Impl> impl;

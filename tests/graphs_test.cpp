@@ -132,6 +132,42 @@ TEST(GraphBuckets, SmallestBucketThatFits) {
   EXPECT_EQ(bucket_for(65, b), 0);
 }
 
+TEST(CaptureErrorSummary, NamesTheErrorTheModelLineAndWhatASyncMeans) {
+  // A traced transformers BERT captured with TorchScript's optimizer off (LibTorch 2.11).
+  const std::string torchscript =
+      "The following operation failed in the TorchScript interpreter.\n"
+      "Traceback of TorchScript, serialized code (most recent call last):\n"
+      "  File \"code/__torch__.py\", line 11, in forward\n"
+      "    _0, _1, = (bert).forward(ids, mask, )\n"
+      "               ~~~~~~~~~~~~~ <--- HERE\n"
+      "  File \"code/__torch__/transformers/models/bert/modeling_bert.py\", line 74, in forward\n"
+      "    _19 = int(seq_length)\n"
+      "    _20 = int(torch.add(seq_length, CONSTANTS.c0))\n"
+      "          ~~~ <--- HERE\n"
+      "    position_ids0 = torch.slice(_21, 1, 0, _20)\n"
+      "\n"
+      "Traceback of TorchScript, original code (most recent call last):\n"
+      "  File \"\", line 0, in forward\n"
+      "RuntimeError: CUDA error: operation not permitted when stream is capturing\n";
+  const std::string torchscript_summary = detail::capture_error_summary(torchscript);
+  EXPECT_EQ(torchscript_summary,
+            "The following operation failed in the TorchScript interpreter. RuntimeError: CUDA "
+            "error: operation not permitted when stream is capturing, at `_20 = "
+            "int(torch.add(seq_length, CONSTANTS.c0))`: the forward waits on the device there "
+            "(int(), .item() or a copy to the host of a device tensor, e.g. a length computed on "
+            "the device), which a CUDA graph cannot hold");
+  // Other errors: their first line, unchanged.
+  EXPECT_EQ(detail::capture_error_summary("CUDA error: out of memory\nmore"),
+            "CUDA error: out of memory");
+  EXPECT_EQ(detail::capture_error_summary(""), "");
+  // A TorchScript error without a marked line keeps its error line alone.
+  EXPECT_EQ(detail::capture_error_summary(
+                "The following operation failed in the TorchScript interpreter.\n"
+                "RuntimeError: shape mismatch\n"),
+            "The following operation failed in the TorchScript interpreter. RuntimeError: shape "
+            "mismatch");
+}
+
 TEST(GraphedModel, EveryRowCountMatchesEagerAndOutputsSurviveLaterReplays) {
   Fixture f;
   GraphedModel graphed = f.make({.max_rows = 16});
@@ -799,6 +835,7 @@ TEST_P(GraphedModelOnDevice, HostSyncInsideTheModelFallsBackToEager) {
     EXPECT_EQ(s.capture_failures, 1u);
     ASSERT_EQ(logged.size(), 1u);
     EXPECT_NE(logged[0].find("cannot be captured"), std::string::npos) << logged[0];
+    EXPECT_NE(logged[0].find("waits on the device"), std::string::npos) << logged[0];
     // The device is fine afterwards: a capturable model still captures, and random numbers
     // can be drawn (a failed capture once left LibTorch's CUDA RNG in capture mode, and every
     // later random op on the device threw "Offset increment outside graph capture").

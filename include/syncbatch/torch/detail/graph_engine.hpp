@@ -49,6 +49,12 @@ class GraphEngine {
   virtual at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options) const;
 };
 
+/// A capture's error in one line for GraphStats::last_fallback: the first line of `what`; for
+/// TorchScript's, whose first line only says that an operation failed, also the last line that
+/// names an error and the innermost line of the model's code marked as failing; and where CUDA
+/// refused an operation during the capture, what such an operation usually is.
+std::string capture_error_summary(const std::string& what);
+
 /// Why graphs cannot run on a device that is not CUDA ("" for a CUDA device).
 std::string not_a_cuda_device(c10::Device device);
 
