@@ -15,6 +15,7 @@
 #include <torch/csrc/jit/api/module.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <random>
@@ -76,7 +77,7 @@ int main(int argc, char** argv) {
               "real_models [--model tiny-cnn|tiny-bert|FILE.pt] [--kind image|tokens]\n"
               "  [--shape 3,224,224] [--lengths 128|16:128] [--device auto] [--clients 1,16,64]\n"
               "  [--seconds 2] [--warmup 0.5] [--graphs auto] [--optimizer off] [--max-padding 1]\n"
-              "  [--json PATH]",
+              "  [--workers 1] [--json PATH]",
               {{"model", "tiny-cnn"},
                {"kind", ""},
                {"shape", "3,224,224"},
@@ -88,6 +89,7 @@ int main(int argc, char** argv) {
                {"graphs", "auto"},
                {"optimizer", "off"},
                {"max-padding", "1"},
+               {"workers", "1"},
                {"json", ""}});
   pin_threads();
   const c10::Device device = device_flag(flags);
@@ -130,6 +132,10 @@ int main(int argc, char** argv) {
   const bool graphs = graphs_flag(flags, device);
   const double seconds = flags.num("seconds"), warmup = flags.num("warmup");
   const double max_padding = flags.num("max-padding");
+  const double workers_flag = flags.num("workers");
+  if (workers_flag < 1 || workers_flag != std::floor(workers_flag))
+    flags.fail("--workers: expected a whole number of at least 1, got " + flags.str("workers"));
+  const auto workers = static_cast<std::size_t>(workers_flag);
   const auto opts = at::TensorOptions().device(device);
 
   // Each client's request: an image, or token ids of its length.
@@ -149,10 +155,12 @@ int main(int argc, char** argv) {
     return multi({in[0], at::ones_like(in[0])});
   };
 
-  std::printf("real_models: %s (%s) on %s, graph optimizer %s%s, max_padding %.2f\n\n",
-              name.c_str(), spec.tokens ? "tokens" : "image", device.str().c_str(),
-              flags.str("optimizer").c_str(),
-              spec.tokens ? (", lengths " + flags.str("lengths")).c_str() : "", max_padding);
+  std::printf(
+      "real_models: %s (%s) on %s, graph optimizer %s%s, max_padding %.2f, %s worker(s)\n\n",
+      name.c_str(), spec.tokens ? "tokens" : "image", device.str().c_str(),
+      flags.str("optimizer").c_str(),
+      spec.tokens ? (", lengths " + flags.str("lengths")).c_str() : "", max_padding,
+      flags.str("workers").c_str());
   std::printf(
       "| clients | per-op sync | stacked | stacked + buckets | buckets, callbacks | stacked + "
       "graphs | graphs, callbacks | ideal | buckets / per-op | buckets / ideal | graphs / ideal "
@@ -165,7 +173,12 @@ int main(int argc, char** argv) {
           ? RowBuckets::multiples_of(16, std::max<int64_t>(16, spec.max_len))
           : RowBuckets();
   using Stacked = BatchedSubmitter<Tensors, Tensors, TorchBackend>;
-  const SubmitterOptions submitter_options{.queue_capacity = 4096, .policy = EveryN{64}};
+  // Workers > 1: one batch forms and launches while another runs (each worker on its stream).
+  const SubmitterOptions submitter_options{
+      .queue_capacity = 4096, .workers = workers, .policy = EveryN{64}};
+  // Graphs are per stream: every worker's buckets (and length buckets) held at once.
+  const std::size_t max_graphs = workers * batch_buckets.sizes().size() *
+                                 std::max<std::size_t>(1, length_buckets.sizes().size());
   // Options of stacked mode over the multi-tensor seam (one input for images).
   auto stacking = [&](StackingOptions options) {
     options.device = device;
@@ -214,7 +227,8 @@ int main(int argc, char** argv) {
     Cell graphed, graphed_cb;
     std::string graph_note;
     if (graphs && !spec.tokens) {
-      GraphedModel model(single, device, {.max_rows = 64, .capture_on_first_use = false});
+      GraphedModel model(single, device,
+                         {.max_rows = 64, .capture_on_first_use = false, .max_graphs = max_graphs});
       const at::Tensor example = inputs.front()[0];
       BatchedSubmitter<at::Tensor, at::Tensor, TorchBackend> s(
           make_stacked_model(model, {.device = device}), submitter_options,
@@ -227,7 +241,8 @@ int main(int argc, char** argv) {
       graphed_cb = callback_loop(s, images, clients, warmup, seconds);
       graph_note = model.stats().last_fallback;
     } else if (graphs) {
-      GraphedMultiModel model(multi, device, {.max_rows = 64, .capture_on_first_use = false});
+      GraphedMultiModel model(
+          multi, device, {.max_rows = 64, .capture_on_first_use = false, .max_graphs = max_graphs});
       std::vector<int64_t> lengths = length_buckets.sizes();
       if (lengths.empty()) lengths = {spec.max_len};
       Stacked s(make_stacked_model_multi(model, stacking(bucketed_options)), submitter_options,
@@ -290,6 +305,7 @@ int main(int argc, char** argv) {
                                                    {"kind", spec.tokens ? "tokens" : "image"},
                                                    {"lengths", flags.str("lengths")},
                                                    {"optimizer", flags.str("optimizer")},
+                                                   {"workers", flags.str("workers")},
                                                    {"max_padding", flags.str("max-padding")}}));
   return 0;
 }
