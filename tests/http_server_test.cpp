@@ -455,6 +455,15 @@ TEST(HttpServer, IdleConnectionsCloseAndBusyOnesStay) {
     EXPECT_EQ(res.result_int(), 200u) << i;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+  // An idle timeout under a millisecond would close every connection at once: refused.
+  try {
+    Server(model, {.idle_timeout = std::chrono::milliseconds(0)});
+    ADD_FAILURE() << "an idle_timeout of 0 ms was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("expected an idle_timeout of at least 1 ms, got 0 ms"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 // A client that hangs up while its request waits in the queue cancels it: the model never sees
