@@ -21,7 +21,10 @@ struct TorchScriptOptions {
   /// call. On (TorchScript's default): the first calls with each new input shape profile and
   /// re-specialize the graph, which costs time again for every batch size a model has not seen
   /// (stacked mode without batch_buckets sees many). Off: the graph runs as scripted, with no
-  /// per-shape warm-up and no fusion. docs/BENCHMARKS.md has what each costs where measured.
+  /// per-shape warm-up and no fusion, and a value the trace computes on the device and reads
+  /// back (e.g. a length as int()) is read back in every call: a sync per forward, and a
+  /// forward no CUDA graph can capture (the optimizer folds some of those per shape).
+  /// docs/BENCHMARKS.md has what each costs where measured.
   bool graph_optimizer = true;
 };
 
