@@ -15,6 +15,7 @@
 #include <torch/csrc/jit/api/module.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -62,6 +63,32 @@ def forward(self, ids, mask):
   }
   m.save(path);
   return path;
+}
+
+// Runs `cell` on submitter `s` and prints where its workers' time went, per batch: the requests
+// it held, launching (the model call), waiting for the device (sync), handing results over
+// (complete), and the rest (taking requests and waiting for them to come).
+template <class S, class F>
+Cell profiled(S& s, const char* what, std::size_t workers, F&& cell) {
+  const SubmitterStats a = s.stats();
+  const auto start = std::chrono::steady_clock::now();
+  Cell c = cell();
+  const double worker_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() *
+      static_cast<double>(workers);
+  const SubmitterStats b = s.stats();
+  const double batches = static_cast<double>(std::max<std::uint64_t>(1, b.batches - a.batches));
+  const auto ms = [&](auto x, auto y) {
+    return std::chrono::duration<double, std::milli>(x - y).count() / batches;
+  };
+  const double run = ms(b.run_time, a.run_time), sync = ms(b.sync_time, a.sync_time),
+               complete = ms(b.complete_time, a.complete_time);
+  std::printf(
+      "  (%s: %.1f requests a batch; a worker's time per batch: run %.2f ms, sync %.2f, complete "
+      "%.2f, other %.2f)\n",
+      what, static_cast<double>(b.completed - a.completed) / batches, run, sync, complete,
+      worker_ms / batches - run - sync - complete);
+  return c;
 }
 
 struct Spec {
@@ -218,8 +245,9 @@ int main(int argc, char** argv) {
     {
       Stacked s(make_stacked_model_multi(eager_model, stacking(bucketed_options)),
                 submitter_options, TorchBackend(device));
-      bucketed = threads_cell(s);
-      bucketed_cb = callback_loop(s, inputs, clients, warmup, seconds);
+      bucketed = profiled(s, "buckets", workers, [&] { return threads_cell(s); });
+      bucketed_cb = profiled(s, "buckets, callbacks", workers,
+                             [&] { return callback_loop(s, inputs, clients, warmup, seconds); });
     }
     // Graphs: every bucket (and length bucket) captured before serving. Images through
     // GraphedModel, which gathers the rows straight into its static input; tokens through
@@ -235,10 +263,13 @@ int main(int argc, char** argv) {
           TorchBackend(device, {.on_worker_start = [&] { model.warm_up(example); }}));
       std::vector<at::Tensor> images;
       for (const auto& in : inputs) images.push_back(in[0]);
-      graphed = closed_loop(clients, warmup, seconds, [&](int t) {
-        return [&, t] { s.submit(at::Tensor(images[t])).get(); };
+      graphed = profiled(s, "graphs", workers, [&] {
+        return closed_loop(clients, warmup, seconds, [&](int t) {
+          return [&, t] { s.submit(at::Tensor(images[t])).get(); };
+        });
       });
-      graphed_cb = callback_loop(s, images, clients, warmup, seconds);
+      graphed_cb = profiled(s, "graphs, callbacks", workers,
+                            [&] { return callback_loop(s, images, clients, warmup, seconds); });
       graph_note = model.stats().last_fallback;
     } else if (graphs) {
       GraphedMultiModel model(
@@ -252,8 +283,9 @@ int main(int argc, char** argv) {
                                  model.warm_up({ids, ids});
                                }
                              }}));
-      graphed = threads_cell(s);
-      graphed_cb = callback_loop(s, inputs, clients, warmup, seconds);
+      graphed = profiled(s, "graphs", workers, [&] { return threads_cell(s); });
+      graphed_cb = profiled(s, "graphs, callbacks", workers,
+                            [&] { return callback_loop(s, inputs, clients, warmup, seconds); });
       const GraphStats g = model.stats();
       graph_note = g.last_fallback;
       std::printf("  (graphs: %llu captured, %llu held, %llu evicted, %llu eager runs)\n",

@@ -71,6 +71,37 @@ TEST(BatchedSubmitter, ResultsMatchTheModelAndAreReadyOnlyAfterTheirSync) {
   }
 }
 
+// A device whose every sync waits 2 ms: where a worker's time goes, by stats().
+struct SlowSyncDevice {
+  struct Worker {
+    void sync() { std::this_thread::sleep_for(2ms); }
+    void before_run(Clock::time_point) noexcept {}
+  };
+  Worker make_worker(std::size_t) const { return {}; }
+};
+
+TEST(BatchedSubmitter, StatsSplitWorkerTimeIntoRunSyncAndComplete) {
+  const auto start = std::chrono::steady_clock::now();
+  BatchedSubmitter<int, int, SlowSyncDevice> s(BatchModel<int, int>{[](Batch<int, int>& b) {
+                                                 std::this_thread::sleep_for(1ms);
+                                                 for (std::size_t i = 0; i < b.size(); ++i)
+                                                   b.set_value(i, b.input(i) + 1);
+                                               }},
+                                               {.policy = EveryN{4}}, SlowSyncDevice{});
+  std::vector<Future<int>> futures;
+  for (int i = 0; i < 40; ++i) futures.push_back(s.submit(i));
+  for (int i = 0; i < 40; ++i) EXPECT_EQ(futures[i].get(), i + 1);
+  s.shutdown();
+  const auto wall = std::chrono::steady_clock::now() - start;
+  const SubmitterStats st = s.stats();
+  ASSERT_GE(st.batches, 10u);
+  const auto batches = static_cast<std::int64_t>(st.batches);
+  EXPECT_GE(st.run_time, batches * 1ms);
+  EXPECT_GE(st.sync_time, batches * 2ms);
+  EXPECT_GT(st.complete_time.count(), 0);
+  EXPECT_LE(st.run_time + st.sync_time + st.complete_time, wall);  // one worker
+}
+
 TEST(BatchedSubmitter, StressManyProducersNothingLostOrDoubled) {
   constexpr int kProducers = 16;
   constexpr int kPerProducer = 5000;

@@ -736,7 +736,9 @@ class BatchedSubmitter {
       Clock::time_point latest = oldest_arrival;
       for (RequestPtr r : batch) latest = std::max(latest, r->arrived());
       ctx.before_run(latest);
+      const auto run_start = options_.clock();
       run_batch(model, batch);
+      stats_.on_run_time(options_.clock() - run_start);
     }
     const auto before = options_.clock();
     std::optional<std::string> sync_error;
@@ -746,6 +748,7 @@ class BatchedSubmitter {
       sync_error = "device sync failed: " + detail::describe_exception(std::current_exception());
     }
     const auto after = options_.clock();
+    stats_.on_sync_time(after - before);
     const std::size_t size = batch.size();
     std::size_t failures = 0, cancelled = 0;
     for (RequestPtr r : batch) {

@@ -57,6 +57,13 @@ struct SubmitterStats {
   /// storing results, waking the threads that wait for them, counting. Next to wall time, it
   /// says how much of a worker the callers' wake-ups take.
   std::chrono::nanoseconds complete_time{0};
+  /// Worker time (all workers together) in batch models' calls: on a device, mostly launching
+  /// the batch's work. Per-call models' calls, made as each request is taken, are not timed.
+  std::chrono::nanoseconds run_time{0};
+  /// Worker time (all workers together) blocked in each batch's sync: waiting for the device.
+  /// With run_time and complete_time, next to wall time, it says where a worker's time goes;
+  /// the rest is taking requests and waiting for them.
+  std::chrono::nanoseconds sync_time{0};
   std::array<std::uint64_t, kBuckets> batch_size_histogram{};
 
   LatencySummary queue_delay;  ///< Arrival to the start of the request's run.
@@ -84,6 +91,8 @@ struct SubmitterStats {
     queued += o.queued;
     unbatched_failed += o.unbatched_failed;
     complete_time += o.complete_time;
+    run_time += o.run_time;
+    sync_time += o.sync_time;
     for (std::size_t b = 0; b < kBuckets; ++b) batch_size_histogram[b] += o.batch_size_histogram[b];
     return *this;
   }
@@ -242,6 +251,12 @@ class StatsCounters {
   void on_complete_time(std::chrono::nanoseconds d) noexcept {
     complete_ns_.fetch_add(static_cast<std::uint64_t>(d.count()), std::memory_order_relaxed);
   }
+  void on_run_time(std::chrono::nanoseconds d) noexcept {
+    run_ns_.fetch_add(static_cast<std::uint64_t>(d.count()), std::memory_order_relaxed);
+  }
+  void on_sync_time(std::chrono::nanoseconds d) noexcept {
+    sync_ns_.fetch_add(static_cast<std::uint64_t>(d.count()), std::memory_order_relaxed);
+  }
   void on_batch(std::size_t size, std::size_t failures, std::size_t limit, bool held) noexcept {
     completed_.fetch_add(size, std::memory_order_relaxed);
     if (held) held_batches_.fetch_add(1, std::memory_order_relaxed);
@@ -283,6 +298,8 @@ class StatsCounters {
     s.batch_limit = batch_limit_.load(std::memory_order_relaxed);
     s.queued = queued;
     s.complete_time = std::chrono::nanoseconds(complete_ns_.load(std::memory_order_relaxed));
+    s.run_time = std::chrono::nanoseconds(run_ns_.load(std::memory_order_relaxed));
+    s.sync_time = std::chrono::nanoseconds(sync_ns_.load(std::memory_order_relaxed));
     for (std::size_t i = 0; i < SubmitterStats::kBuckets; ++i)
       s.batch_size_histogram[i] = histogram_[i].load(std::memory_order_relaxed);
     s.queue_delay = queue_delay_.summary();
@@ -312,6 +329,8 @@ class StatsCounters {
   std::atomic<std::uint64_t> syncs_{0};
   std::atomic<std::uint64_t> batch_limit_{0};
   std::atomic<std::uint64_t> complete_ns_{0};
+  std::atomic<std::uint64_t> run_ns_{0};
+  std::atomic<std::uint64_t> sync_ns_{0};
   std::array<std::atomic<std::uint64_t>, SubmitterStats::kBuckets> histogram_{};
   LatencyHistogram queue_delay_;
   LatencyHistogram latency_;
