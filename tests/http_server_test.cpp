@@ -34,6 +34,8 @@
 #include "metrics.hpp"
 #include "server.hpp"
 #include "syncbatch/error.hpp"
+#include "syncbatch/torch/device_sync.hpp"
+#include "syncbatch/torch/graphs.hpp"
 
 namespace syncbatch::http {
 namespace {
@@ -790,6 +792,90 @@ TEST(HttpServer, ConfigErrorsNameTheModelAndTheKey) {
       "config: models[0] ('a').inputs[0].shape: expected -1 (the rows) first, got [2]");
 }
 
+// Graphs in stacked mode: every bucket captured on each worker before the server answers,
+// answers equal to the model's own forward, /stats counting the replays. Where graphs cannot
+// run (a build or machine without CUDA) the model runs eagerly and /stats says why.
+TEST(HttpServer, GraphsServeEveryBucketAndStatsSayWhereTheyRan) {
+  const c10::Device device = default_device();
+  ModelOptions options;
+  options.device = device;
+  options.policy = EveryN{8};
+  options.workers = 2;
+  options.batch_buckets = {1, 2, 4, 8};
+  options.graphs = true;
+  std::vector<ServedModel> models;
+  models.push_back(load_served("mlp:2x8", 0, options));
+  const Model::Forward forward = models.front().model.forward;
+  Server server(std::move(models), {.threads = 4});
+  const unsigned short port = server.port();
+
+  // 8 clients, requests of 1 to 3 rows: batches of every bucket, each answer its own.
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 8; ++c) {
+    clients.emplace_back([&, c] {
+      for (int i = 0; i < 25; ++i) {
+        const at::Tensor x = at::full({1 + (c + i) % 3, 8}, 0.1 * c - 0.01 * i);
+        const Reply r = post(port, "application/octet-stream", raw_bytes(x));
+        const at::Tensor want = forward({x.to(device)}).at(0).cpu();
+        if (r.status != 200 || !at::allclose(from_raw(r.body, 8), want, 1e-5, 1e-6)) {
+          wrong.fetch_add(1);
+          ADD_FAILURE() << r.status << " " << r.body.size() << " bytes";
+        }
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+
+  const boost::json::object graphs = parse_object(send(port, bh::verb::get, "/stats", "", "").body)
+                                         .at("model")
+                                         .as_object()
+                                         .at("graphs")
+                                         .as_object();
+  if (graphs_unavailable_reason(device).empty()) {
+    EXPECT_EQ(graphs.at("captured").to_number<std::uint64_t>(), 8u)
+        << graphs;  // 2 workers x 4 buckets
+    EXPECT_GT(graphs.at("replays").to_number<std::uint64_t>(), 0u) << graphs;
+    EXPECT_EQ(graphs.at("eager_runs").to_number<std::uint64_t>(), 0u) << graphs;
+    EXPECT_EQ(graphs.at("evictions").to_number<std::uint64_t>(), 0u) << graphs;
+  } else {
+    EXPECT_EQ(graphs.at("unavailable").as_string(), graphs_unavailable_reason(device)) << graphs;
+    EXPECT_EQ(graphs.at("replays").to_number<std::uint64_t>(), 0u) << graphs;
+    EXPECT_GT(graphs.at("eager_runs").to_number<std::uint64_t>(), 0u) << graphs;
+  }
+}
+
+// Graphs where they cannot replay: refused when the server starts, naming what was expected.
+TEST(HttpServer, GraphsOutsideStackedModeOrWithoutLengthBucketsAreRefused) {
+  const auto error = [](const std::string& model) {
+    try {
+      Server server(load_config(R"({"models":[)" + model + "]}"), {.threads = 1});
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  EXPECT_EQ(
+      error(R"({"name":"a","model":"mlp:1x4","device":"cpu","mode":"per-call","graphs":true})"),
+      "model 'a': graphs are replayed in stacked mode, got per-call");
+  const auto path = std::filesystem::temp_directory_path() /
+                    ("syncbatch_ids_" + std::to_string(::getpid()) + ".pt");
+  torch::jit::Module m("Ids");
+  m.define("def forward(self, ids):\n    return ids * 2\n");
+  m.save(path.string());
+  const std::string ids = R"({"name":"b","model":")" + path.string() +
+                          R"(","device":"cpu","graphs":true,)"
+                          R"("inputs":[{"name":"ids","datatype":"INT64","shape":[-1,-1]}],)"
+                          R"("outputs":[{"name":"y","datatype":"INT64"}])";
+  EXPECT_EQ(error(ids + "}"),
+            "model 'b': graphs of input 'ids' (a varying dim) need length_buckets, got none");
+  EXPECT_EQ(error(ids + R"(,"length_buckets":[4,8]})"), "accepted");
+  std::filesystem::remove(path);
+  EXPECT_EQ(error(R"({"name":"c","model":"mlp:1x4","graphs":"yes"})"),
+            R"(config: models[0] ('c').graphs: expected true or false, got "yes")");
+}
+
 // The Open Inference Protocol: every endpoint's documented requests, good and bad, with status
 // codes and bodies checked against the protocol's shapes.
 TEST_P(HttpServerModes, SpeaksTheOpenInferenceProtocol) {
@@ -964,6 +1050,13 @@ TEST(HttpServer, MetricsAreValidPrometheusText) {
             (values["syncbatch_batch_size_count{model=\"small\"}"]));
   EXPECT_EQ((values["syncbatch_batch_size_sum{model=\"small\"}"]), 5);
   EXPECT_EQ((values["syncbatch_requests_in_flight{model=\"small\"}"]), 0);
+  EXPECT_EQ(types["syncbatch_worker_seconds_total"], "counter");
+  for (const char* phase : {"run", "sync", "complete"})
+    EXPECT_EQ(values.count("syncbatch_worker_seconds_total{model=\"small\",phase=\"" +
+                           std::string(phase) + "\"}"),
+              1u)
+        << phase;
+  EXPECT_GT((values["syncbatch_worker_seconds_total{model=\"small\",phase=\"run\"}"]), 0);
 }
 
 // SIGTERM: the server stops accepting, answers every request it had read (here 8 held in a

@@ -39,6 +39,12 @@ long number(const std::map<std::string, std::string>& flags, const std::string& 
   return n;
 }
 
+bool on_off(const std::map<std::string, std::string>& flags, const std::string& name) {
+  const std::string& v = flags.at(name);
+  if (v != "on" && v != "off") usage(flags, "--" + name + ": expected on or off, got '" + v + "'");
+  return v == "on";
+}
+
 // "cuda:0" or "cuda:0+cuda:1" (one replica each).
 std::string devices_text(const syncbatch::http::ModelOptions& o) {
   if (o.devices.empty()) return o.device.str();
@@ -62,7 +68,8 @@ int main(int argc, char** argv) {
                                            {"timeout-ms", "0"},      {"shed", "off"},
                                            {"name", "model"},        {"priority-levels", "2"},
                                            {"config", ""},           {"cancel-on-hangup", "on"},
-                                           {"devices", ""},          {"idle-timeout-ms", "60000"}};
+                                           {"devices", ""},          {"idle-timeout-ms", "60000"},
+                                           {"graphs", "off"}};
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i];
     if (f == "--help" || f == "-h") usage(flags, "");
@@ -80,10 +87,7 @@ int main(int argc, char** argv) {
     options.threads = static_cast<int>(number(flags, "threads"));
     options.max_body_bytes = static_cast<std::size_t>(number(flags, "max-body"));
     options.idle_timeout = std::chrono::milliseconds(number(flags, "idle-timeout-ms"));
-    if (flags["cancel-on-hangup"] != "on" && flags["cancel-on-hangup"] != "off")
-      usage(flags,
-            "--cancel-on-hangup: expected on or off, got '" + flags["cancel-on-hangup"] + "'");
-    options.cancel_on_hangup = flags["cancel-on-hangup"] == "on";
+    options.cancel_on_hangup = on_off(flags, "cancel-on-hangup");
     std::vector<http::ServedModel> models;
     if (!flags["config"].empty()) {
       std::ifstream in(flags["config"]);
@@ -99,9 +103,8 @@ int main(int argc, char** argv) {
       m.workers = static_cast<std::size_t>(number(flags, "workers"));
       m.queue_capacity = static_cast<std::size_t>(number(flags, "queue"));
       m.timeout = std::chrono::milliseconds(number(flags, "timeout-ms"));
-      if (flags["shed"] != "on" && flags["shed"] != "off")
-        usage(flags, "--shed: expected on or off, got '" + flags["shed"] + "'");
-      m.shed_late = flags["shed"] == "on";
+      m.shed_late = on_off(flags, "shed");
+      m.graphs = on_off(flags, "graphs");
       m.max_rows = number(flags, "max-rows");
       m.name = flags["name"];
       m.priority_levels = static_cast<std::size_t>(number(flags, "priority-levels"));
@@ -118,7 +121,8 @@ int main(int argc, char** argv) {
     for (const http::ServedModel& m : models)
       described += std::string(described.empty() ? "" : ", ") + m.model.description +
                    " as /v2/models/" + m.options.name + " (" + http::to_string(m.options.mode) +
-                   ", " + m.options.policy.describe() + ", " + devices_text(m.options) + ")";
+                   (m.options.graphs ? " with graphs" : "") + ", " + m.options.policy.describe() +
+                   ", " + devices_text(m.options) + ")";
     http::Server server(std::move(models), options);
     std::printf("listening on http://%s:%u (%s)\n", options.address.c_str(), server.port(),
                 described.c_str());

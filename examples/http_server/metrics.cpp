@@ -142,6 +142,16 @@ std::string Metrics::prometheus(const std::vector<Exposed>& models) {
                   static_cast<double>(s.completed - s.unbatched_failed));
          w.sample("syncbatch_batch_size_count", static_cast<double>(cumulative));
        });
+  each("syncbatch_worker_seconds_total", "counter",
+       "Submitter workers' time by phase: run (batch models' calls, mostly launching), sync "
+       "(waiting for the device), complete (handing results over).",
+       true, [&](const Exposed& e) {
+         const SubmitterStats& s = *e.stats;
+         const auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
+         w.sample("syncbatch_worker_seconds_total", seconds(s.run_time), "phase=\"run\"");
+         w.sample("syncbatch_worker_seconds_total", seconds(s.sync_time), "phase=\"sync\"");
+         w.sample("syncbatch_worker_seconds_total", seconds(s.complete_time), "phase=\"complete\"");
+       });
   each("syncbatch_queue_delay_seconds", "summary",
        "Arrival to the start of the request's run (each quantile at most 12.5% high).", true,
        [&](const Exposed& e) {

@@ -144,6 +144,13 @@ int64_t whole(const json::object& o, std::string_view key, const std::string& wh
   return v->get_int64();
 }
 
+bool boolean(const json::object& o, std::string_view key, const std::string& where, bool fallback) {
+  const json::value* v = find(o, key);
+  if (v == nullptr) return fallback;
+  if (!v->is_bool()) config_error(where + "." + std::string(key), "true or false", v);
+  return v->get_bool();
+}
+
 std::vector<int64_t> sizes(const json::object& o, std::string_view key, const std::string& where,
                            int64_t min) {
   const json::value* v = find(o, key);
@@ -239,10 +246,8 @@ std::vector<ServedModel> load_config(std::string_view json_text) {
     o.workers = static_cast<std::size_t>(whole(m, "workers", where, 1, 1));
     o.queue_capacity = static_cast<std::size_t>(whole(m, "queue", where, 4096, 1));
     o.timeout = std::chrono::milliseconds(whole(m, "timeout_ms", where, 0));
-    if (const json::value* shed = find(m, "shed")) {
-      if (!shed->is_bool()) config_error(where + ".shed", "true or false", shed);
-      o.shed_late = shed->get_bool();
-    }
+    o.shed_late = boolean(m, "shed", where, false);
+    o.graphs = boolean(m, "graphs", where, false);
     o.priority_levels = static_cast<std::size_t>(whole(m, "priority_levels", where, 2, 1));
     o.max_rows = whole(m, "max_rows", where, 256, 1);
     o.batch_buckets = sizes(m, "batch_buckets", where, 1);

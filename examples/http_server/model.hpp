@@ -71,6 +71,12 @@ struct ModelOptions {
   /// Stacked mode: lengths the varying dims are padded to (StackingOptions::length_buckets;
   /// empty: the longest of the batch).
   std::vector<int64_t> length_buckets{};
+  /// Stacked mode: replay the model as CUDA graphs (GraphedMultiModel), one per batch bucket
+  /// (`batch_buckets`, or 1, 2, 4, ... 256) and length bucket, every one captured on each
+  /// worker before the server answers; a batch of more rows than the largest bucket runs
+  /// eagerly. Inputs with varying dims need `length_buckets`. Where graphs cannot run (CPU,
+  /// MPS) or the model cannot be captured, it runs eagerly, and the server logs why once.
+  bool graphs = false;
   /// Per-call and stacked modes: serve on several devices through MultiDeviceSubmitter, one
   /// replica of the model on each (ServedModel::replicas), each request to the least-loaded.
   /// Empty: `device` alone.
@@ -96,7 +102,7 @@ ServedModel load_served(const std::string& spec, int64_t input_width, ModelOptio
 /// The models of a JSON configuration file's text (the README has an example):
 /// {"models": [{"name", "model", "mode", "policy", "device" (or "devices": a list, one replica
 /// each), "workers", "queue", "timeout_ms",
-/// "shed", "priority_levels", "max_rows", "batch_buckets", "length_buckets",
+/// "shed", "priority_levels", "max_rows", "batch_buckets", "length_buckets", "graphs",
 /// "inputs": [{"name", "datatype", "shape", "pad"}], "outputs": [{"name", "datatype"}]}]};
 /// only "name" and "model" (as load_model takes it) are required, the rest default as
 /// ModelOptions does ("device": "auto"). Shapes are written as the protocol does, -1 first for

@@ -3,10 +3,12 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -220,6 +222,27 @@ boost::json::object stats_object(const SubmitterStats& s) {
   return o;
 }
 
+// The graphs of a model's replicas, summed: what /stats shows of them.
+boost::json::object graphs_object(const std::vector<GraphedMultiModel>& models) {
+  std::uint64_t captured = 0, held = 0, replays = 0, eager_runs = 0, failures = 0, evictions = 0;
+  std::string unavailable, last_fallback;
+  for (const GraphedMultiModel& m : models) {
+    const GraphStats g = m.stats();
+    captured += g.captured;
+    held += g.graphs;
+    replays += g.replays;
+    eager_runs += g.eager_runs;
+    failures += g.capture_failures;
+    evictions += g.evictions;
+    if (!g.unavailable_reason.empty()) unavailable = g.unavailable_reason;
+    if (!g.last_fallback.empty()) last_fallback = g.last_fallback;
+  }
+  return {{"captured", captured},         {"held", held},
+          {"replays", replays},           {"eager_runs", eager_runs},
+          {"capture_failures", failures}, {"evictions", evictions},
+          {"unavailable", unavailable},   {"last_fallback", last_fallback}};
+}
+
 }  // namespace
 
 // One model as the server serves it.
@@ -246,6 +269,14 @@ struct Endpoint {
       throw std::invalid_argument(what + "expected one replica per device (" +
                                   std::to_string(o.devices.size()) + "), got " +
                                   std::to_string(served.replicas.size()));
+    if (o.graphs && o.mode != Mode::kStacked)
+      throw std::invalid_argument(what + "graphs are replayed in stacked mode, got " +
+                                  to_string(o.mode));
+    if (o.graphs && o.length_buckets.empty())
+      for (const TensorSpec& t : model.inputs)
+        if (std::find(t.shape.begin(), t.shape.end(), kVaries) != t.shape.end())
+          throw std::invalid_argument(what + "graphs of input '" + t.name +
+                                      "' (a varying dim) need length_buckets, got none");
     if (!o.devices.empty() && o.mode == Mode::kPerOp)
       throw std::invalid_argument(what + "per-op mode runs on one device; got " +
                                   std::to_string(o.devices.size()) +
@@ -266,13 +297,48 @@ struct Endpoint {
                                  .default_priority = o.priority_levels - 1};
     std::vector<Replica<Tensors, Tensors, TorchBackend>> replicas;
     if (o.devices.empty()) {
-      replicas.push_back({replica_model(model.forward, o.device), TorchBackend(o.device)});
+      replicas.push_back(replica(model.forward, o.device));
     } else {
       for (std::size_t i = 0; i < o.devices.size(); ++i)
-        replicas.push_back(
-            {replica_model(served.replicas[i].forward, o.devices[i]), TorchBackend(o.devices[i])});
+        replicas.push_back(replica(served.replicas[i].forward, o.devices[i]));
     }
     submitter.emplace(std::move(replicas), sopts);
+  }
+
+  // The forward `f` served on `device`: with graphs, replayed by a GraphedMultiModel whose every
+  // bucket each worker captures before it takes a request.
+  Replica<Tensors, Tensors, TorchBackend> replica(const Model::Forward& f, c10::Device device) {
+    if (!options.graphs) return {replica_model(f, device), TorchBackend(device)};
+    const std::vector<int64_t> rows = options.batch_buckets.empty()
+                                          ? RowBuckets::powers_of_two(256).sizes()
+                                          : options.batch_buckets;
+    const std::vector<int64_t> lengths =
+        options.length_buckets.empty() ? std::vector<int64_t>{1} : options.length_buckets;
+    const std::string name = options.name;
+    GraphedMultiModel graphed(f, device,
+                              {.buckets = rows,
+                               .capture_on_first_use = false,
+                               .max_graphs = options.workers * rows.size() * lengths.size(),
+                               .log = [name](const std::string& why) {
+                                 std::fprintf(stderr, "model '%s': graphs: %s\n", name.c_str(),
+                                              why.c_str());
+                               }});
+    graphs.push_back(graphed);
+    // One example per length bucket: a row of each input, its varying dims at that length.
+    std::vector<Tensors> examples;
+    for (const int64_t length : lengths) {
+      Tensors example;
+      for (const TensorSpec& t : model.inputs) {
+        std::vector<int64_t> shape{1};
+        for (const int64_t d : t.shape) shape.push_back(d == kVaries ? length : d);
+        example.push_back(at::full(shape, t.pad_value, at::TensorOptions(t.dtype).device(device)));
+      }
+      examples.push_back(std::move(example));
+    }
+    return {replica_model(graphed, device),
+            TorchBackend(device, {.on_worker_start = [graphed, examples] {
+                           for (const Tensors& example : examples) graphed.warm_up(example);
+                         }})};
   }
 
   // The submitter model of the forward `f` on `device`, in the endpoint's mode.
@@ -307,6 +373,7 @@ struct Endpoint {
   bool v1 = false;  // takes /v1/infer's one float32 [rows, width] input
   Metrics metrics;
   std::optional<Submitter> submitter;
+  std::vector<GraphedMultiModel> graphs;  // with options.graphs: each replica's
 };
 
 Response text_response(bh::status status, const std::string& message, unsigned version) {
@@ -649,6 +716,7 @@ struct Protocol::Impl {
           o["replicas"] = std::move(replicas);
         }
       }
+      if (!e->graphs.empty()) o["graphs"] = graphs_object(e->graphs);
       out[e->options.name] = std::move(o);
     }
     return boost::json::serialize(out);
