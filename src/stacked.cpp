@@ -167,17 +167,6 @@ std::vector<std::vector<std::size_t>> split_by_length(std::vector<std::size_t> g
   return out;
 }
 
-// `t` padded with `value` at the end of each dim to `sizes` (dims 1 and up).
-at::Tensor pad_to(const at::Tensor& t, c10::IntArrayRef sizes, double value) {
-  if (t.sizes().slice(1) == sizes.slice(1)) return t;
-  std::vector<int64_t> pad;  // constant_pad_nd: (before, after) from the last dim back
-  for (int64_t d = t.dim() - 1; d >= 1; --d) {
-    pad.push_back(0);
-    pad.push_back(sizes[static_cast<std::size_t>(d)] - t.size(d));
-  }
-  return at::constant_pad_nd(t, pad, value);
-}
-
 // Whether `t` is on `device`, where a device without an index ("cuda") is the current one.
 bool is_on(const at::Tensor& t, c10::Device device) {
   return t.device() == detail::with_current_index(device);
@@ -326,42 +315,71 @@ class GroupRunner {
       batch_.template set_shared<BatchOutputs, &Adapter::cut>(group[g], shared, g);
   }
 
-  // Pads every varying dim of the group's parts to its padded length, and appends the length
-  // input the options ask for. Returns the padded sizes per input position.
+  // Pads every varying dim of the group's parts to its padded length and stacks each such input
+  // position into one tensor (see padded_stack), then appends the length input the options ask
+  // for, built on the host in one piece and staged with one copy. Returns the padded sizes per
+  // input position.
   std::vector<std::vector<int64_t>> pad_group(GroupParts& parts) const {
-    std::vector<int64_t> lengths;  // each request's, before padding
+    std::vector<int64_t> lengths, rows;  // each request's, before padding
     lengths.reserve(parts.front().size());
-    for (const at::Tensor& t : parts[varying_.input]) lengths.push_back(t.size(varying_.dim));
+    rows.reserve(parts.front().size());
+    int64_t total = 0;
+    for (const at::Tensor& t : parts[varying_.input]) {
+      lengths.push_back(t.size(varying_.dim));
+      rows.push_back(t.size(0));
+      total += t.size(0);
+    }
     std::vector<std::vector<int64_t>> sizes(parts.size());
     for (std::size_t j = 0; j < parts.size(); ++j) {
       sizes[j] = parts[j].front().sizes().vec();
+      if (varying_.dims[j].empty()) continue;
       for (int64_t d : varying_.dims[j]) {
         int64_t longest = 0;
         for (const at::Tensor& t : parts[j]) longest = std::max(longest, t.size(d));
         sizes[j][static_cast<std::size_t>(d)] = padded_length(longest, options_);
       }
-      if (varying_.dims[j].empty()) continue;
-      for (at::Tensor& t : parts[j]) t = pad_to(t, sizes[j], options_.expect[j].pad_value);
+      at::Tensor stacked = padded_stack(parts[j], sizes[j], total, options_.expect[j].pad_value);
+      parts[j] = {std::move(stacked)};
     }
     if (options_.length_input == LengthInput::kNone) return sizes;
     const int64_t padded = sizes[varying_.input][static_cast<std::size_t>(varying_.dim)];
-    std::vector<at::Tensor> extra;
-    extra.reserve(parts.front().size());
-    for (std::size_t g = 0; g < parts.front().size(); ++g) {
-      const at::Tensor& owner = parts[varying_.input][g];
-      const int64_t rows = owner.size(0), len = lengths[g];
-      const auto on = at::TensorOptions().device(owner.device());
-      if (options_.length_input == LengthInput::kLengths) {
-        extra.push_back(at::full({rows}, len, on.dtype(at::kLong)));
-      } else {
-        extra.push_back((at::arange(padded, on.dtype(at::kLong)) < len)
-                            .to(options_.mask_dtype)
-                            .unsqueeze(0)
-                            .expand({rows, padded}));
-      }
+    const at::Tensor& owner = parts[varying_.input].front();
+    const bool pin = owner.is_cuda();
+    at::Tensor per_row = at::empty({total}, at::TensorOptions(at::kLong).pinned_memory(pin));
+    int64_t* out = per_row.data_ptr<int64_t>();
+    for (std::size_t g = 0; g < lengths.size(); ++g) out = std::fill_n(out, rows[g], lengths[g]);
+    at::Tensor extra = per_row;
+    if (options_.length_input == LengthInput::kMask) {
+      extra = at::empty({total, padded}, at::TensorOptions(options_.mask_dtype).pinned_memory(pin));
+      extra.copy_(at::arange(padded, at::kLong).unsqueeze(0) < per_row.unsqueeze(1));
     }
-    parts.push_back(std::move(extra));
+    parts.push_back({extra.to(owner.device(), /*non_blocking=*/true)});
     return sizes;
+  }
+
+  // One input position's tensors stacked along dim 0 (`total` rows) and padded with `value` to
+  // `sizes` (dims 1 and up): the padding written once, then each request copied into its corner.
+  // Host tensors bound for a CUDA model are stacked in pinned memory and staged with one copy;
+  // others stack where they are. Per request that is one copy (a memcpy on the host), where
+  // padding each request alone took an allocation and a launch or two, and a mask three more.
+  at::Tensor padded_stack(const std::vector<at::Tensor>& parts, std::vector<int64_t> sizes,
+                          int64_t total, double value) const {
+    const at::Tensor& first = parts.front();
+    if (parts.size() == 1 && first.sizes().slice(1) == c10::IntArrayRef(sizes).slice(1))
+      return first;
+    sizes[0] = total;
+    const bool stage = first.is_cpu() && options_.device && options_.device->is_cuda();
+    at::Tensor out = at::full(sizes, value, first.options().pinned_memory(stage));
+    int64_t offset = 0;
+    for (const at::Tensor& t : parts) {
+      at::Tensor corner = out.narrow(0, offset, t.size(0));
+      for (int64_t d = 1; d < t.dim(); ++d)
+        if (t.size(d) != sizes[static_cast<std::size_t>(d)])
+          corner = corner.narrow(d, 0, t.size(d));
+      corner.copy_(t);
+      offset += t.size(0);
+    }
+    return stage ? out.to(*options_.device, /*non_blocking=*/true) : out;
   }
 
   // Each cut output's dim must come back as long as the padded input dim it follows.
