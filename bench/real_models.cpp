@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
               "real_models [--model tiny-cnn|tiny-bert|FILE.pt] [--kind image|tokens]\n"
               "  [--shape 3,224,224] [--lengths 128|16:128] [--device auto] [--clients 1,16,64]\n"
               "  [--seconds 2] [--warmup 0.5] [--graphs auto] [--optimizer off] [--max-padding 1]\n"
-              "  [--workers 1] [--json PATH]",
+              "  [--workers 1] [--policy every:64] [--json PATH]",
               {{"model", "tiny-cnn"},
                {"kind", ""},
                {"shape", "3,224,224"},
@@ -117,6 +117,7 @@ int main(int argc, char** argv) {
                {"optimizer", "off"},
                {"max-padding", "1"},
                {"workers", "1"},
+               {"policy", "every:64"},
                {"json", ""}});
   pin_threads();
   const c10::Device device = device_flag(flags);
@@ -163,6 +164,12 @@ int main(int argc, char** argv) {
   if (workers_flag < 1 || workers_flag != std::floor(workers_flag))
     flags.fail("--workers: expected a whole number of at least 1, got " + flags.str("workers"));
   const auto workers = static_cast<std::size_t>(workers_flag);
+  SyncPolicy policy = EveryN{64};
+  try {
+    policy = SyncPolicy::parse(flags.str("policy"));
+  } catch (const Error& e) {
+    flags.fail(std::string("--policy: ") + e.what());
+  }
   const auto opts = at::TensorOptions().device(device);
 
   // Each client's request: an image, or token ids of its length.
@@ -183,11 +190,11 @@ int main(int argc, char** argv) {
   };
 
   std::printf(
-      "real_models: %s (%s) on %s, graph optimizer %s%s, max_padding %.2f, %s worker(s)\n\n",
+      "real_models: %s (%s) on %s, graph optimizer %s%s, max_padding %.2f, %s worker(s), %s\n\n",
       name.c_str(), spec.tokens ? "tokens" : "image", device.str().c_str(),
       flags.str("optimizer").c_str(),
       spec.tokens ? (", lengths " + flags.str("lengths")).c_str() : "", max_padding,
-      flags.str("workers").c_str());
+      flags.str("workers").c_str(), policy.describe().c_str());
   std::printf(
       "| clients | per-op sync | stacked | stacked + buckets | buckets, callbacks | stacked + "
       "graphs | graphs, callbacks | ideal | buckets / per-op | buckets / ideal | graphs / ideal "
@@ -201,8 +208,9 @@ int main(int argc, char** argv) {
           : RowBuckets();
   using Stacked = BatchedSubmitter<Tensors, Tensors, TorchBackend>;
   // Workers > 1: one batch forms and launches while another runs (each worker on its stream).
+  // The policy's batch limit should match the largest batch bucket (64).
   const SubmitterOptions submitter_options{
-      .queue_capacity = 4096, .workers = workers, .policy = EveryN{64}};
+      .queue_capacity = 4096, .workers = workers, .policy = policy};
   // Graphs are per stream: every worker's buckets (and length buckets) held at once.
   const std::size_t max_graphs = workers * batch_buckets.sizes().size() *
                                  std::max<std::size_t>(1, length_buckets.sizes().size());
@@ -338,6 +346,7 @@ int main(int argc, char** argv) {
                                                    {"lengths", flags.str("lengths")},
                                                    {"optimizer", flags.str("optimizer")},
                                                    {"workers", flags.str("workers")},
+                                                   {"policy", policy.describe()},
                                                    {"max_padding", flags.str("max-padding")}}));
   return 0;
 }
