@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -254,7 +255,7 @@ struct Server::Impl {
     Connection& self = *registered->it;
     beast::flat_buffer buffer;
     for (;;) {
-      bh::request_parser<bh::vector_body<char>> parser;
+      bh::request_parser<Body> parser;
       parser.body_limit(options.max_body_bytes);
       parser.header_limit(16 * 1024);
       self.waiting_since = Clock::now();  // for a request (the answer's write counts too)
@@ -274,6 +275,13 @@ struct Server::Impl {
           co_await write(stream, res);
           break;
         }
+        // Beast reads as much as the buffer has room for, at least 512 bytes: a body of 600 KB
+        // (an image) would take a system call per kilobyte or so. Room for reads of up to 64 KiB
+        // where the body is that large; the buffer keeps it for the connection's next request.
+        if (const auto length = parser.content_length();
+            length && *length > buffer.capacity() - buffer.size())
+          buffer.reserve(buffer.size() + static_cast<std::size_t>(std::min<std::uint64_t>(
+                                             *length, std::uint64_t{64} * 1024)));
         std::tie(ec, n) =
             co_await bh::async_read(stream, buffer, parser, net::as_tuple(net::use_awaitable));
       }
