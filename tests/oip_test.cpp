@@ -4,8 +4,11 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -173,6 +176,56 @@ TEST(OipCodec, BinaryInputsTakeTheirBytesInOrderAfterTheJsonHeader) {
   EXPECT_NE(refusal(header + bytes_of(x).substr(4) + bad_x + bytes_of(ids), header.size(), m)
                 .message.find("binary element 3: expected a finite number, got inf"),
             std::string::npos);
+}
+
+// Every float datatype's binary data: the largest finite values, a denormal and -0 pass as they
+// are; inf, -inf and nan at any place are refused, naming the first.
+TEST(OipCodec, BinaryFloatsOfEveryWidthAreCheckedForInfAndNan) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const auto& [name, dtype] :
+       std::vector<std::pair<std::string, at::ScalarType>>{{"FP16", at::kHalf},
+                                                           {"BF16", at::kBFloat16},
+                                                           {"FP32", at::kFloat},
+                                                           {"FP64", at::kDouble}}) {
+    SCOPED_TRACE(name);
+    const ModelInfo m{"m", {TensorSpec{"v", dtype, {-1}}}, {TensorSpec{"y", dtype, {}}}};
+    const auto request = [&](const at::Tensor& v) {
+      const std::string header = R"({"inputs":[{"name":"v","datatype":")" + name +
+                                 R"(","shape":[1,)" + std::to_string(v.numel()) +
+                                 R"(],"parameters":{"binary_data_size":)" +
+                                 std::to_string(v.numel() * v.element_size()) + "}}]}";
+      return std::make_pair(header + bytes_of(v), header.size());
+    };
+    // 67 values (past any vector width): large finite ones, the smallest denormal, -0.
+    const double big = dtype == at::kHalf       ? 65504.0
+                       : dtype == at::kBFloat16 ? 3.3895313892515355e38
+                       : dtype == at::kFloat
+                           ? static_cast<double>(std::numeric_limits<float>::max())
+                           : std::numeric_limits<double>::max();
+    at::Tensor good = at::full({67}, -big, at::kDouble).to(dtype);
+    good[5] = at::tensor(std::vector<double>{-0.0}, at::kDouble).to(dtype)[0];
+    const double denormal = dtype == at::kHalf       ? 5.960464477539063e-08
+                            : dtype == at::kBFloat16 ? 9.183549615799121e-41
+                            : dtype == at::kFloat    ? 1.401298464324817e-45
+                                                     : 4.9406564584124654e-324;
+    good[6] = at::tensor(std::vector<double>{denormal}, at::kDouble).to(dtype)[0];
+    ASSERT_NE(good[6].item<double>(), 0.0);
+    const auto [body, length] = request(good);
+    const InferRequest r = parse_infer(body, length, m, 4);
+    EXPECT_EQ(bytes_of(r.inputs[0]), bytes_of(good));
+    for (const double bad : {inf, -inf, std::nan("")}) {
+      for (const int64_t at_index : {0, 40, 66}) {
+        at::Tensor v = good.clone();
+        v[at_index] = at::tensor(std::vector<double>{bad}, at::kDouble).to(dtype)[0];
+        const auto [bad_body, bad_length] = request(v);
+        EXPECT_NE(refusal(bad_body, bad_length, m)
+                      .message.find("binary element " + std::to_string(at_index) +
+                                    ": expected a finite number"),
+                  std::string::npos)
+            << bad << " at " << at_index;
+      }
+    }
+  }
 }
 
 TEST(OipCodec, RequestsThatDoNotFitTheModelAreRefusedWithTheReason) {
