@@ -128,7 +128,7 @@ Decoded decode_json(std::string_view body, int64_t width, int64_t max_rows) {
   return d;
 }
 
-Decoded decode_raw(const std::vector<char>& body, int64_t width, int64_t max_rows) {
+Decoded decode_raw(std::string_view body, int64_t width, int64_t max_rows) {
   const std::size_t row_bytes = static_cast<std::size_t>(width) * sizeof(float);
   if (body.empty() || body.size() % row_bytes != 0)
     throw HttpError{bh::status::bad_request,
@@ -652,7 +652,8 @@ struct Protocol::Impl {
     const std::string_view base = type.substr(0, type.find(';'));
     if (base == "application/json")
       return decode_json(std::string_view(req.body().data(), req.body().size()), width, max_rows);
-    if (base == "application/octet-stream") return decode_raw(req.body(), width, max_rows);
+    if (base == "application/octet-stream")
+      return decode_raw(std::string_view(req.body().data(), req.body().size()), width, max_rows);
     throw HttpError{bh::status::unsupported_media_type,
                     "expected Content-Type application/json or application/octet-stream, got " +
                         (type.empty() ? std::string("none") : "'" + std::string(type) + "'")};

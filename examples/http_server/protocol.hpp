@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <boost/asio/awaitable.hpp>
@@ -20,7 +21,31 @@
 
 namespace syncbatch::http {
 
-using Request = boost::beast::http::request<boost::beast::http::vector_body<char>>;
+/// An allocator whose new elements are left uninitialized (default-initialized): Beast's body
+/// reader resizes a body before copying the socket's bytes into it, and with std::allocator that
+/// resize first zeroes every byte of every body.
+template <class T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  UninitializedAllocator() = default;
+  template <class U>
+  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}  // NOLINT: as allocators are
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    if constexpr (sizeof...(Args) == 0) {
+      ::new (static_cast<void*>(p)) U;
+    } else {
+      ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+    }
+  }
+};
+
+/// A request body: its bytes, as they came.
+using Body = boost::beast::http::vector_body<char, UninitializedAllocator<char>>;
+using Request = boost::beast::http::request<Body>;
 /// Bodies are built as strings and moved in.
 using Response = boost::beast::http::response<boost::beast::http::string_body>;
 
