@@ -219,6 +219,12 @@ boost::json::object stats_object(const SubmitterStats& s) {
   o["latency_p50_us"] = static_cast<double>(s.latency.p50.count()) / 1e3;
   o["latency_p99_us"] = static_cast<double>(s.latency.p99.count()) / 1e3;
   o["recent_latency_p99_us"] = static_cast<double>(s.recent_latency.p99.count()) / 1e3;
+  o["queue_delay_p50_us"] = static_cast<double>(s.queue_delay.p50.count()) / 1e3;
+  // The workers' time by phase (SubmitterStats): next to the uptime, how busy they are.
+  const auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
+  o["worker_run_s"] = seconds(s.run_time);
+  o["worker_sync_s"] = seconds(s.sync_time);
+  o["worker_complete_s"] = seconds(s.complete_time);
   return o;
 }
 
