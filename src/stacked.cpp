@@ -172,8 +172,12 @@ bool is_on(const at::Tensor& t, c10::Device device) {
   return t.device() == detail::with_current_index(device);
 }
 
+// Parts of at least this many bytes, pinned, are staged to a CUDA device one copy each.
+constexpr std::size_t kDirectStagingBytes = 64 * 1024;
+
 // Concatenates one input position of a group on `target`: on the source device when it is the
-// target, else into one (pinned, for CUDA) host buffer followed by one copy.
+// target, else into one (pinned, for CUDA) host buffer followed by one copy; large pinned parts
+// are copied to the target one by one.
 at::Tensor stack_inputs(const std::vector<at::Tensor>& parts,
                         const std::optional<c10::Device>& target) {
   const c10::Device source = parts.front().device();
@@ -184,6 +188,20 @@ at::Tensor stack_inputs(const std::vector<at::Tensor>& parts,
     for (const auto& p : parts) rows += p.size(0);
     std::vector<int64_t> sizes = parts.front().sizes().vec();
     sizes[0] = rows;
+    // Large parts already in pinned memory (a server that parsed them there) go to the device
+    // one copy each: the worker copies nothing on the host.
+    const auto direct = [](const at::Tensor& p) {
+      return p.nbytes() >= kDirectStagingBytes && p.is_contiguous() && p.is_pinned();
+    };
+    if (parts.size() > 1 && std::all_of(parts.begin(), parts.end(), direct)) {
+      at::Tensor out = at::empty(sizes, parts.front().options().device(*target));
+      int64_t offset = 0;
+      for (const auto& p : parts) {
+        out.narrow(0, offset, p.size(0)).copy_(p, /*non_blocking=*/true);
+        offset += p.size(0);
+      }
+      return out;
+    }
     at::Tensor host = at::empty(sizes, parts.front().options().pinned_memory(true));
     at::cat_out(host, parts, 0);
     return host.to(*target, /*non_blocking=*/true);

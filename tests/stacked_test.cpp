@@ -387,6 +387,34 @@ TEST_P(StackedOnEachDevice, CpuInputsAreStagedAndOutputsReturnedWhereAsked) {
   EXPECT_TRUE(ran_on_device.load());
 }
 
+// Large host inputs (images), pinned where the device is CUDA as a server parses them there:
+// each row lands where the batch needs it, whichever way it was staged, mixed with small and
+// unpinned ones in the same batches.
+TEST_P(StackedOnEachDevice, LargePinnedHostInputsAreStagedExactly) {
+  const c10::Device device = GetParam();
+  auto model = [](const at::Tensor& x) { return x.sum({1, 2, 3}, /*keepdim=*/false) * 2 + 1; };
+  TensorSubmitter s(
+      make_stacked_model(model, {.device = device, .output_device = c10::Device(c10::kCPU)}),
+      {.policy = EveryN{8}}, TorchBackend(device));
+  std::vector<at::Tensor> inputs;
+  std::vector<Future<at::Tensor>> futures;
+  for (int i = 0; i < 40; ++i) {
+    // The first 16 [2, 3, 64, 64] float (96 KiB, over the direct-staging bound), pinned where
+    // the device is CUDA; then 48 and 96 KiB by turns, every fourth unpinned.
+    const int64_t rows = i < 16 || i % 2 == 1 ? 2 : 1;
+    const bool pin = device.is_cuda() && (i < 16 || i % 4 != 3);
+    const at::Tensor x =
+        at::arange(3 * 64 * 64 * rows, at::kFloat).view({rows, 3, 64, 64}) / (1000.0 * (i + 1));
+    inputs.push_back(pin ? x.pin_memory() : x);
+    ASSERT_EQ(inputs.back().is_pinned(), pin) << i;
+  }
+  for (const at::Tensor& x : inputs) futures.push_back(s.submit(x));  // a burst: batches of 8
+  for (int i = 0; i < 40; ++i) {
+    const at::Tensor got = futures[i].get();
+    EXPECT_TRUE(at::allclose(got, model(inputs[i]), 1e-4, 1e-3)) << i;
+  }
+}
+
 TEST_P(StackedOnEachDevice, StressThirtyTwoProducersMixingSyncAndAsync) {
   const c10::Device device = GetParam();
   const Mlp mlp(16, 32, 4, device);

@@ -71,8 +71,14 @@ struct InferRequest {
 /// rows, data that does not match the shape, a number that its datatype cannot hold (non-finite
 /// floats included), binary sizes that do not add up to the bytes sent, an unknown output, a
 /// bad parameter), 413 for more than `max_rows` rows.
+/// `pin`: inputs of kPinnedInputBytes or more are allocated in pinned memory (LibTorch's caching
+/// host allocator; a CUDA build only), so that stacked mode copies each straight to a CUDA
+/// device rather than first gathering them on its worker.
 InferRequest parse_infer(std::string_view body, std::optional<std::size_t> header_length,
-                         const ModelInfo& model, int64_t max_rows);
+                         const ModelInfo& model, int64_t max_rows, bool pin = false);
+
+/// See parse_infer's `pin`: below this, gathering on the worker costs less than a copy each.
+inline constexpr std::size_t kPinnedInputBytes = 64 * 1024;
 
 /// An encoded infer answer: the body, and the length of its JSON header when binary output data
 /// follows it (the Inference-Header-Content-Length to send).

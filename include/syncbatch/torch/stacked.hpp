@@ -72,8 +72,10 @@ enum class Oversize {
 /// Options of make_stacked_model.
 struct StackingOptions {
   /// Where the model runs. Inputs elsewhere (typically on the CPU) are concatenated there and
-  /// staged with one copy per batch, through pinned memory when this is a CUDA device. Unset:
-  /// the model runs wherever the inputs are.
+  /// staged with one copy per batch, through pinned memory when this is a CUDA device; inputs of
+  /// 64 KiB or more that are already pinned (an image a server parsed into pinned memory) are
+  /// copied to a CUDA device one copy each, with no gathering on the host. Unset: the model runs
+  /// wherever the inputs are.
   std::optional<c10::Device> device{};
   /// Where callers receive their outputs (e.g. kCPU), with one copy per batch that the batch's
   /// sync covers. Unset: where the model put them.
