@@ -192,20 +192,27 @@ bool any_non_finite(const T* p, std::size_t n) {
   return any != 0;
 }
 
+// The index of the first inf or nan of n floats, or n when all are finite: the branch-free pass
+// above, then a scan for the message only where it found one.
+template <class T>
+std::size_t first_non_finite_of(const T* p, std::size_t n) {
+  if (!any_non_finite(p, n)) return n;
+  for (std::size_t i = 0; i < n; ++i)
+    if (!std::isfinite(static_cast<double>(p[i]))) return i;
+  return n;
+}
+
 // Checks the values of binary data that their datatype refuses: non-finite floats, bools other
 // than 0 and 1.
 template <class T>
 void check_binary(const T* p, std::size_t n, const std::string& what) {
   if constexpr (kIsFloat<T>) {
-    if (!any_non_finite(p, n)) return;  // else find the first, below, for the message
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    if constexpr (kIsFloat<T>) {
-      const double d = static_cast<double>(p[i]);
-      if (!std::isfinite(d))
-        throw bad(what + ": binary element " + std::to_string(i) +
-                  ": expected a finite number, got " + number_text(d));
-    } else if constexpr (std::is_same_v<T, bool>) {
+    const std::size_t i = first_non_finite_of(p, n);
+    if (i < n)
+      throw bad(what + ": binary element " + std::to_string(i) +
+                ": expected a finite number, got " + number_text(static_cast<double>(p[i])));
+  } else if constexpr (std::is_same_v<T, bool>) {
+    for (std::size_t i = 0; i < n; ++i) {
       uint8_t byte = 0;
       std::memcpy(&byte, p + i, 1);
       if (byte > 1)
@@ -214,6 +221,14 @@ void check_binary(const T* p, std::size_t n, const std::string& what) {
     }
   }
 }
+
+}  // namespace
+
+std::size_t first_non_finite(const float* p, std::size_t n) {
+  return first_non_finite_of(p, n);
+}
+
+namespace {
 
 // The request's shape of input `spec`, checked against the model's.
 std::vector<int64_t> read_shape(const json::value* shape, const TensorSpec& spec,

@@ -80,6 +80,11 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
 /// See parse_infer's `pin`: below this, gathering on the worker costs less than a copy each.
 inline constexpr std::size_t kPinnedInputBytes = 64 * 1024;
 
+/// The index of the first inf or nan of the `n` floats at `p`, or `n` when all are finite: one
+/// branch-free pass over their exponent bits (which the compiler vectorizes), then a scan only
+/// where it found one. Binary OIP inputs and /v1's raw rows are checked with it.
+std::size_t first_non_finite(const float* p, std::size_t n);
+
 /// An encoded infer answer: the body, and the length of its JSON header when binary output data
 /// follows it (the Inference-Header-Content-Length to send).
 struct Encoded {

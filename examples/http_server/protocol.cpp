@@ -144,12 +144,11 @@ Decoded decode_raw(std::string_view body, int64_t width, int64_t max_rows) {
   if constexpr (std::endian::native == std::endian::big)
     for (float& f : d.values)
       f = std::bit_cast<float>(__builtin_bswap32(std::bit_cast<uint32_t>(f)));
-  for (std::size_t i = 0; i < d.values.size(); ++i)
-    if (!std::isfinite(d.values[i]))
-      throw HttpError{
-          bh::status::bad_request,
-          element(static_cast<int64_t>(i) / width, i % static_cast<std::size_t>(width)) +
-              ": expected a finite float32, got " + number_text(d.values[i])};
+  if (const std::size_t i = oip::first_non_finite(d.values.data(), d.values.size());
+      i < d.values.size())
+    throw HttpError{bh::status::bad_request,
+                    element(static_cast<int64_t>(i) / width, i % static_cast<std::size_t>(width)) +
+                        ": expected a finite float32, got " + number_text(d.values[i])};
   return d;
 }
 
