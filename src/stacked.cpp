@@ -172,9 +172,6 @@ bool is_on(const at::Tensor& t, c10::Device device) {
   return t.device() == detail::with_current_index(device);
 }
 
-// Parts of at least this many bytes, pinned, are staged to a CUDA device one copy each.
-constexpr std::size_t kDirectStagingBytes = 64 * 1024;
-
 // Concatenates one input position of a group on `target`: on the source device when it is the
 // target, else into one (pinned, for CUDA) host buffer followed by one copy; large pinned parts
 // are copied to the target one by one.

@@ -325,7 +325,7 @@ std::string model_metadata(const ModelInfo& model) {
 }
 
 InferRequest parse_infer(std::string_view body, std::optional<std::size_t> header_length,
-                         const ModelInfo& model, int64_t max_rows, bool pin) {
+                         const ModelInfo& model, int64_t max_rows, std::size_t pin_from_bytes) {
   if (header_length && *header_length > body.size())
     throw bad("Inference-Header-Content-Length: expected at most the body's " +
               std::to_string(body.size()) + " bytes, got " + std::to_string(*header_length));
@@ -388,7 +388,8 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
     if (numel > body.size())
       throw bad(what + ": shape " + shape_text(shape) + " needs more values than the body's " +
                 std::to_string(body.size()) + " bytes can hold");
-    const bool pinned = pin && numel * c10::elementSize(spec.dtype) >= kPinnedInputBytes;
+    const bool pinned =
+        pin_from_bytes != 0 && numel * c10::elementSize(spec.dtype) >= pin_from_bytes;
     at::Tensor x = at::empty(shape, at::TensorOptions().dtype(spec.dtype).pinned_memory(pinned));
     const json::object* params = read_params(t, what + ": ");
     const json::value* size = params ? field(*params, "binary_data_size") : nullptr;

@@ -71,14 +71,12 @@ struct InferRequest {
 /// rows, data that does not match the shape, a number that its datatype cannot hold (non-finite
 /// floats included), binary sizes that do not add up to the bytes sent, an unknown output, a
 /// bad parameter), 413 for more than `max_rows` rows.
-/// `pin`: inputs of kPinnedInputBytes or more are allocated in pinned memory (LibTorch's caching
-/// host allocator; a CUDA build only), so that stacked mode copies each straight to a CUDA
-/// device rather than first gathering them on its worker.
+/// `pin_from_bytes` (0: none): inputs of that many bytes or more are allocated in pinned memory
+/// (LibTorch's caching host allocator; a CUDA build only), so that stacked mode copies each
+/// straight to a CUDA device rather than first gathering them on its worker (pass
+/// kDirectStagingBytes).
 InferRequest parse_infer(std::string_view body, std::optional<std::size_t> header_length,
-                         const ModelInfo& model, int64_t max_rows, bool pin = false);
-
-/// See parse_infer's `pin`: below this, gathering on the worker costs less than a copy each.
-inline constexpr std::size_t kPinnedInputBytes = 64 * 1024;
+                         const ModelInfo& model, int64_t max_rows, std::size_t pin_from_bytes = 0);
 
 /// The index of the first inf or nan of the `n` floats at `p`, or `n` when all are finite: one
 /// branch-free pass over their exponent bits (which the compiler vectorizes), then a scan only

@@ -308,10 +308,10 @@ struct Endpoint {
         replicas.push_back(replica(served.replicas[i].forward, o.devices[i]));
     }
     submitter.emplace(std::move(replicas), sopts);
-    pin_inputs = o.mode == Mode::kStacked &&
-                 (o.devices.empty() ? o.device.is_cuda()
-                                    : std::all_of(o.devices.begin(), o.devices.end(),
-                                                  [](c10::Device d) { return d.is_cuda(); }));
+    const bool cuda = o.devices.empty() ? o.device.is_cuda()
+                                        : std::all_of(o.devices.begin(), o.devices.end(),
+                                                      [](c10::Device d) { return d.is_cuda(); });
+    if (o.mode == Mode::kStacked && cuda) pin_from_bytes = kDirectStagingBytes;
   }
 
   // The forward `f` served on `device`: with graphs, replayed by a GraphedMultiModel whose every
@@ -383,8 +383,8 @@ struct Endpoint {
   Metrics metrics;
   std::optional<Submitter> submitter;
   std::vector<GraphedMultiModel> graphs;  // with options.graphs: each replica's
-  // Stacked on CUDA: large inputs are parsed into pinned memory (oip::parse_infer's `pin`).
-  bool pin_inputs = false;
+  // Stacked on CUDA: inputs this large are parsed into pinned memory (oip::parse_infer).
+  std::size_t pin_from_bytes = 0;
 };
 
 Response text_response(bh::status status, const std::string& message, unsigned version) {
@@ -606,7 +606,7 @@ struct Protocol::Impl {
       }
       oip::InferRequest r =
           oip::parse_infer(std::string_view(req.body().data(), req.body().size()), header_length,
-                           e.info, e.options.max_rows, e.pin_inputs);
+                           e.info, e.options.max_rows, e.pin_from_bytes);
       if (r.priority && *r.priority >= e.options.priority_levels)
         throw oip::ProtocolError{400, "parameters.priority: expected a level below " +
                                           std::to_string(e.options.priority_levels) +

@@ -9,6 +9,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -69,13 +70,18 @@ enum class Oversize {
   kRefuse,  ///< Fail it alone with Error(kBadRequest).
 };
 
+/// Stacked mode copies host inputs of at least this many bytes that are already pinned to a
+/// CUDA device one copy each (see StackingOptions::device): a server that parses large inputs
+/// (images) into pinned memory saves its worker the gathering copy.
+inline constexpr std::size_t kDirectStagingBytes = 64 * 1024;
+
 /// Options of make_stacked_model.
 struct StackingOptions {
   /// Where the model runs. Inputs elsewhere (typically on the CPU) are concatenated there and
   /// staged with one copy per batch, through pinned memory when this is a CUDA device; inputs of
-  /// 64 KiB or more that are already pinned (an image a server parsed into pinned memory) are
-  /// copied to a CUDA device one copy each, with no gathering on the host. Unset: the model runs
-  /// wherever the inputs are.
+  /// kDirectStagingBytes or more that are already pinned (an image a server parsed into pinned
+  /// memory) are copied to a CUDA device one copy each, with no gathering on the host. Unset:
+  /// the model runs wherever the inputs are.
   std::optional<c10::Device> device{};
   /// Where callers receive their outputs (e.g. kCPU), with one copy per batch that the batch's
   /// sync covers. Unset: where the model put them.
