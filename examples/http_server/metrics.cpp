@@ -16,6 +16,10 @@ std::string escaped(const std::string& v) {
   return out;
 }
 
+double seconds(std::chrono::nanoseconds d) {
+  return std::chrono::duration<double>(d).count();
+}
+
 std::string num(double v) {
   char buf[40];
   std::snprintf(buf, sizeof buf, "%.9g", v);
@@ -147,7 +151,6 @@ std::string Metrics::prometheus(const std::vector<Exposed>& models) {
        "(waiting for the device), complete (handing results over).",
        true, [&](const Exposed& e) {
          const SubmitterStats& s = *e.stats;
-         const auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
          w.sample("syncbatch_worker_seconds_total", seconds(s.run_time), "phase=\"run\"");
          w.sample("syncbatch_worker_seconds_total", seconds(s.sync_time), "phase=\"sync\"");
          w.sample("syncbatch_worker_seconds_total", seconds(s.complete_time), "phase=\"complete\"");
@@ -157,7 +160,6 @@ std::string Metrics::prometheus(const std::vector<Exposed>& models) {
        [&](const Exposed& e) {
          const SubmitterStats& s = *e.stats;
          const double n = static_cast<double>(s.queue_delay.count);
-         const auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
          w.sample("syncbatch_queue_delay_seconds", seconds(s.queue_delay.p50), "quantile=\"0.5\"");
          w.sample("syncbatch_queue_delay_seconds", seconds(s.queue_delay.p99), "quantile=\"0.99\"");
          w.sample("syncbatch_queue_delay_seconds", seconds(s.queue_delay.p999),
