@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <charconv>
@@ -466,36 +467,78 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
   return r;
 }
 
+// Appends `text` to `s` as a JSON string.
+void append_quoted(std::string& s, std::string_view text) {
+  const bool plain = std::none_of(text.begin(), text.end(), [](char c) {
+    return c == '"' || c == '\\' || static_cast<unsigned char>(c) < 0x20;
+  });
+  if (!plain) {
+    s += json::serialize(json::string(text));
+    return;
+  }
+  s += '"';
+  s += text;
+  s += '"';
+}
+
+void append_integer(std::string& s, std::uint64_t v) {
+  char buf[24];
+  s.append(buf, std::to_chars(buf, buf + sizeof buf, v).ptr);
+}
+
 Encoded infer_response(const ModelInfo& model, const InferRequest& request,
                        const std::vector<at::Tensor>& y) {
-  std::string head =
-      "{\"model_name\":" + json::serialize(json::string(model.name)) + ",\"model_version\":\"1\"";
-  if (request.id) head += ",\"id\":" + json::serialize(json::string(*request.id));
-  head += ",\"outputs\":[";
-  std::string binary;
+  // The outputs asked for, and the answer's size: one buffer, grown once, the binary data (if
+  // any) written after the JSON header into the same buffer.
+  std::vector<at::Tensor> outs;
+  outs.reserve(request.outputs.size());
+  std::size_t binary_bytes = 0, json_bytes = 96 + model.name.size();
   for (std::size_t i = 0; i < request.outputs.size(); ++i) {
     const std::size_t k = request.outputs[i];
-    const std::string& name = model.outputs[k].name;
     if (k >= y.size())
-      throw ProtocolError{500, "output '" + name + "': the model returned " +
+      throw ProtocolError{500, "output '" + model.outputs[k].name + "': the model returned " +
                                    std::to_string(y.size()) + " outputs"};
-    const at::Tensor out = y[k].contiguous();
-    head += std::string(i ? "," : "") + "{\"name\":" + json::serialize(json::string(name)) +
-            ",\"datatype\":\"" + datatype_name(out.scalar_type()) + "\",\"shape\":[";
-    for (int64_t d = 0; d < out.dim(); ++d) {
-      if (d) head += ',';
-      head += std::to_string(out.size(d));
+    outs.push_back(y[k].contiguous());
+    const std::size_t n = static_cast<std::size_t>(outs.back().numel());
+    json_bytes += 128 + model.outputs[k].name.size();
+    if (request.binary[i]) {
+      binary_bytes += n * outs.back().element_size();
+    } else {
+      json_bytes += n * 16;
     }
-    head += "]";
+  }
+  std::string body;
+  body.reserve(json_bytes + binary_bytes);
+  body += "{\"model_name\":";
+  append_quoted(body, model.name);
+  body += ",\"model_version\":\"1\"";
+  if (request.id) {
+    body += ",\"id\":";
+    append_quoted(body, *request.id);
+  }
+  body += ",\"outputs\":[";
+  for (std::size_t i = 0; i < outs.size(); ++i) {
+    const at::Tensor& out = outs[i];
+    const std::string& name = model.outputs[request.outputs[i]].name;
+    if (i) body += ',';
+    body += "{\"name\":";
+    append_quoted(body, name);
+    body += ",\"datatype\":\"";
+    body += datatype_name(out.scalar_type());
+    body += "\",\"shape\":[";
+    for (int64_t d = 0; d < out.dim(); ++d) {
+      if (d) body += ',';
+      append_integer(body, static_cast<std::uint64_t>(out.size(d)));
+    }
+    body += ']';
     const std::size_t n = static_cast<std::size_t>(out.numel());
     if (request.binary[i]) {
-      const std::size_t bytes = n * out.element_size();
-      head += ",\"parameters\":{\"binary_data_size\":" + std::to_string(bytes) + "}}";
-      binary.append(static_cast<const char*>(out.data_ptr()), bytes);
+      body += ",\"parameters\":{\"binary_data_size\":";
+      append_integer(body, n * out.element_size());
+      body += "}}";
       continue;
     }
-    head += ",\"data\":[";
-    head.reserve(head.size() + n * 12);
+    body += ",\"data\":[";
     visit(out.scalar_type(), [&](auto t0) {
       using T = decltype(t0);
       const T* p = out.data_ptr<T>();
@@ -507,17 +550,20 @@ Encoded infer_response(const ModelInfo& model, const InferRequest& request,
                                          ", which JSON cannot carry (binary data can: "
                                          "parameters.binary_data_output)"};
         }
-        if (e) head += ',';
-        append_number(head, p[e]);
+        if (e) body += ',';
+        append_number(body, p[e]);
       }
     });
-    head += "]}";
+    body += "]}";
   }
-  head += "]}";
-  if (binary.empty()) return {std::move(head), std::nullopt};
-  const std::size_t length = head.size();
-  head += binary;
-  return {std::move(head), length};
+  body += "]}";
+  if (binary_bytes == 0) return {std::move(body), std::nullopt};
+  const std::size_t length = body.size();
+  for (std::size_t i = 0; i < outs.size(); ++i)
+    if (request.binary[i])
+      body.append(static_cast<const char*>(outs[i].data_ptr()),
+                  static_cast<std::size_t>(outs[i].numel()) * outs[i].element_size());
+  return {std::move(body), length};
 }
 
 std::string error_body(std::string_view message) {
