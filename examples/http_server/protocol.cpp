@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string_view>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 #include <boost/asio/as_tuple.hpp>
@@ -40,9 +41,6 @@ std::string version_string() {
   return std::to_string(SYNCBATCH_VERSION_MAJOR) + "." + std::to_string(SYNCBATCH_VERSION_MINOR) +
          "." + std::to_string(SYNCBATCH_VERSION_PATCH);
 }
-
-// Thrown where the client hung up while its request waited (the request was cancelled).
-struct ClientGone {};
 
 // A client error: its HTTP status and the message the body carries.
 struct HttpError {
@@ -387,6 +385,28 @@ struct Endpoint {
   std::size_t pin_from_bytes = 0;
 };
 
+// An inference request between Protocol::begin() and its answer.
+struct Protocol::Call::State {
+  State(Endpoint& endpoint, unsigned v, bool is_v1) : e(&endpoint), version(v), v1(is_v1) {}
+
+  // Counts the answer in /metrics (in flight since begin()).
+  void done(const Response& res) {
+    e->metrics.end();
+    e->metrics.record(res.result_int(), Clock::now() - start);
+    answered = true;
+  }
+
+  Endpoint* e;
+  unsigned version;
+  bool v1;  // /v1/infer: answered as `decoded` came; otherwise as `request` asks
+  Clock::time_point start;
+  bool answered = false;
+  Tensors inputs;
+  RequestOptions control;
+  Decoded decoded;            // /v1 (its values already in inputs)
+  oip::InferRequest request;  // /v2 (its inputs moved to inputs)
+};
+
 Response text_response(bh::status status, const std::string& message, unsigned version) {
   Response res(status, version);
   res.set(bh::field::content_type, "text/plain; charset=utf-8");
@@ -426,9 +446,10 @@ struct Protocol::Impl {
     return std::pair{name, rest.substr(name.size())};
   }
 
-  // Inference requests are timed and counted for /metrics, by model; the rest are answered as
-  // they come.
-  net::awaitable<Response> handle(const Request& req, const HangupWatch& hangup) {
+  // Inference requests are timed and counted for /metrics, by model, from here to finish() or
+  // gone(); the rest are answered as they come. Plain functions: a request reaches its model's
+  // submitter with no coroutine frame of the protocol's (Protocol::Call).
+  std::variant<Response, Call> begin(const Request& req) {
     const std::string_view target(req.target().data(), req.target().size());
     Endpoint* e = nullptr;
     if (req.method() == bh::verb::post) {
@@ -436,22 +457,32 @@ struct Protocol::Impl {
       if (const auto path = model_path(target); path && target.ends_with("/infer"))
         e = find(path->first);
     }
-    if (e == nullptr) co_return co_await route(req, target, hangup);
-    const auto start = std::chrono::steady_clock::now();
+    if (e == nullptr) return route(req, target);
+    const auto start = Clock::now();
     e->metrics.begin();
-    Response res = co_await route(req, target, hangup);
-    e->metrics.end();
-    e->metrics.record(res.result_int(), std::chrono::steady_clock::now() - start);
-    co_return res;
+    std::variant<Response, Call> step = route(req, target);
+    if (Call* call = std::get_if<Call>(&step)) {
+      call->s_->start = start;
+    } else {
+      e->metrics.end();
+      e->metrics.record(std::get<Response>(step).result_int(), Clock::now() - start);
+    }
+    return step;
   }
 
-  net::awaitable<Response> route(const Request& req, std::string_view target,
-                                 const HangupWatch& hangup) {
+  // The answer to a call whose model ran (or failed, or refused it), counted.
+  static Response finish(Call::State& s, std::exception_ptr error, Tensors y) {
+    Response res = s.v1 ? v1_answer(s, std::move(error), std::move(y))
+                        : v2_answer(s, std::move(error), std::move(y));
+    s.done(res);
+    return res;
+  }
+
+  std::variant<Response, Call> route(const Request& req, std::string_view target) {
     const unsigned v = req.version();
-    if (target == "/v2" || target.starts_with("/v2/"))
-      co_return co_await handle_v2(req, target, hangup);
+    if (target == "/v2" || target.starts_with("/v2/")) return handle_v2(req, target);
     if (target == "/metrics") {
-      if (req.method() != bh::verb::get) co_return method_not_allowed("GET", v);
+      if (req.method() != bh::verb::get) return method_not_allowed("GET", v);
       Response res(bh::status::ok, v);
       res.set(bh::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
       std::vector<Metrics::Exposed> exposed;
@@ -460,44 +491,77 @@ struct Protocol::Impl {
             {e->options.name, &e->metrics,
              e->submitter ? std::optional<SubmitterStats>(e->stats()) : std::nullopt});
       res.body() = Metrics::prometheus(exposed);
-      co_return res;
+      return res;
     }
     if (target == "/healthz" || target == "/stats") {
-      if (req.method() != bh::verb::get) co_return method_not_allowed("GET", v);
-      if (target == "/healthz") co_return text_response(bh::status::ok, "ok", v);
+      if (req.method() != bh::verb::get) return method_not_allowed("GET", v);
+      if (target == "/healthz") return text_response(bh::status::ok, "ok", v);
       Response res(bh::status::ok, v);
       res.set(bh::field::content_type, "application/json");
       res.body() = stats_json();
-      co_return res;
+      return res;
     }
     if (target != "/v1/infer")
-      co_return text_response(bh::status::not_found,
-                              "no such endpoint: expected /v2/..., POST /v1/infer, GET /healthz, "
-                              "GET /metrics or GET /stats, got " +
-                                  std::string(target),
-                              v);
-    if (req.method() != bh::verb::post) co_return method_not_allowed("POST", v);
+      return text_response(bh::status::not_found,
+                           "no such endpoint: expected /v2/..., POST /v1/infer, GET /healthz, "
+                           "GET /metrics or GET /stats, got " +
+                               std::string(target),
+                           v);
+    if (req.method() != bh::verb::post) return method_not_allowed("POST", v);
     Endpoint& e = *endpoints.front();
     if (!e.v1)
-      co_return text_response(bh::status::not_found,
-                              "/v1/infer serves a model of one float32 [rows, width] input, and '" +
-                                  e.options.name + "' is not one: use /v2/models/" +
-                                  e.options.name + "/infer",
-                              v);
+      return text_response(bh::status::not_found,
+                           "/v1/infer serves a model of one float32 [rows, width] input, and '" +
+                               e.options.name + "' is not one: use /v2/models/" + e.options.name +
+                               "/infer",
+                           v);
+    auto s = std::make_unique<Call::State>(e, v, /*v1=*/true);
     try {
       const int64_t width = e.model.inputs[0].shape[0];
-      const Decoded d = decode(req, width, e.options.max_rows);
-      Tensors x{
-          at::from_blob(const_cast<float*>(d.values.data()), {d.rows, width}, at::kFloat).clone()};
-      const RequestOptions control;
-      Tensors y = co_await infer(e, std::move(x), control, hangup);
-      Response res(bh::status::ok, v);
-      encode(y.at(0), d, res);
-      co_return res;
-    } catch (const ClientGone&) {
-      co_return gone(v);
+      s->decoded = decode(req, width, e.options.max_rows);
+      s->inputs.push_back(
+          at::from_blob(s->decoded.values.data(), {s->decoded.rows, width}, at::kFloat).clone());
+      s->decoded.values = {};
+    } catch (...) {
+      return v1_error(std::current_exception(), v, e);
+    }
+    return call_or_answer(std::move(s));
+  }
+
+  // `s` as a call for its submitter, or, for a model served per-op, answered here: forwarded on
+  // this thread, which waits for it (the copy to the host syncs this thread's stream).
+  static std::variant<Response, Call> call_or_answer(std::unique_ptr<Call::State> s) {
+    if (s->e->submitter) return Call(std::move(s));
+    Tensors y;
+    std::exception_ptr error;
+    try {
+      for (at::Tensor& t : s->inputs) t = t.to(s->e->options.device);
+      y = s->e->model.forward(s->inputs);
+      for (at::Tensor& t : y) t = t.to(c10::kCPU);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    return s->v1 ? v1_answer(*s, std::move(error), std::move(y))
+                 : v2_answer(*s, std::move(error), std::move(y));
+  }
+
+  static Response v1_answer(const Call::State& s, std::exception_ptr error, Tensors y) {
+    if (error) return v1_error(error, s.version, *s.e);
+    try {
+      Response res(bh::status::ok, s.version);
+      encode(y.at(0), s.decoded, res);
+      return res;
+    } catch (...) {
+      return v1_error(std::current_exception(), s.version, *s.e);
+    }
+  }
+
+  // The text/plain answer to /v1's `error`.
+  static Response v1_error(std::exception_ptr error, unsigned v, const Endpoint& e) {
+    try {
+      std::rethrow_exception(error);
     } catch (const HttpError& ex) {
-      co_return text_response(ex.status, ex.message, v);
+      return text_response(ex.status, ex.message, v);
     } catch (const Error& ex) {
       // /v1 requests have no deadline of their own: only the queue timeout can pass.
       const auto [status, message] =
@@ -505,10 +569,10 @@ struct Protocol::Impl {
                             std::to_string(e.options.timeout.count()) + " ms");
       Response res = text_response(status, message, v);
       if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
-      co_return res;
+      return res;
     } catch (const std::exception& ex) {
-      co_return text_response(bh::status::internal_server_error,
-                              std::string("inference failed: ") + ex.what(), v);
+      return text_response(bh::status::internal_server_error,
+                           std::string("inference failed: ") + ex.what(), v);
     }
   }
 
@@ -524,8 +588,7 @@ struct Protocol::Impl {
   }
 
   // The Open Inference Protocol's endpoints (see protocol.hpp).
-  net::awaitable<Response> handle_v2(const Request& req, std::string_view target,
-                                     const HangupWatch& hangup) {
+  std::variant<Response, Call> handle_v2(const Request& req, std::string_view target) {
     const unsigned v = req.version();
     const bool get = req.method() == bh::verb::get;
     auto need_get = [&]() -> std::optional<Response> {
@@ -535,23 +598,23 @@ struct Protocol::Impl {
       return res;
     };
     if (target == "/v2") {
-      if (auto r = need_get()) co_return *r;
-      co_return json_response(bh::status::ok, oip::server_metadata(version_string()), v);
+      if (auto r = need_get()) return std::move(*r);
+      return json_response(bh::status::ok, oip::server_metadata(version_string()), v);
     }
     if (target == "/v2/health/live" || target == "/v2/health/ready") {
-      if (auto r = need_get()) co_return *r;
+      if (auto r = need_get()) return std::move(*r);
       // Ready while accepting: a stopping server is live but not ready (4xx, as the protocol
       // says, so that balancers take it out).
       const bool ready = target.ends_with("live") || !stopping.load();
-      co_return Response(ready ? bh::status::ok : bh::status::bad_request, v);  // no body
+      return Response(ready ? bh::status::ok : bh::status::bad_request, v);  // no body
     }
     const auto path = model_path(target);
-    if (!path) co_return oip_error(404, "no such endpoint: " + std::string(target), v);
+    if (!path) return oip_error(404, "no such endpoint: " + std::string(target), v);
     const std::string_view name = path->first;
     std::string_view action = path->second;
     Endpoint* found = find(name);
     if (found == nullptr)
-      co_return oip_error(
+      return oip_error(
           404, "unknown model '" + std::string(name) + "': this server serves " + model_names(), v);
     Endpoint& e = *found;
     constexpr std::string_view kVersions = "/versions/";
@@ -559,30 +622,31 @@ struct Protocol::Impl {
       const std::string_view version =
           action.substr(kVersions.size()).substr(0, action.substr(kVersions.size()).find('/'));
       if (version != "1")
-        co_return oip_error(404,
-                            "unknown version '" + std::string(version) + "' of model '" +
-                                e.options.name + "': it has version '1'",
-                            v);
+        return oip_error(404,
+                         "unknown version '" + std::string(version) + "' of model '" +
+                             e.options.name + "': it has version '1'",
+                         v);
       action = action.substr(kVersions.size() + version.size());
     }
     if (action.empty()) {
-      if (auto r = need_get()) co_return *r;
-      co_return json_response(bh::status::ok, oip::model_metadata(e.info), v);
+      if (auto r = need_get()) return std::move(*r);
+      return json_response(bh::status::ok, oip::model_metadata(e.info), v);
     }
     if (action == "/ready") {
-      if (auto r = need_get()) co_return *r;
-      co_return Response(stopping.load() ? bh::status::bad_request : bh::status::ok, v);
+      if (auto r = need_get()) return std::move(*r);
+      return Response(stopping.load() ? bh::status::bad_request : bh::status::ok, v);
     }
     if (action != "/infer")
-      co_return oip_error(404,
-                          "no such endpoint: expected /v2/models/" + e.options.name +
-                              ", its /ready or its /infer, got " + std::string(target),
-                          v);
+      return oip_error(404,
+                       "no such endpoint: expected /v2/models/" + e.options.name +
+                           ", its /ready or its /infer, got " + std::string(target),
+                       v);
     if (req.method() != bh::verb::post) {
       Response res = oip_error(405, "expected method POST", v);
       res.set(bh::field::allow, "POST");
-      co_return res;
+      return res;
     }
+    auto s = std::make_unique<Call::State>(e, v, /*v1=*/false);
     try {
       const auto ct = req[bh::field::content_type];
       const std::string_view type(ct.data(), ct.size());
@@ -604,38 +668,52 @@ struct Protocol::Impl {
                                        excerpt(std::string(hl)) + "'"};
         header_length = n;
       }
-      oip::InferRequest r =
-          oip::parse_infer(std::string_view(req.body().data(), req.body().size()), header_length,
-                           e.info, e.options.max_rows, e.pin_from_bytes);
+      s->request = oip::parse_infer(std::string_view(req.body().data(), req.body().size()),
+                                    header_length, e.info, e.options.max_rows, e.pin_from_bytes);
+      const oip::InferRequest& r = s->request;
       if (r.priority && *r.priority >= e.options.priority_levels)
         throw oip::ProtocolError{400, "parameters.priority: expected a level below " +
                                           std::to_string(e.options.priority_levels) +
                                           " (0 the highest), got " + std::to_string(*r.priority)};
-      RequestOptions control;
-      if (r.timeout) control.deadline = Clock::now() + *r.timeout;
-      control.priority = r.priority;
-      Tensors inputs = std::move(r.inputs);
-      const Tensors y = co_await infer(e, std::move(inputs), control, hangup);
-      oip::Encoded answer = oip::infer_response(e.info, r, y);
-      Response res(bh::status::ok, v);
+      if (r.timeout) s->control.deadline = Clock::now() + *r.timeout;
+      s->control.priority = r.priority;
+      s->inputs = std::move(s->request.inputs);
+    } catch (...) {
+      return v2_error(std::current_exception(), v);
+    }
+    return call_or_answer(std::move(s));
+  }
+
+  static Response v2_answer(const Call::State& s, std::exception_ptr error, Tensors y) {
+    if (error) return v2_error(error, s.version);
+    try {
+      oip::Encoded answer = oip::infer_response(s.e->info, s.request, y);
+      Response res(bh::status::ok, s.version);
       res.set(bh::field::content_type,
               answer.header_length ? "application/octet-stream" : "application/json");
       if (answer.header_length)
         res.set("Inference-Header-Content-Length", std::to_string(*answer.header_length));
       res.body() = std::move(answer.body);
-      co_return res;
-    } catch (const ClientGone&) {
-      co_return gone(v);
+      return res;
+    } catch (...) {
+      return v2_error(std::current_exception(), s.version);
+    }
+  }
+
+  // The {"error": "..."} answer to an infer request's `error`.
+  static Response v2_error(std::exception_ptr error, unsigned v) {
+    try {
+      std::rethrow_exception(error);
     } catch (const oip::ProtocolError& ex) {
-      co_return oip_error(ex.status, ex.message, v);
+      return oip_error(ex.status, ex.message, v);
     } catch (const Error& ex) {
       const auto [status, message] =
           status_of(ex, std::string("not started in time: ") + ex.what());
       Response res = oip_error(static_cast<int>(status), message, v);
       if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
-      co_return res;
+      return res;
     } catch (const std::exception& ex) {
-      co_return oip_error(500, std::string("inference failed: ") + ex.what(), v);
+      return oip_error(500, std::string("inference failed: ") + ex.what(), v);
     }
   }
 
@@ -669,33 +747,6 @@ struct Protocol::Impl {
     throw HttpError{bh::status::unsupported_media_type,
                     "expected Content-Type application/json or application/octet-stream, got " +
                         (type.empty() ? std::string("none") : "'" + std::string(type) + "'")};
-  }
-
-  // Runs model `e` on x. With a submitter and a hang-up watch, a client that hangs up while its
-  // request waits cancels it (async_submit's cancellation: a queued request is never run) and
-  // ClientGone is thrown.
-  net::awaitable<Tensors> infer(Endpoint& e, Tensors x, RequestOptions control,
-                                const HangupWatch& hangup) {
-    if (e.submitter && !hangup)
-      co_return co_await async_submit(*e.submitter, std::move(x), net::use_awaitable, control);
-    if (e.submitter) {
-      // `||` waits for the first to succeed: the request's outcome comes as a tuple, never as
-      // an exception, so that a failed request is answered at once rather than waiting for the
-      // client to go. Both run on the caller's executor, which one thread runs (see handle()).
-      using namespace net::experimental::awaitable_operators;
-      auto first = co_await (
-          async_submit(*e.submitter, std::move(x), net::as_tuple(net::use_awaitable), control) ||
-          hangup());
-      if (first.index() == 1) throw ClientGone{};
-      auto [error, y] = std::get<0>(std::move(first));
-      if (error) std::rethrow_exception(error);
-      co_return std::move(y);
-    }
-    // Per-op: forward here and wait for it (the copy to the host syncs this thread's stream).
-    for (at::Tensor& t : x) t = t.to(e.options.device);
-    Tensors y = e.model.forward(x);
-    for (at::Tensor& t : y) t = t.to(c10::kCPU);
-    co_return y;
   }
 
   // The answer to a client that hung up: never read, but counted in /metrics as 499 (nginx's
@@ -743,10 +794,54 @@ Protocol::Protocol(std::vector<ServedModel> models)
     : impl_(std::make_unique<Impl>(std::move(models))) {}
 Protocol::~Protocol() = default;
 
+Protocol::Call::Call(std::unique_ptr<State> s) noexcept : s_(std::move(s)) {}
+Protocol::Call::Call(Call&&) noexcept = default;
+Protocol::Call& Protocol::Call::operator=(Call&&) noexcept = default;
+Protocol::Call::~Call() {
+  if (s_ && !s_->answered) s_->e->metrics.end();  // dropped unanswered: no longer in flight
+}
+
+Cancellation<Tensors> Protocol::Call::submit(
+    std::function<void(std::exception_ptr, Tensors)> done) {
+  return s_->e->submitter->submit_then(std::move(s_->inputs), std::move(done), s_->control);
+}
+
+std::variant<Response, Protocol::Call> Protocol::begin(const Request& request) {
+  return impl_->begin(request);
+}
+
+Response Protocol::finish(Call call, std::exception_ptr error, Tensors outputs) {
+  return Impl::finish(*call.s_, std::move(error), std::move(outputs));
+}
+
+Response Protocol::gone(Call call) {
+  Response res = Impl::gone(call.s_->version);
+  call.s_->done(res);
+  return res;
+}
+
 net::awaitable<Response> Protocol::handle(const Request& request, HangupWatch hangup) {
-  Response res = co_await impl_->handle(request, hangup);
-  res.version(request.version());
-  co_return res;
+  std::variant<Response, Call> step = begin(request);
+  if (Response* res = std::get_if<Response>(&step)) co_return std::move(*res);
+  Call call = std::get<Call>(std::move(step));
+  Endpoint::Submitter& submitter = *call.s_->e->submitter;
+  Tensors& x = call.s_->inputs;
+  const RequestOptions control = call.s_->control;
+  if (!hangup) {
+    auto [error, y] =
+        co_await async_submit(submitter, std::move(x), net::as_tuple(net::use_awaitable), control);
+    co_return finish(std::move(call), std::move(error), std::move(y));
+  }
+  // `||` waits for the first to succeed: the request's outcome comes as a tuple, never as an
+  // exception, so that a failed request is answered at once rather than waiting for the client
+  // to go. Both run on the caller's executor, which one thread runs (see protocol.hpp).
+  using namespace net::experimental::awaitable_operators;
+  auto first =
+      co_await (async_submit(submitter, std::move(x), net::as_tuple(net::use_awaitable), control) ||
+                hangup());
+  if (first.index() == 1) co_return gone(std::move(call));
+  auto [error, y] = std::get<0>(std::move(first));
+  co_return finish(std::move(call), std::move(error), std::move(y));
 }
 
 void Protocol::set_stopping() {

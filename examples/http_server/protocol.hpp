@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <boost/asio/awaitable.hpp>
@@ -18,6 +19,7 @@
 #include <boost/beast/http/vector_body.hpp>
 
 #include "model.hpp"
+#include "syncbatch/future.hpp"
 
 namespace syncbatch::http {
 
@@ -96,9 +98,24 @@ class Protocol {
   Protocol(const Protocol&) = delete;
   Protocol& operator=(const Protocol&) = delete;
 
+  class Call;
+
+  /// What a request comes to: its answer (everything but an inference for a model served through
+  /// a submitter; a per-op model runs here, on the calling thread), or a Call for the transport
+  /// to submit and to answer with finish() or gone(). The path with no coroutine of the
+  /// protocol's between a socket and the submitter. Never throws for a request's content.
+  /// Thread safety: as handle().
+  std::variant<Response, Call> begin(const Request& request);
+  /// The answer to `call`, once its submission completed with `error` or `outputs`.
+  Response finish(Call call, std::exception_ptr error, std::vector<at::Tensor> outputs);
+  /// The answer to `call` whose client hung up (499, counted in /metrics, never read); first
+  /// cancel it and wait for its submission to complete.
+  Response gone(Call call);
+
   /// The answer to `request` (its version set; keep-alive and the payload's length are the
-  /// transport's). With `hangup`, an inference request races it while queued: a client gone
-  /// first cancels the request (never run; answered 499, counted in /metrics, never read).
+  /// transport's): begin(), and for a Call its submission and finish(). With `hangup`, an
+  /// inference request races it while queued: a client gone first cancels the request (never
+  /// run; answered 499, counted in /metrics, never read).
   /// Per-op models run on the calling thread. Never throws for a request's content.
   /// Thread safety: any number of concurrent calls, on executors that one thread each runs (or
   /// strands: the race above needs it).
@@ -119,6 +136,27 @@ class Protocol {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+};
+
+/// An inference request that Protocol::begin() decoded, counted in flight until its answer.
+/// Move-only; answer it once, with Protocol::finish() or Protocol::gone().
+class Protocol::Call {
+ public:
+  Call(Call&&) noexcept;
+  Call& operator=(Call&&) noexcept;
+  ~Call();
+  /// Submits the request to its model's submitter, once. `done` runs exactly once: on a worker
+  /// thread, or on the calling thread (a request refused, or cancelled while queued), possibly
+  /// inside this call. The returned handle cancels it (BatchedSubmitter's cancellation).
+  Cancellation<std::vector<at::Tensor>> submit(
+      std::function<void(std::exception_ptr, std::vector<at::Tensor>)> done);
+
+ private:
+  friend class Protocol;
+  friend struct Impl;
+  struct State;
+  explicit Call(std::unique_ptr<State> s) noexcept;
+  std::unique_ptr<State> s_;
 };
 
 }  // namespace syncbatch::http

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -20,6 +21,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 #include <boost/asio/as_tuple.hpp>
@@ -48,6 +50,8 @@ using tcp = net::ip::tcp;
 
 namespace {
 
+using Tensors = std::vector<at::Tensor>;
+
 // The first transfer coding of a request other than chunked (the only one this server decodes),
 // if any.
 template <class Fields>
@@ -59,29 +63,81 @@ std::optional<std::string> unsupported_transfer_coding(const bh::request_header<
   return std::nullopt;
 }
 
-// Completes when the client hangs up (end of stream or an error on its socket). A client that
-// sends more (a pipelined request) is there: this then waits until it is cancelled (the
-// request finished first), as it does when cancelled while waiting.
-// A receive that peeks rather than a wait for readability: a receive is a speculative
-// operation, queued on the socket's existing registration, where a wait changes the socket's
-// epoll registration, one system call per request.
-net::awaitable<void> hangup(tcp::socket& client) {
-  char byte = 0;
-  auto [ec, n] = co_await client.async_receive(net::buffer(&byte, 1), tcp::socket::message_peek,
-                                               net::as_tuple(net::use_awaitable));
-  if (ec || n == 0) co_return;  // cancelled (the request finished), reset, or end of stream
-  net::steady_timer never(client.get_executor(), net::steady_timer::time_point::max());
-  co_await never.async_wait(net::as_tuple(net::use_awaitable));
+// How a submitted request ended: the submitter's outcome, or its client gone first.
+struct Outcome {
+  std::exception_ptr error;
+  Tensors outputs;
+  bool gone = false;
+};
+
+// Submits `call` and completes `token` with its Outcome on the socket's executor. With `watch`,
+// races the request against its client's hang-up, which cancels it (it then completes gone once
+// its submission completes: at once for a queued request). Callbacks, not coroutines (`||` costs
+// a request two more coroutine frames, a parallel group and its cancellation signals): one
+// allocation for the state the two share.
+// The watch is a receive that peeks rather than a wait for readability: a receive is a
+// speculative operation, queued on the socket's existing registration, where a wait changes the
+// socket's epoll registration, one system call per request. A client that sends more (a
+// pipelined request) is there: the watch then ends without cancelling.
+template <class Token>
+auto async_run(Protocol::Call& call, tcp::socket& client, bool watch, Token&& token) {
+  return net::async_initiate<Token, void(Outcome)>(
+      [&call, &client, watch](auto handler) {
+        using Handler = decltype(handler);
+        struct Race {
+          explicit Race(Handler h, tcp::socket& c) : handler(std::move(h)), client(c) {}
+          Handler handler;
+          tcp::socket& client;  // touched only while `watching`
+          Outcome outcome;
+          Cancellation<Tensors> cancel;
+          bool watching = false, answered = false;
+          char byte = 0;
+
+          void result(std::exception_ptr error, Tensors y) {
+            answered = true;
+            outcome.error = std::move(error);
+            outcome.outputs = std::move(y);
+            if (watching) {  // its completion (operation_aborted) only drops the state
+              watching = false;
+              boost::system::error_code ignored;
+              client.cancel(ignored);
+            }
+            std::move(handler)(std::move(outcome));
+          }
+          void peeked(const boost::system::error_code& ec, std::size_t n) {
+            if (!watching) return;  // answered first
+            watching = false;
+            if (!ec && n > 0) return;  // a pipelined request: not a hang-up
+            outcome.gone = true;
+            cancel.cancel();  // its completion follows (at once when queued)
+          }
+        };
+        auto race = std::make_shared<Race>(std::move(handler), client);
+        auto ex = client.get_executor();
+        race->cancel = call.submit([race, ex](std::exception_ptr error, Tensors y) mutable {
+          net::post(ex,
+                    [race = std::move(race), error = std::move(error), y = std::move(y)]() mutable {
+                      race->result(std::move(error), std::move(y));
+                    });
+        });
+        if (!watch) return;  // (the outcome is posted: it cannot have come yet)
+        race->watching = true;
+        client.async_receive(
+            net::buffer(&race->byte, 1), tcp::socket::message_peek,
+            [race](const boost::system::error_code& ec, std::size_t n) { race->peeked(ec, n); });
+      },
+      token);
 }
 
-// The status line and fields of `res` as HTTP/1.x puts them on the wire. Written by hand: with
-// the body, one gather write takes it out, where Beast's serializer spends more instructions
-// walking its buffer views than the rest of a request's path through the server.
-std::string head_of(const Response& res) {
-  std::string head;
-  head.reserve(160);
+// `res` (its payload prepared) as HTTP/1.x puts it on the wire: its status line and fields,
+// written into `head` (a connection's, reused), then its body, for one gather write. The head is
+// written by hand: Beast's serializer spends more instructions walking its buffer views than the
+// rest of a request's path through the server.
+std::array<net::const_buffer, 2> wire(const Response& res, std::string& head) {
+  head.clear();
   head += res.version() == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
-  head += std::to_string(res.result_int());
+  char status[8];
+  head.append(status, std::to_chars(status, status + sizeof status, res.result_int()).ptr);
   head += ' ';
   head += res.reason();
   head += "\r\n";
@@ -92,15 +148,7 @@ std::string head_of(const Response& res) {
     head += "\r\n";
   }
   head += "\r\n";
-  return head;
-}
-
-// Writes `res` (its payload prepared) to `stream`.
-net::awaitable<std::tuple<boost::system::error_code, std::size_t>> write(beast::tcp_stream& stream,
-                                                                         const Response& res) {
-  const std::string head = head_of(res);
-  const std::array<net::const_buffer, 2> buffers{net::buffer(head), net::buffer(res.body())};
-  co_return co_await net::async_write(stream, buffers, net::as_tuple(net::use_awaitable));
+  return {net::buffer(head), net::buffer(res.body())};
 }
 
 std::vector<ServedModel> check(const ServerOptions& options, std::vector<ServedModel> models) {
@@ -118,7 +166,7 @@ using Clock = std::chrono::steady_clock;
 // A connection as its io thread's idle sweep sees it: since when it waits for its client
 // (Clock::time_point::max() while its request runs, which does not count).
 struct Connection {
-  beast::tcp_stream* stream;
+  tcp::socket* socket;
   Clock::time_point waiting_since;
 };
 
@@ -129,8 +177,8 @@ struct Connections {
   std::list<Connection> list;
 
   // Registers a connection for as long as the returned guard lives.
-  auto enter(beast::tcp_stream& stream) {
-    const auto it = list.insert(list.end(), {&stream, Clock::now()});
+  auto enter(tcp::socket& socket) {
+    const auto it = list.insert(list.end(), {&socket, Clock::now()});
     struct Leave {
       Leave(std::list<Connection>& l, std::list<Connection>::iterator i) : list(l), it(i) {}
       std::list<Connection>& list;
@@ -148,7 +196,8 @@ struct Connections {
     for (Connection& c : list)
       if (c.waiting_since != Clock::time_point::max() && now - c.waiting_since > timeout) {
         c.waiting_since = Clock::time_point::max();  // once
-        c.stream->cancel();
+        boost::system::error_code ignored;
+        c.socket->cancel(ignored);
       }
   }
 };
@@ -245,22 +294,24 @@ struct Server::Impl {
         continue;
       }
       socket.set_option(tcp::no_delay(true), ec);
-      net::co_spawn(home, session(beast::tcp_stream(std::move(socket)), *connections[i]),
-                    net::detached);
+      net::co_spawn(home, session(std::move(socket), *connections[i]), net::detached);
     }
   }
 
-  net::awaitable<void> session(beast::tcp_stream stream, Connections& connections) {
-    const auto registered = connections.enter(stream);
+  // One connection's requests, in turn. A plain socket: Beast's tcp_stream adds its timers and
+  // rate limits to each read and write, where the idle sweep keeps time here.
+  net::awaitable<void> session(tcp::socket client, Connections& connections) {
+    const auto registered = connections.enter(client);
     Connection& self = *registered->it;
     beast::flat_buffer buffer;
+    std::string head;  // each answer's status line and fields (wire())
     for (;;) {
       bh::request_parser<Body> parser;
       parser.body_limit(options.max_body_bytes);
       parser.header_limit(16 * 1024);
       self.waiting_since = Clock::now();  // for a request (the answer's write counts too)
       auto [ec, n] =
-          co_await bh::async_read_header(stream, buffer, parser, net::as_tuple(net::use_awaitable));
+          co_await bh::async_read_header(client, buffer, parser, net::as_tuple(net::use_awaitable));
       if (!ec) {
         if (auto coding = unsupported_transfer_coding(parser.get())) {
           // RFC 9112 6.1: a transfer coding the server does not understand is answered 501,
@@ -272,7 +323,7 @@ struct Server::Impl {
                             parser.get().version());
           res.keep_alive(false);
           res.prepare_payload();
-          co_await write(stream, res);
+          co_await net::async_write(client, wire(res, head), net::as_tuple(net::use_awaitable));
           break;
         }
         // Beast reads as much as the buffer has room for, at least 512 bytes: a body of 600 KB
@@ -283,9 +334,9 @@ struct Server::Impl {
           buffer.reserve(buffer.size() + static_cast<std::size_t>(std::min<std::uint64_t>(
                                              *length, std::uint64_t{64} * 1024)));
         std::tie(ec, n) =
-            co_await bh::async_read(stream, buffer, parser, net::as_tuple(net::use_awaitable));
+            co_await bh::async_read(client, buffer, parser, net::as_tuple(net::use_awaitable));
       }
-      if (ec == bh::error::end_of_stream || ec == net::error::eof || ec == beast::error::timeout ||
+      if (ec == bh::error::end_of_stream || ec == net::error::eof ||
           ec == net::error::connection_reset || ec == net::error::operation_aborted)
         break;
       if (ec) {
@@ -299,25 +350,32 @@ struct Server::Impl {
             11);
         res.keep_alive(false);
         res.prepare_payload();
-        co_await write(stream, res);
+        co_await net::async_write(client, wire(res, head), net::as_tuple(net::use_awaitable));
         break;
       }
       Request req = parser.release();
       self.waiting_since = Clock::time_point::max();  // the model's time does not count
       unanswered.fetch_add(1);  // until its answer is written: stop() waits for it
-      tcp::socket& client = stream.socket();
-      Response res = co_await protocol.handle(
-          req, options.cancel_on_hangup ? HangupWatch([&client] { return hangup(client); })
-                                        : HangupWatch());
+      std::variant<Response, Protocol::Call> step = protocol.begin(req);
+      if (auto* call = std::get_if<Protocol::Call>(&step)) {
+        Outcome outcome =
+            co_await async_run(*call, client, options.cancel_on_hangup, net::use_awaitable);
+        step = outcome.gone ? protocol.gone(std::move(*call))
+                            : protocol.finish(std::move(*call), std::move(outcome.error),
+                                              std::move(outcome.outputs));
+      }
+      Response& res = std::get<Response>(step);
+      res.version(req.version());
       res.keep_alive(req.keep_alive() && !protocol.stopping());  // a stopping server closes
       res.prepare_payload();
       self.waiting_since = Clock::now();  // for the client to read it
-      auto [wec, wn] = co_await write(stream, res);
+      auto [wec, wn] =
+          co_await net::async_write(client, wire(res, head), net::as_tuple(net::use_awaitable));
       unanswered.fetch_sub(1);
       if (wec || !res.keep_alive()) break;
     }
     boost::system::error_code ignored;
-    stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    client.shutdown(tcp::socket::shutdown_send, ignored);
   }
 
   ServerOptions options;
