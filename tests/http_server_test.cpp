@@ -543,6 +543,7 @@ void hang_up_while_queued(bool cancel_on_hangup) {
   EXPECT_EQ(sevens.load(), 0);
   EXPECT_NE(send(port, bh::verb::get, "/metrics", "", "").body.find("code=\"499\"} 1"),
             std::string::npos);
+  EXPECT_NE(server.stats_json().find("\"cancelled\":1"), std::string::npos) << server.stats_json();
 }
 
 TEST(HttpServer, AClientThatHangsUpCancelsItsQueuedRequest) {

@@ -208,6 +208,8 @@ boost::json::object stats_object(const SubmitterStats& s) {
   o["rejected"] = s.rejected;
   o["completed"] = s.completed;
   o["failed"] = s.failed;
+  o["cancelled"] = s.cancelled;  // of failed (a client that hung up while queued, say)
+  o["expired"] = s.expired;      // of failed: not started by their deadline
   o["batches"] = s.batches;
   o["syncs"] = s.syncs;
   o["queued"] = s.queued;
