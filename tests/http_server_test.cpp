@@ -352,6 +352,55 @@ TEST_P(HttpServerModes, UnknownTransferCodingsAnswer501) {
   EXPECT_EQ(upper.substr(0, 12), "HTTP/1.1 200") << upper.substr(0, 200);
 }
 
+// HTTP/1.1 pipelining: requests sent on one connection before the answers to those before them
+// are answered in order, each with its own result. Requests 2 and 3 come in while request 1
+// runs (the model takes 20 ms): the hang-up watch (on by default) must take them for what they
+// are, not for a client gone.
+TEST_P(HttpServerModes, PipelinedRequestsAreAnsweredInOrder) {
+  const Model model{[](const at::Tensor& x) {
+                      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                      return x * 2;
+                    },
+                    kWidth, "double"};
+  Server server(model, {.threads = 2}, {.mode = GetParam()});
+  auto request = [](int i) {
+    std::string body = "[";
+    for (int j = 0; j < kWidth; ++j) {
+      if (j) body += ',';
+      body += std::to_string(i);
+    }
+    body += "]";
+    return "POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           "Content-Length: " +
+           std::to_string(body.size()) + "\r\n" + (i == 3 ? "Connection: close\r\n" : "") + "\r\n" +
+           body;
+  };
+  boost::asio::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect(tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), server.port()));
+  boost::asio::write(socket, boost::asio::buffer(request(1)));
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));  // request 1 runs
+  boost::asio::write(socket, boost::asio::buffer(request(2) + request(3)));
+  std::string reply;
+  boost::system::error_code ec;
+  char chunk[4096];
+  while (!ec) reply.append(chunk, socket.read_some(boost::asio::buffer(chunk), ec));
+  std::size_t at = 0;
+  for (int i = 1; i <= 3; ++i) {
+    ASSERT_EQ(reply.compare(at, 12, "HTTP/1.1 200"), 0) << "answer " << i << ": " << reply;
+    std::string want = "[";
+    for (int j = 0; j < kWidth; ++j) {
+      if (j) want += ',';
+      want += std::to_string(2 * i);
+    }
+    want += "]";
+    const std::size_t body = reply.find("\r\n\r\n", at) + 4;
+    ASSERT_EQ(reply.compare(body, want.size(), want), 0) << "answer " << i << ": " << reply;
+    at = body + want.size();
+  }
+  EXPECT_EQ(at, reply.size()) << reply;
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, HttpServerModes,
                          ::testing::Values(Mode::kPerOp, Mode::kPerCall, Mode::kStacked),
                          [](const auto& info) {
