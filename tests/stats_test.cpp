@@ -4,8 +4,11 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <exception>
+#include <thread>
 #include <vector>
 
 #include "syncbatch/batched_submitter.hpp"
@@ -61,6 +64,47 @@ TEST(Stats, HistogramBucketsBoundTheirValues) {
       EXPECT_LT(detail::LatencyHistogram::upper(i - 1), v) << v;
     }
   }
+}
+
+// A caller that has its result finds its request counted: completed (and failed, cancelled)
+// are bumped before the request completes, for batches, for requests that fail alone (a
+// deadline passed) and for ones cancelled while queued. Each callback checks from inside.
+TEST(Stats, ARequestIsCountedBeforeItsCallerHasItsResult) {
+  IntSubmitter s([](int& x) { return x; }, {.policy = EveryN{8}});
+  std::atomic<std::uint64_t> done{0}, undercounted{0};
+  auto check = [&](std::exception_ptr, int) {
+    const std::uint64_t mine = done.fetch_add(1) + 1;  // at least this many completed
+    if (s.stats().completed < mine) undercounted.fetch_add(1);
+  };
+  for (int i = 0; i < 2000; ++i) s.submit_then(i, check);
+  // Expired before a worker took them: completed alone, with kDeadlineExceeded.
+  for (int i = 0; i < 50; ++i) s.submit_then(i, check, Clock::now() - 1ms);
+  for (int i = 0; i < 5000 && done.load() < 2050; ++i) std::this_thread::sleep_for(1ms);
+  ASSERT_EQ(done.load(), 2050u);
+  EXPECT_EQ(undercounted.load(), 0u);
+  EXPECT_GE(s.stats().expired, 1u);
+
+  // Cancelled while queued, behind a request the model holds: counted as cancelled first.
+  std::atomic<bool> release{false};
+  std::atomic<int> running{0};
+  IntSubmitter held(
+      [&](int& x) {
+        running = 1;
+        while (!release.load()) std::this_thread::sleep_for(1ms);
+        return x;
+      },
+      {.policy = EveryN{1}});
+  std::atomic<int> first{0};
+  held.submit_then(1, [&](std::exception_ptr, int) { first = 1; });
+  while (running.load() == 0) std::this_thread::sleep_for(1ms);
+  std::uint64_t cancelled_seen = 0;
+  const Cancellation<int> c = held.submit_then(
+      2, [&](std::exception_ptr, int) { cancelled_seen = held.stats().cancelled; });
+  c.cancel();  // queued: completed here, on this thread
+  EXPECT_EQ(cancelled_seen, 1u);
+  release = true;
+  held.shutdown();
+  EXPECT_EQ(first.load(), 1);
 }
 
 }  // namespace

@@ -692,8 +692,8 @@ class BatchedSubmitter {
 
   // Completes a taken request that was cancelled before its model call, unrun.
   void cancel_alone(RequestT& request, const char* when) {
-    fail_alone(request, detail::cancelled_error(when), /*expired=*/false);
     stats_.on_cancelled(1);
+    fail_alone(request, detail::cancelled_error(when), /*expired=*/false);
   }
 
   // Per-call mode: runs the model on one request. A request the model threw on completes now,
@@ -713,14 +713,15 @@ class BatchedSubmitter {
 
   // Completes a request that never joined a batch. Its input stays with the request (the model
   // may have issued device work that reads it before throwing).
+  // Counted before completed, as a batch's requests are.
   void fail_alone(RequestT& request, std::exception_ptr error, bool expired) {
     request.set_error(std::move(error));
     const auto now = options_.clock();
+    stats_.record_latency(now - request.arrived(), now);
+    stats_.on_unbatched_failure(expired);
     request.complete();
     detail::Completion<Out>::wake_all(wakeups_);
-    stats_.record_latency(now - request.arrived(), now);
     intrusive_ptr_release(&request);
-    stats_.on_unbatched_failure(expired);
   }
 
   template <class Ctx, class F>
@@ -763,6 +764,15 @@ class BatchedSubmitter {
       stats_.record_latency(after - r->arrived(), after);
       failures += r->prepare() ? 1 : 0;  // a result that cannot be made fails its request too
     }
+    // max_latency counts from the oldest request's arrival: the queueing it includes is what
+    // tells Adaptive that the worker is falling behind.
+    // In the policy's units: the requests' costs when the model counts them.
+    const std::size_t ops = cost_ ? work.pending.ops : size;
+    policy.observe(BatchObservation{ops, after - before, after - work.pending.oldest,
+                                    after - oldest_arrival, work.held, work.joined_while_held});
+    // Counted before delivered: a caller that has its result finds it in stats().
+    stats_.on_cancelled(cancelled);
+    stats_.on_batch(size, failures, policy.batch_limit(), work.held);
     // Then delivered together: callbacks that post to io threads reach them in one burst.
     for (RequestPtr r : batch) {
       r->complete();
@@ -773,15 +783,7 @@ class BatchedSubmitter {
     } else {
       detail::Completion<Out>::wake_all(wakeups_);
     }
-    stats_.on_cancelled(cancelled);
     stats_.on_complete_time(options_.clock() - after);
-    // max_latency counts from the oldest request's arrival: the queueing it includes is what
-    // tells Adaptive that the worker is falling behind.
-    // In the policy's units: the requests' costs when the model counts them.
-    const std::size_t ops = cost_ ? work.pending.ops : size;
-    policy.observe(BatchObservation{ops, after - before, after - work.pending.oldest,
-                                    after - oldest_arrival, work.held, work.joined_while_held});
-    stats_.on_batch(size, failures, policy.batch_limit(), work.held);
     if (options_.shed_late) {
       // The mean batch time shedding predicts with: the batch time the policy was just given
       // (first take to the end of the sync), as a moving average written by any worker.

@@ -34,7 +34,9 @@ struct SubmitterStats {
   std::uint64_t submitted = 0;  ///< Requests accepted by submit().
   std::uint64_t rejected = 0;   ///< Requests refused by submit() (queue full, shut down, shed).
   std::uint64_t shed = 0;       ///< Of `rejected`, those refused with kOverloaded (shed_late).
-  std::uint64_t completed = 0;  ///< Requests completed, with a value or an error.
+  /// Requests completed, with a value or an error. A request is counted (here and in failed,
+  /// expired, cancelled; or in rejected) before its caller gets its result.
+  std::uint64_t completed = 0;
   std::uint64_t failed = 0;     ///< Of those, completed with an error.
   std::uint64_t expired = 0;    ///< Of `failed`, those not started by their deadline.
   std::uint64_t cancelled = 0;  ///< Of `failed`, those completed with Error(kCancelled).

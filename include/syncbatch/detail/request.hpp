@@ -180,11 +180,11 @@ class Request : public Completion<Out> {
     drop_input();
     this->set_error(cancelled_error("while it was queued"));
     const auto now = stats_->now();
-    this->complete();
-    Completion<Out>::wake_all(*this->wakeups());
-    stats_->record_latency(now - arrived_, now);
+    stats_->record_latency(now - arrived_, now);  // counted before completed (StatsCounters)
     stats_->on_unbatched_failure(/*expired=*/false);
     stats_->on_cancelled(1);
+    this->complete();
+    Completion<Out>::wake_all(*this->wakeups());
   }
 
  private:
