@@ -12,7 +12,7 @@ export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
 # The counts go to BUILD_DIR/failover_<which>.log too, for scripts/test to print.
 exec > >(tee "$build/failover_$which.log") 2>&1
 dir=$(mktemp -d)
-base=$((20000 + RANDOM % 20000))
+base=$("$root/scripts/replicas" ports)  # free now, and no client connection takes them
 lb=$((base + 10))
 trap '"$root/scripts/replicas" stop "$dir" || true; rm -rf "$dir"' EXIT
 "$root/scripts/replicas" start "$dir" "$build" "$lb" "$base" cpu,cpu -- \
