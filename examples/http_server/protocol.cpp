@@ -474,10 +474,15 @@ struct Protocol::Impl {
 
   // The answer to a call whose model ran (or failed, or refused it), counted.
   static Response finish(Call::State& s, std::exception_ptr error, Tensors y) {
-    Response res = s.v1 ? v1_answer(s, std::move(error), std::move(y))
-                        : v2_answer(s, std::move(error), std::move(y));
+    Response res = answer(s, std::move(error), std::move(y));
     s.done(res);
     return res;
+  }
+
+  // The answer to `s` in its protocol: its outputs `y`, or its `error`.
+  static Response answer(const Call::State& s, std::exception_ptr error, Tensors y) {
+    return s.v1 ? v1_answer(s, std::move(error), std::move(y))
+                : v2_answer(s, std::move(error), std::move(y));
   }
 
   std::variant<Response, Call> route(const Request& req, std::string_view target) {
@@ -543,8 +548,7 @@ struct Protocol::Impl {
     } catch (...) {
       error = std::current_exception();
     }
-    return s->v1 ? v1_answer(*s, std::move(error), std::move(y))
-                 : v2_answer(*s, std::move(error), std::move(y));
+    return answer(*s, std::move(error), std::move(y));
   }
 
   static Response v1_answer(const Call::State& s, std::exception_ptr error, Tensors y) {

@@ -90,11 +90,10 @@ auto async_run(Protocol::Call& call, tcp::socket& client, bool watch, Token&& to
           tcp::socket& client;  // touched only while `watching`
           Outcome outcome;
           Cancellation<Tensors> cancel;
-          bool watching = false, answered = false;
+          bool watching = false;
           char byte = 0;
 
           void result(std::exception_ptr error, Tensors y) {
-            answered = true;
             outcome.error = std::move(error);
             outcome.outputs = std::move(y);
             if (watching) {  // its completion (operation_aborted) only drops the state
