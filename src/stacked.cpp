@@ -136,8 +136,51 @@ int64_t padded_length(int64_t longest, const StackingOptions& options) {
   return b == 0 ? longest : b;
 }
 
-// StackingOptions::max_padding: the group split, longest first, into groups whose padded share
-// of the length stays at or under the bound.
+// A group being formed, as split_by_length weighs it: its rows, the elements its requests
+// bring, and each input's largest size of each varying dim (padded as the forward would be).
+struct PaddedGroup {
+  int64_t rows = 0;
+  double real = 0;                                    // elements of the requests' own inputs
+  std::vector<c10::SmallVector<int64_t, 2>> longest;  // per input, per varying dim
+
+  // The padded elements of every input if `r` (a request) joined.
+  double padded_with(const Row& r, const Varying& varying, const StackingOptions& options) const {
+    double total = 0;
+    for (std::size_t j = 0; j < r.size(); ++j) {
+      double cell = 1;  // one row of input j, padded
+      for (int64_t d = 1; d < r[j].dim(); ++d) {
+        int64_t size = r[j].size(d);
+        const auto& dims = varying.dims[j];
+        if (const auto k = std::find(dims.begin(), dims.end(), d); k != dims.end()) {
+          const std::size_t at = static_cast<std::size_t>(k - dims.begin());
+          if (j < longest.size() && at < longest[j].size()) size = std::max(size, longest[j][at]);
+          size = padded_length(size, options);
+        }
+        cell *= static_cast<double>(size);
+      }
+      total += cell;
+    }
+    return total * static_cast<double>(rows + r.front().size(0));
+  }
+
+  void add(const Row& r, const Varying& varying) {
+    if (longest.empty()) longest.resize(r.size());
+    for (std::size_t j = 0; j < r.size(); ++j) {
+      const auto& dims = varying.dims[j];
+      longest[j].resize(dims.size(), 0);
+      for (std::size_t k = 0; k < dims.size(); ++k)
+        longest[j][k] = std::max(longest[j][k], r[j].size(dims[k]));
+      real += static_cast<double>(r[j].numel());
+    }
+    rows += r.front().size(0);
+  }
+};
+
+// StackingOptions::max_padding: the group split, longest first (by the first varying dim), into
+// groups whose padded share of their elements, over every varying dim of every input, stays at
+// or under the bound; a request joins the group being formed only if the group's share with it
+// does, so no forward pads more than the bound allows (but one request alone, padded to its
+// length bucket).
 std::vector<std::vector<std::size_t>> split_by_length(std::vector<std::size_t> group,
                                                       const std::vector<Row>& inputs,
                                                       const Varying& varying,
@@ -146,23 +189,25 @@ std::vector<std::vector<std::size_t>> split_by_length(std::vector<std::size_t> g
     return length_of(inputs[a], varying) > length_of(inputs[b], varying);
   });
   std::vector<std::vector<std::size_t>> out;
-  int64_t padded = 0, real = 0, rows = 0;  // of the group being formed
+  PaddedGroup forming;
   for (std::size_t i : group) {
-    const int64_t len = length_of(inputs[i], varying), r = inputs[i].front().size(0);
+    const Row& r = inputs[i];
     if (!out.empty()) {
-      const double share =
-          1.0 - static_cast<double>(real + r * len) / static_cast<double>((rows + r) * padded);
+      const double real = forming.real + [&] {
+        double n = 0;
+        for (const at::Tensor& t : r) n += static_cast<double>(t.numel());
+        return n;
+      }();
+      const double share = 1.0 - real / forming.padded_with(r, varying, options);
       if (share <= options.max_padding + 1e-12) {
         out.back().push_back(i);
-        real += r * len;
-        rows += r;
+        forming.add(r, varying);
         continue;
       }
     }
     out.push_back({i});  // longest first: it sets the group's padded length
-    padded = padded_length(len, options);
-    real = r * len;
-    rows = r;
+    forming = PaddedGroup{};
+    forming.add(r, varying);
   }
   return out;
 }
@@ -574,21 +619,21 @@ Varying check_options(const StackingOptions& options, bool single) {
       if (d < 0 && d != kVaries)
         throw invalid("expect: expected sizes >= 0 or kVaries (-1), got " + describe_spec(spec));
   const Varying varying = varying_of(options.expect);
-  if (!varying.any()) {
+  if (!(options.max_padding >= 0.0 && options.max_padding <= 1.0))
+    throw invalid("max_padding: expected a share from 0 to 1, got " +
+                  std::to_string(options.max_padding));
+  if (!varying.any()) {  // (max_padding, which has a default, then bounds nothing)
     if (!options.length_buckets.empty() || options.length_input != LengthInput::kNone ||
-        !options.cut_outputs.empty() || options.max_padding < 1.0)
+        !options.cut_outputs.empty())
       throw invalid(
-          "expect: length_buckets, length_input, cut_outputs and max_padding need a varying "
-          "dim (kVaries) in expect, got none");
+          "expect: length_buckets, length_input and cut_outputs need a varying dim (kVaries) in "
+          "expect, got none");
     return varying;
   }
   if (single && options.length_input != LengthInput::kNone)
     throw invalid(
         "length_input: a single-tensor model takes no second input; use "
         "make_stacked_model_multi");
-  if (!(options.max_padding >= 0.0 && options.max_padding <= 1.0))
-    throw invalid("max_padding: expected a share from 0 to 1, got " +
-                  std::to_string(options.max_padding));
   for (const OutputCut& c : options.cut_outputs) {
     if (c.dim < 1 || (single && c.output != 0) || !varying.varies(c.input, c.input_dim))
       throw invalid("cut_outputs: expected an output dim >= 1" +

@@ -218,8 +218,13 @@ TEST(VariableLengthPlan, BadOptionsAreClearErrors) {
     }
     return "accepted";
   };
-  EXPECT_NE(message({.expect = {{at::kFloat, {4}}}, .max_padding = 0.5})
+  EXPECT_NE(message({.expect = {{at::kFloat, {4}}}, .length_input = LengthInput::kLengths})
                 .find("need a varying dim (kVaries) in expect, got none"),
+            std::string::npos);
+  // max_padding has a default, which bounds nothing where no dim varies.
+  EXPECT_EQ(message({.expect = {{at::kFloat, {4}}}, .max_padding = 0.5}), "accepted");
+  EXPECT_NE(message({.expect = {{at::kFloat, {4}}}, .max_padding = 1.5})
+                .find("max_padding: expected a share from 0 to 1"),
             std::string::npos);
   EXPECT_NE(message({.expect = {{at::kFloat, {kVaries}}}, .length_input = LengthInput::kMask})
                 .find("a single-tensor model takes no second input"),

@@ -126,10 +126,14 @@ struct StackingOptions {
   LengthInput length_input = LengthInput::kNone;
   /// The dtype of LengthInput::kMask.
   at::ScalarType mask_dtype = at::kLong;
-  /// The largest share of padded positions in a forward, from 0 to 1: requests are grouped by
-  /// length (longest first) so that padding (of the first varying dim) stays at or under it,
-  /// at the price of more forwards. 1 (the default): one group, padded to its longest.
-  double max_padding = 1.0;
+  /// The largest share of padding in a forward's inputs, from 0 to 1: requests are grouped by
+  /// length (longest first) so that the padded elements of every varying dim of every input
+  /// stay at or under it, at the price of more forwards. The default, 0.75, lets no batch
+  /// compute or hold more than 4x what its requests brought (one request of [1, 65536] among
+  /// [255, 1]: two forwards, not one of [256, 65536]); typical spreads of lengths (16 to 128
+  /// with length buckets) stay one forward. 1: one group, padded to its longest, whatever that
+  /// costs.
+  double max_padding = 0.75;
 };
 
 /// A single-tensor model for stacked mode, as the two ways it can run one group of requests:
