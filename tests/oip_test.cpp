@@ -70,7 +70,7 @@ TEST(OipCodec, EveryDatatypeReadsFromJsonAndAnswersInKind) {
       {"FP16", at::kHalf, "[0.5,-2,65504]", of({0.5, -2, 65504}, at::kHalf)},
       {"BF16", at::kBFloat16, "[0.5,-2,1e30]", of({0.5, -2, 1e30}, at::kBFloat16)},
       {"FP32", at::kFloat, "[0.25,-1.5,3e38]", of({0.25, -1.5, 3e38}, at::kFloat)},
-      {"FP64", at::kDouble, "[[0.1],[1e300],[-3]]", of({0.1, 1e300, -3}, at::kDouble)},
+      {"FP64", at::kDouble, "[[0.1,1e300,-3]]", of({0.1, 1e300, -3}, at::kDouble)},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.datatype);

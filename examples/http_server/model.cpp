@@ -252,6 +252,12 @@ std::vector<ServedModel> load_config(std::string_view json_text) {
     o.max_rows = whole(m, "max_rows", where, 256, 1);
     o.batch_buckets = sizes(m, "batch_buckets", where, 1);
     o.length_buckets = sizes(m, "length_buckets", where, 1);
+    if (const json::value* padding = find(m, "max_padding")) {
+      if (!padding->is_number() || padding->to_number<double>() < 0 ||
+          padding->to_number<double>() > 1)
+        config_error(where + ".max_padding", "a share from 0 to 1", padding);
+      o.max_padding = padding->to_number<double>();
+    }
     out.push_back(load_served(spec, 0, std::move(o), tensors(m, "inputs", where),
                               tensors(m, "outputs", where)));
   }

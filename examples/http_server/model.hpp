@@ -15,6 +15,7 @@
 
 #include "spec.hpp"
 #include "syncbatch/sync_policy.hpp"
+#include "syncbatch/torch/stacked.hpp"
 
 namespace syncbatch::http {
 
@@ -71,6 +72,11 @@ struct ModelOptions {
   /// Stacked mode: lengths the varying dims are padded to (StackingOptions::length_buckets;
   /// empty: the longest of the batch).
   std::vector<int64_t> length_buckets{};
+  /// Stacked mode, varying dims: the largest share of padding in a forward's inputs
+  /// (StackingOptions::max_padding): requests of very different lengths run as separate
+  /// forwards, so that no request makes a batch compute or hold more than 1 / (1 - max_padding)
+  /// times what its requests brought (4x by default).
+  double max_padding = StackingOptions{}.max_padding;
   /// Stacked mode: replay the model as CUDA graphs (GraphedMultiModel), one per batch bucket
   /// (`batch_buckets`, or 1, 2, 4, ... 256) and length bucket, every one captured on each
   /// worker before the server answers; a batch of more rows than the largest bucket runs
@@ -102,7 +108,8 @@ ServedModel load_served(const std::string& spec, int64_t input_width, ModelOptio
 /// The models of a JSON configuration file's text (the README has an example):
 /// {"models": [{"name", "model", "mode", "policy", "device" (or "devices": a list, one replica
 /// each), "workers", "queue", "timeout_ms",
-/// "shed", "priority_levels", "max_rows", "batch_buckets", "length_buckets", "graphs",
+/// "shed", "priority_levels", "max_rows", "batch_buckets", "length_buckets", "max_padding",
+/// "graphs",
 /// "inputs": [{"name", "datatype", "shape", "pad"}], "outputs": [{"name", "datatype"}]}]};
 /// only "name" and "model" (as load_model takes it) are required, the rest default as
 /// ModelOptions does ("device": "auto"). Shapes are written as the protocol does, -1 first for

@@ -18,7 +18,22 @@
 
 #include <boost/json.hpp>
 
+#include "finite.hpp"
 #include "text.hpp"
+
+namespace syncbatch::http {
+// inf and nan in the 16-bit float layouts (finite.hpp).
+template <>
+struct FloatBits<at::Half> {
+  using Bits = std::uint16_t;
+  static constexpr Bits kExponent = 0x7c00;
+};
+template <>
+struct FloatBits<at::BFloat16> {
+  using Bits = std::uint16_t;
+  static constexpr Bits kExponent = 0x7f80;
+};
+}  // namespace syncbatch::http
 
 namespace syncbatch::http::oip {
 namespace json = boost::json;
@@ -78,7 +93,7 @@ constexpr bool kIsFloat =
     std::is_floating_point_v<T> || std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
 ProtocolError bad(std::string message) {
-  return {400, std::move(message)};
+  return bad_request(std::move(message));
 }
 
 std::string shape_text(c10::IntArrayRef shape) {
@@ -154,53 +169,46 @@ void put(const json::value& v, T* out, std::size_t i, const std::string& what) {
   }
 }
 
-// Writes the values of `data`, flat or nested (row-major), to out[0, n); returns how many there
-// were, counting at most n + 1.
+// Writes the values of the nested arrays `a` (at `depth` of `shape`) to out[i, ...), advancing
+// i: each array must have its dim's size, and hold arrays down to the last dim, values there.
 template <class T>
-std::size_t fill(const json::value& data, T* out, std::size_t n, std::size_t i,
-                 const std::string& what) {
-  if (!data.is_array()) {
-    if (i < n) put(data, out, i, what);
-    return i + 1;
+void fill_nested(const json::array& a, T* out, c10::IntArrayRef shape, std::size_t depth,
+                 std::size_t& i, const std::string& what) {
+  if (static_cast<int64_t>(a.size()) != shape[depth])
+    throw bad(what + ": data nested as shape " + shape_text(shape) + " needs " +
+              std::to_string(shape[depth]) + " elements at depth " + std::to_string(depth) +
+              ", got " + std::to_string(a.size()));
+  for (const json::value& e : a) {
+    if (depth + 1 == shape.size()) {
+      put(e, out, i++, what);
+    } else if (!e.is_array()) {
+      throw bad(what + ": data nested as shape " + shape_text(shape) + " needs an array at depth " +
+                std::to_string(depth + 1) + ", got " + excerpt(e));
+    } else {
+      fill_nested(e.as_array(), out, shape, depth + 1, i, what);
+    }
   }
-  for (const json::value& e : data.as_array()) {
-    i = fill(e, out, n, i, what);
-    if (i > n) break;
-  }
-  return i;
 }
 
-// Whether any of n floats (float, double, half, bfloat16: IEEE layouts) is inf or nan, its
-// exponent bits all ones: one branch-free pass the compiler vectorizes, where a test per element
-// that may throw is not.
+// Writes the values of `data` to out[0, numel): flat (an array of numel values), or nested as
+// `shape` says (shape[0] arrays of shape[1] ... values); the shape says how data nests, so
+// ragged or over-nested data is refused even where its values add up.
 template <class T>
-bool any_non_finite(const T* p, std::size_t n) {
-  using Bits = std::conditional_t<sizeof(T) == 8, std::uint64_t,
-                                  std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint16_t>>;
-  constexpr Bits exponent = [] {
-    if constexpr (std::is_same_v<T, double>) return Bits{0x7ff0000000000000};
-    if constexpr (std::is_same_v<T, float>) return Bits{0x7f800000};
-    if constexpr (std::is_same_v<T, at::Half>) return Bits{0x7c00};
-    if constexpr (std::is_same_v<T, at::BFloat16>) return Bits{0x7f80};
-  }();
-  static_assert(sizeof(T) == sizeof(Bits));
-  unsigned any = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    Bits b = 0;
-    std::memcpy(&b, p + i, sizeof b);
-    any |= static_cast<unsigned>((b & exponent) == exponent);
+void fill(const json::value& data, T* out, c10::IntArrayRef shape, std::size_t numel,
+          const std::string& what) {
+  if (!data.is_array())
+    throw bad(what + ": expected \"data\" as an array, flat or nested as shape " +
+              shape_text(shape) + ", got " + excerpt(data));
+  const json::array& a = data.as_array();
+  if (!a.empty() && a.front().is_array()) {
+    std::size_t i = 0;
+    fill_nested(a, out, shape, 0, i, what);
+    return;
   }
-  return any != 0;
-}
-
-// The index of the first inf or nan of n floats, or n when all are finite: the branch-free pass
-// above, then a scan for the message only where it found one.
-template <class T>
-std::size_t first_non_finite_of(const T* p, std::size_t n) {
-  if (!any_non_finite(p, n)) return n;
-  for (std::size_t i = 0; i < n; ++i)
-    if (!std::isfinite(static_cast<double>(p[i]))) return i;
-  return n;
+  if (a.size() != numel)
+    throw bad(what + ": shape " + shape_text(shape) + " needs " + std::to_string(numel) +
+              " values, got " + std::to_string(a.size()));
+  for (std::size_t i = 0; i < numel; ++i) put(a[i], out, i, what);
 }
 
 // Checks the values of binary data that their datatype refuses: non-finite floats, bools other
@@ -208,7 +216,7 @@ std::size_t first_non_finite_of(const T* p, std::size_t n) {
 template <class T>
 void check_binary(const T* p, std::size_t n, const std::string& what) {
   if constexpr (kIsFloat<T>) {
-    const std::size_t i = first_non_finite_of(p, n);
+    const std::size_t i = first_non_finite(p, n);
     if (i < n)
       throw bad(what + ": binary element " + std::to_string(i) +
                 ": expected a finite number, got " + number_text(static_cast<double>(p[i])));
@@ -222,14 +230,6 @@ void check_binary(const T* p, std::size_t n, const std::string& what) {
     }
   }
 }
-
-}  // namespace
-
-std::size_t first_non_finite(const float* p, std::size_t n) {
-  return first_non_finite_of(p, n);
-}
-
-namespace {
 
 // The request's shape of input `spec`, checked against the model's.
 std::vector<int64_t> read_shape(const json::value* shape, const TensorSpec& spec,
@@ -380,15 +380,15 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
       throw ProtocolError{413, what + ": expected at most " + std::to_string(max_rows) +
                                    " rows, got " + std::to_string(r.rows)};
     // Every value takes at least one byte of the body: a shape that claims more than that is
-    // refused before anything is allocated for it.
+    // refused before anything is allocated for it (checked by division: a product of dims
+    // could wrap around).
     std::size_t numel = 1;
-    for (int64_t d : shape) {
-      if (numel > body.size()) break;
+    for (const int64_t d : shape) {
+      if (static_cast<std::size_t>(d) > body.size() / numel)
+        throw bad(what + ": shape " + shape_text(shape) + " needs more values than the body's " +
+                  std::to_string(body.size()) + " bytes can hold");
       numel *= static_cast<std::size_t>(d);
     }
-    if (numel > body.size())
-      throw bad(what + ": shape " + shape_text(shape) + " needs more values than the body's " +
-                std::to_string(body.size()) + " bytes can hold");
     const bool pinned =
         pin_from_bytes != 0 && numel * c10::elementSize(spec.dtype) >= pin_from_bytes;
     at::Tensor x = at::empty(shape, at::TensorOptions().dtype(spec.dtype).pinned_memory(pinned));
@@ -415,12 +415,8 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
       visit(spec.dtype, [&](auto t0) { check_binary(x.data_ptr<decltype(t0)>(), numel, what); });
     } else {
       if (data == nullptr) throw bad(what + ": expected \"data\" or binary data, got neither");
-      const std::size_t n = visit(spec.dtype, [&](auto t0) {
-        return fill(*data, x.data_ptr<decltype(t0)>(), numel, 0, what);
-      });
-      if (n != numel)
-        throw bad(what + ": shape " + shape_text(shape) + " needs " + std::to_string(numel) +
-                  " values, got " + (n > numel ? "more" : std::to_string(n)));
+      visit(spec.dtype,
+            [&](auto t0) { fill(*data, x.data_ptr<decltype(t0)>(), shape, numel, what); });
     }
     r.inputs[k] = std::move(x);
   }
@@ -454,9 +450,13 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
   }
   if (params != nullptr) {
     if (const json::value* timeout = field(*params, "timeout")) {
-      if (!timeout->is_int64() || timeout->as_int64() < 1)
+      if (timeout->is_uint64()) {  // past int64: no practical limit
+        r.timeout = std::chrono::microseconds::max();
+      } else if (!timeout->is_int64() || timeout->as_int64() < 1) {
         throw bad("parameters.timeout: expected microseconds >= 1, got " + excerpt(*timeout));
-      r.timeout = std::chrono::microseconds(timeout->as_int64());
+      } else {
+        r.timeout = std::chrono::microseconds(timeout->as_int64());
+      }
     }
     if (const json::value* priority = field(*params, "priority")) {
       if (!priority->is_int64() || priority->as_int64() < 0)

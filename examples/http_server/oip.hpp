@@ -13,16 +13,10 @@
 #include <string_view>
 #include <vector>
 
+#include "protocol_error.hpp"
 #include "spec.hpp"
 
 namespace syncbatch::http::oip {
-
-/// A request or answer the protocol refuses: the HTTP status and the message of its
-/// {"error": "..."} body.
-struct ProtocolError {
-  int status;
-  std::string message;
-};
 
 /// The protocol's name of a dtype ("FP32", "INT64", "BOOL", ...).
 /// Errors: std::invalid_argument for a dtype the protocol has no name for.
@@ -56,7 +50,8 @@ struct InferRequest {
   /// in the model's order, when the request names none), and whether each goes as binary data.
   std::vector<std::size_t> outputs;
   std::vector<bool> binary;
-  /// parameters.timeout (microseconds, as Triton): the request must start within it.
+  /// parameters.timeout (microseconds, as Triton): the request must start within it. A value
+  /// past int64 reads as microseconds::max() (no practical limit).
   std::optional<std::chrono::microseconds> timeout;
   /// parameters.priority: the submitter's priority level (0 the highest).
   std::optional<std::size_t> priority;
@@ -67,8 +62,9 @@ struct InferRequest {
 /// `header_length` bytes, and the inputs with parameters.binary_data_size take their bytes from
 /// the rest, in order (little-endian, row-major).
 /// Errors: ProtocolError 400 naming what was expected and what came (malformed JSON, a missing,
-/// unknown or repeated input, a datatype or shape other than the model's, inputs of different
-/// rows, data that does not match the shape, a number that its datatype cannot hold (non-finite
+/// unknown or repeated input, a datatype or shape other than the model's, a shape whose size
+/// the body cannot hold (checked without overflow), inputs of different rows, data that is
+/// neither flat nor nested as the shape says, a number that its datatype cannot hold (non-finite
 /// floats included), binary sizes that do not add up to the bytes sent, an unknown output, a
 /// bad parameter), 413 for more than `max_rows` rows.
 /// `pin_from_bytes` (0: none): inputs of that many bytes or more are allocated in pinned memory
@@ -77,11 +73,6 @@ struct InferRequest {
 /// kDirectStagingBytes).
 InferRequest parse_infer(std::string_view body, std::optional<std::size_t> header_length,
                          const ModelInfo& model, int64_t max_rows, std::size_t pin_from_bytes = 0);
-
-/// The index of the first inf or nan of the `n` floats at `p`, or `n` when all are finite: one
-/// branch-free pass over their exponent bits (which the compiler vectorizes), then a scan only
-/// where it found one. Binary OIP inputs and /v1's raw rows are checked with it.
-std::size_t first_non_finite(const float* p, std::size_t n);
 
 /// An encoded infer answer: the body, and the length of its JSON header when binary output data
 /// follows it (the Inference-Header-Content-Length to send).

@@ -23,13 +23,16 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/json.hpp>
 
+#include "http1.hpp"
 #include "metrics.hpp"
 #include "oip.hpp"
+#include "protocol_error.hpp"
 #include "syncbatch/asio.hpp"
 #include "syncbatch/multi_device.hpp"
 #include "syncbatch/torch.hpp"
 #include "syncbatch/version.hpp"
 #include "text.hpp"
+#include "v1.hpp"
 
 namespace syncbatch::http {
 namespace net = boost::asio;
@@ -42,157 +45,41 @@ std::string version_string() {
          "." + std::to_string(SYNCBATCH_VERSION_PATCH);
 }
 
-// A client error: its HTTP status and the message the body carries.
-struct HttpError {
-  bh::status status;
-  std::string message;
-};
-
-enum class Encoding { kJson, kRaw };
-
-// The request body, decoded: rows of input_width floats, and how to answer.
-struct Decoded {
-  std::vector<float> values;
-  int64_t rows = 0;
-  Encoding encoding = Encoding::kJson;
-  bool nested = false;  // JSON: [[...], ...] rather than [...]
-};
-
-std::string plural(int64_t n, const char* what) {
-  return std::to_string(n) + " " + what + (n == 1 ? "" : "s");
+// GET, or HEAD: answered as GET is, the transport leaving out the body (RFC 9110 9.3.2).
+bool is_get(const Request& req) {
+  return req.method() == bh::verb::get || req.method() == bh::verb::head;
 }
 
-std::string element(int64_t row, std::size_t j) {
-  return "row " + std::to_string(row) + ", element " + std::to_string(j);
+// `now` + `timeout` as a deadline, or none (time_point::max()) where that is past half of
+// what the clock can still count (about 146 years): a timeout that large sets no practical
+// limit, and the request runs, where the sum would overflow into the past. Half, so that the
+// library's own arithmetic on the deadline keeps its room.
+Clock::time_point deadline_after(Clock::time_point now, std::chrono::microseconds timeout) {
+  const auto room =
+      std::chrono::duration_cast<std::chrono::microseconds>(Clock::time_point::max() - now);
+  if (timeout >= room / 2) return Clock::time_point::max();
+  return now + timeout;
 }
 
-void append_row(const boost::json::array& row, int64_t width, int64_t index,
-                std::vector<float>& out) {
-  if (static_cast<int64_t>(row.size()) != width)
-    throw HttpError{bh::status::bad_request,
-                    "row " + std::to_string(index) + ": expected " + plural(width, "number") +
-                        ", got " + plural(static_cast<int64_t>(row.size()), "element")};
-  for (std::size_t j = 0; j < row.size(); ++j) {
-    if (!row[j].is_number())
-      throw HttpError{bh::status::bad_request,
-                      element(index, j) + ": expected a number, got " + excerpt(row[j])};
-    // A number JSON can write but float32 cannot hold is refused rather than run as inf.
-    const double d = row[j].to_number<double>();
-    if (!fits_float32(d))
-      throw HttpError{
-          bh::status::bad_request,
-          element(index, j) + ": expected a finite number in float32 range (magnitude at most " +
-              number_text(std::numeric_limits<float>::max()) + "), got " + number_text(d)};
-    out.push_back(static_cast<float>(d));
+// The Inference-Header-Content-Length of a request (binary tensor data): none without the
+// field. Errors: ProtocolError 400 for a value that is not a length, or for two fields that
+// differ (which would frame the JSON header two ways).
+std::optional<std::size_t> inference_header_length(const Request& req) {
+  std::optional<std::size_t> out;
+  const auto range = req.equal_range("Inference-Header-Content-Length");
+  for (auto it = range.first; it != range.second; ++it) {
+    const auto hl = it->value();
+    std::size_t n = 0;
+    const auto [ptr, ec] = std::from_chars(hl.data(), hl.data() + hl.size(), n);
+    if (ec != std::errc{} || ptr != hl.data() + hl.size() || hl.empty())
+      throw bad_request("Inference-Header-Content-Length: expected a length in bytes, got '" +
+                        excerpt(std::string_view(hl.data(), hl.size())) + "'");
+    if (out && *out != n)
+      throw bad_request("Inference-Header-Content-Length: expected one length, got " +
+                        std::to_string(*out) + " and " + std::to_string(n));
+    out = n;
   }
-}
-
-// The request's row limit, whatever its encoding.
-void check_rows(int64_t rows, int64_t max_rows) {
-  if (rows > max_rows)
-    throw HttpError{bh::status::payload_too_large, "expected at most " + plural(max_rows, "row") +
-                                                       ", got " + std::to_string(rows)};
-}
-
-Decoded decode_json(std::string_view body, int64_t width, int64_t max_rows) {
-  boost::system::error_code ec;
-  boost::json::value v = boost::json::parse(body, ec);
-  if (ec)
-    throw HttpError{bh::status::bad_request, "malformed JSON body: " + ec.message() +
-                                                 " (expected [x, ...] or [[x, ...], ...])"};
-  if (!v.is_array() || v.as_array().empty())
-    throw HttpError{bh::status::bad_request,
-                    "expected a non-empty JSON array of numbers, or of rows, got " +
-                        (v.is_array() ? std::string("an empty array") : excerpt(v))};
-  const boost::json::array& a = v.as_array();
-  Decoded d;
-  d.encoding = Encoding::kJson;
-  d.nested = a.front().is_array();
-  if (!d.nested) {
-    d.rows = 1;
-    append_row(a, width, 0, d.values);
-    return d;
-  }
-  d.rows = static_cast<int64_t>(a.size());
-  check_rows(d.rows, max_rows);
-  d.values.reserve(static_cast<std::size_t>(d.rows * width));
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (!a[i].is_array())
-      throw HttpError{
-          bh::status::bad_request,
-          "row " + std::to_string(i) + ": expected an array of numbers, got " + excerpt(a[i])};
-    append_row(a[i].as_array(), width, static_cast<int64_t>(i), d.values);
-  }
-  return d;
-}
-
-Decoded decode_raw(std::string_view body, int64_t width, int64_t max_rows) {
-  const std::size_t row_bytes = static_cast<std::size_t>(width) * sizeof(float);
-  if (body.empty() || body.size() % row_bytes != 0)
-    throw HttpError{bh::status::bad_request,
-                    "expected a non-empty multiple of " + std::to_string(row_bytes) + " bytes (" +
-                        std::to_string(width) + " little-endian float32 per row), got " +
-                        plural(static_cast<int64_t>(body.size()), "byte")};
-  Decoded d;
-  d.encoding = Encoding::kRaw;
-  d.rows = static_cast<int64_t>(body.size() / row_bytes);
-  check_rows(d.rows, max_rows);
-  d.values.resize(body.size() / sizeof(float));
-  std::memcpy(d.values.data(), body.data(), body.size());
-  if constexpr (std::endian::native == std::endian::big)
-    for (float& f : d.values)
-      f = std::bit_cast<float>(__builtin_bswap32(std::bit_cast<uint32_t>(f)));
-  if (const std::size_t i = oip::first_non_finite(d.values.data(), d.values.size());
-      i < d.values.size())
-    throw HttpError{bh::status::bad_request,
-                    element(static_cast<int64_t>(i) / width, i % static_cast<std::size_t>(width)) +
-                        ": expected a finite float32, got " + number_text(d.values[i])};
-  return d;
-}
-
-void append_float(std::string& s, float f) {
-  char buf[32];
-  const auto r = std::to_chars(buf, buf + sizeof buf, f);
-  s.append(buf, r.ptr);
-}
-
-// Encodes a [rows, cols] float32 CPU tensor as the request came.
-void encode(const at::Tensor& y, const Decoded& d, Response& res) {
-  const at::Tensor out = y.to(at::kFloat).contiguous().view({y.size(0), -1});
-  const int64_t rows = out.size(0), cols = out.size(1);
-  const float* p = out.data_ptr<float>();
-  std::string& body = res.body();
-  if (d.encoding == Encoding::kRaw) {
-    res.set(bh::field::content_type, "application/octet-stream");
-    res.set("X-Output-Shape", std::to_string(rows) + "," + std::to_string(cols));
-    body.resize(static_cast<std::size_t>(rows * cols) * sizeof(float));
-    std::memcpy(body.data(), p, body.size());
-    return;
-  }
-  // JSON has no inf or nan: an output that is not finite is an error naming it, never a body
-  // no parser accepts. Raw float32 answers above keep every value as the model made it.
-  for (int64_t i = 0; i < rows * cols; ++i)
-    if (!std::isfinite(p[i]))
-      throw HttpError{bh::status::internal_server_error,
-                      "output " + element(i / cols, static_cast<std::size_t>(i % cols)) + " is " +
-                          number_text(p[i]) +
-                          ", which JSON cannot carry; send the request as "
-                          "application/octet-stream to get the raw float32 values"};
-  std::string s;
-  s.reserve(static_cast<std::size_t>(rows * cols) * 12 + 8);
-  if (d.nested) s += '[';
-  for (int64_t i = 0; i < rows; ++i) {
-    if (i > 0) s += ',';
-    s += '[';
-    for (int64_t j = 0; j < cols; ++j) {
-      if (j > 0) s += ',';
-      append_float(s, p[i * cols + j]);
-    }
-    s += ']';
-  }
-  if (d.nested) s += ']';
-  res.set(bh::field::content_type, "application/json");
-  body = std::move(s);
+  return out;
 }
 
 at::Tensor to_host_async(const at::Tensor& y) {
@@ -367,6 +254,7 @@ struct Endpoint {
       stacking.batch_buckets = RowBuckets(options.batch_buckets, "batch_buckets");
     if (!options.length_buckets.empty())
       stacking.length_buckets = RowBuckets(options.length_buckets, "length_buckets");
+    stacking.max_padding = options.max_padding;
     return make_stacked_model_multi(f, std::move(stacking));
   }
 
@@ -405,7 +293,7 @@ struct Protocol::Call::State {
   bool answered = false;
   Tensors inputs;
   RequestOptions control;
-  Decoded decoded;            // /v1 (its values already in inputs)
+  v1::Decoded decoded;        // /v1 (its values already in inputs)
   oip::InferRequest request;  // /v2 (its inputs moved to inputs)
 };
 
@@ -481,15 +369,21 @@ struct Protocol::Impl {
 
   // The answer to `s` in its protocol: its outputs `y`, or its `error`.
   static Response answer(const Call::State& s, std::exception_ptr error, Tensors y) {
-    return s.v1 ? v1_answer(s, std::move(error), std::move(y))
-                : v2_answer(s, std::move(error), std::move(y));
+    if (!error) {
+      try {
+        return s.v1 ? v1_answer(s, std::move(y)) : v2_answer(s, std::move(y));
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    return error_response(s, std::move(error));
   }
 
   std::variant<Response, Call> route(const Request& req, std::string_view target) {
     const unsigned v = req.version();
     if (target == "/v2" || target.starts_with("/v2/")) return handle_v2(req, target);
     if (target == "/metrics") {
-      if (req.method() != bh::verb::get) return method_not_allowed("GET", v);
+      if (!is_get(req)) return method_not_allowed("GET, HEAD", v);
       Response res(bh::status::ok, v);
       res.set(bh::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
       std::vector<Metrics::Exposed> exposed;
@@ -501,7 +395,7 @@ struct Protocol::Impl {
       return res;
     }
     if (target == "/healthz" || target == "/stats") {
-      if (req.method() != bh::verb::get) return method_not_allowed("GET", v);
+      if (!is_get(req)) return method_not_allowed("GET, HEAD", v);
       if (target == "/healthz") return text_response(bh::status::ok, "ok", v);
       Response res(bh::status::ok, v);
       res.set(bh::field::content_type, "application/json");
@@ -512,7 +406,7 @@ struct Protocol::Impl {
       return text_response(bh::status::not_found,
                            "no such endpoint: expected /v2/..., POST /v1/infer, GET /healthz, "
                            "GET /metrics or GET /stats, got " +
-                               std::string(target),
+                               excerpt(target),
                            v);
     if (req.method() != bh::verb::post) return method_not_allowed("POST", v);
     Endpoint& e = *endpoints.front();
@@ -525,12 +419,15 @@ struct Protocol::Impl {
     auto s = std::make_unique<Call::State>(e, v, /*v1=*/true);
     try {
       const int64_t width = e.model.inputs[0].shape[0];
-      s->decoded = decode(req, width, e.options.max_rows);
+      const auto ct = req[bh::field::content_type];
+      s->decoded = v1::decode(std::string_view(ct.data(), ct.size()),
+                              std::string_view(req.body().data(), req.body().size()), width,
+                              e.options.max_rows);
       s->inputs.push_back(
           at::from_blob(s->decoded.values.data(), {s->decoded.rows, width}, at::kFloat).clone());
       s->decoded.values = {};
     } catch (...) {
-      return v1_error(std::current_exception(), v, e);
+      return error_response(*s, std::current_exception());
     }
     return call_or_answer(std::move(s));
   }
@@ -551,35 +448,70 @@ struct Protocol::Impl {
     return answer(*s, std::move(error), std::move(y));
   }
 
-  static Response v1_answer(const Call::State& s, std::exception_ptr error, Tensors y) {
-    if (error) return v1_error(error, s.version, *s.e);
+  static Response v1_answer(const Call::State& s, Tensors y) {
+    const at::Tensor out = y.at(0).to(at::kFloat).contiguous().view({y.at(0).size(0), -1});
+    v1::Answer a = v1::encode(out.data_ptr<float>(), out.size(0), out.size(1), s.decoded);
+    Response res(bh::status::ok, s.version);
+    res.set(bh::field::content_type, a.content_type);
+    if (!a.shape.empty()) res.set("X-Output-Shape", a.shape);
+    res.body() = std::move(a.body);
+    return res;
+  }
+
+  // What a call's failure `error` comes to, in either protocol: a client's mistake is the
+  // ProtocolError it threw; the library's refusals are 503, 504 or 400 (status_of); anything
+  // else is the server's fault, a 500 whose message names the model, the request and the error's
+  // first line, its whole text (a LibTorch backtrace, say) going to the server's log only.
+  static ProtocolError failure(const Call::State& s, std::exception_ptr error) {
     try {
-      Response res(bh::status::ok, s.version);
-      encode(y.at(0), s.decoded, res);
-      return res;
+      std::rethrow_exception(error);
+    } catch (const ProtocolError& ex) {
+      return ex;
+    } catch (const Error& ex) {
+      // /v1 requests have no deadline of their own: only the queue timeout can pass.
+      if (auto refused =
+              status_of(ex, s.v1 ? "not started within the queue timeout of " +
+                                       std::to_string(s.e->options.timeout.count()) + " ms"
+                                 : std::string("not started in time: ") + ex.what()))
+        return *refused;
+      return internal(s, ex.what(), ex.what());
+    } catch (const c10::Error& ex) {
+      return internal(s, ex.what_without_backtrace(), ex.what());
+    } catch (const std::exception& ex) {
+      return internal(s, ex.what(), ex.what());
     } catch (...) {
-      return v1_error(std::current_exception(), s.version, *s.e);
+      return internal(s, "an exception of unknown type", "an exception of unknown type");
     }
   }
 
-  // The text/plain answer to /v1's `error`.
-  static Response v1_error(std::exception_ptr error, unsigned v, const Endpoint& e) {
-    try {
-      std::rethrow_exception(error);
-    } catch (const HttpError& ex) {
-      return text_response(ex.status, ex.message, v);
-    } catch (const Error& ex) {
-      // /v1 requests have no deadline of their own: only the queue timeout can pass.
-      const auto [status, message] =
-          status_of(ex, "not started within the queue timeout of " +
-                            std::to_string(e.options.timeout.count()) + " ms");
-      Response res = text_response(status, message, v);
-      if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
-      return res;
-    } catch (const std::exception& ex) {
-      return text_response(bh::status::internal_server_error,
-                           std::string("inference failed: ") + ex.what(), v);
-    }
+  // The 500 of a request the server failed: logged whole, answered short.
+  static ProtocolError internal(const Call::State& s, std::string_view what,
+                                std::string_view full) {
+    static std::atomic<std::uint64_t> logged{0};
+    const std::uint64_t n = logged.fetch_add(1) + 1;
+    const std::string request =
+        s.request.id ? "'" + excerpt(*s.request.id) + "'" : "#" + std::to_string(n);
+    std::fprintf(stderr, "model '%s': request %s (failure #%llu) failed: %.*s\n",
+                 s.e->options.name.c_str(), request.c_str(), static_cast<unsigned long long>(n),
+                 static_cast<int>(full.size()), full.data());
+    return {500, "model '" + s.e->options.name + "': inference failed for request " + request +
+                     ": " + excerpt(what.substr(0, what.find('\n')), 200) +
+                     " (the server's log has failure #" + std::to_string(n) + ")"};
+  }
+
+  // The answer to a call that failed with `error`, in its protocol's format.
+  static Response error_response(const Call::State& s, std::exception_ptr error) {
+    return error_response(failure(s, std::move(error)), s.v1, s.version);
+  }
+
+  // `e` answered as /v1 (text/plain) or the Open Inference Protocol ({"error": ...}) answer;
+  // 503 says when to retry.
+  static Response error_response(const ProtocolError& e, bool text, unsigned v) {
+    const auto status = static_cast<bh::status>(e.status);
+    Response res = text ? text_response(status, e.message, v)
+                        : json_response(status, oip::error_body(e.message), v);
+    if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
+    return res;
   }
 
   static Response json_response(bh::status status, std::string body, unsigned v) {
@@ -596,11 +528,10 @@ struct Protocol::Impl {
   // The Open Inference Protocol's endpoints (see protocol.hpp).
   std::variant<Response, Call> handle_v2(const Request& req, std::string_view target) {
     const unsigned v = req.version();
-    const bool get = req.method() == bh::verb::get;
     auto need_get = [&]() -> std::optional<Response> {
-      if (get) return std::nullopt;
-      Response res = oip_error(405, "expected method GET", v);
-      res.set(bh::field::allow, "GET");
+      if (is_get(req)) return std::nullopt;
+      Response res = oip_error(405, "expected method GET or HEAD", v);
+      res.set(bh::field::allow, "GET, HEAD");
       return res;
     };
     if (target == "/v2") {
@@ -615,13 +546,13 @@ struct Protocol::Impl {
       return Response(ready ? bh::status::ok : bh::status::bad_request, v);  // no body
     }
     const auto path = model_path(target);
-    if (!path) return oip_error(404, "no such endpoint: " + std::string(target), v);
+    if (!path) return oip_error(404, "no such endpoint: " + excerpt(target), v);
     const std::string_view name = path->first;
     std::string_view action = path->second;
     Endpoint* found = find(name);
     if (found == nullptr)
       return oip_error(
-          404, "unknown model '" + std::string(name) + "': this server serves " + model_names(), v);
+          404, "unknown model '" + excerpt(name) + "': this server serves " + model_names(), v);
     Endpoint& e = *found;
     constexpr std::string_view kVersions = "/versions/";
     if (action.starts_with(kVersions)) {  // the one version there is: "1"
@@ -629,8 +560,8 @@ struct Protocol::Impl {
           action.substr(kVersions.size()).substr(0, action.substr(kVersions.size()).find('/'));
       if (version != "1")
         return oip_error(404,
-                         "unknown version '" + std::string(version) + "' of model '" +
-                             e.options.name + "': it has version '1'",
+                         "unknown version '" + excerpt(version) + "' of model '" + e.options.name +
+                             "': it has version '1'",
                          v);
       action = action.substr(kVersions.size() + version.size());
     }
@@ -645,7 +576,7 @@ struct Protocol::Impl {
     if (action != "/infer")
       return oip_error(404,
                        "no such endpoint: expected /v2/models/" + e.options.name +
-                           ", its /ready or its /infer, got " + std::string(target),
+                           ", its /ready or its /infer, got " + excerpt(target),
                        v);
     if (req.method() != bh::verb::post) {
       Response res = oip_error(405, "expected method POST", v);
@@ -656,103 +587,58 @@ struct Protocol::Impl {
     try {
       const auto ct = req[bh::field::content_type];
       const std::string_view type(ct.data(), ct.size());
-      const std::string_view base = type.substr(0, type.find(';'));
+      const std::string base = media_type(type);
       if (!type.empty() && base != "application/json" && base != "application/octet-stream")
-        throw oip::ProtocolError{415,
-                                 "expected Content-Type application/json (or "
-                                 "application/octet-stream with binary data), got '" +
-                                     std::string(type) + "'"};
-      const auto hl = req["Inference-Header-Content-Length"];
-      std::optional<std::size_t> header_length;
-      if (!hl.empty()) {
-        std::size_t n = 0;
-        const auto [ptr, ec] = std::from_chars(hl.data(), hl.data() + hl.size(), n);
-        if (ec != std::errc{} || ptr != hl.data() + hl.size())
-          throw oip::ProtocolError{400,
-                                   "Inference-Header-Content-Length: expected a length in "
-                                   "bytes, got '" +
-                                       excerpt(std::string(hl)) + "'"};
-        header_length = n;
-      }
+        throw ProtocolError{415,
+                            "expected Content-Type application/json (or "
+                            "application/octet-stream with binary data), got '" +
+                                excerpt(type) + "'"};
+      const std::optional<std::size_t> header_length = inference_header_length(req);
       s->request = oip::parse_infer(std::string_view(req.body().data(), req.body().size()),
                                     header_length, e.info, e.options.max_rows, e.pin_from_bytes);
       const oip::InferRequest& r = s->request;
       if (r.priority && *r.priority >= e.options.priority_levels)
-        throw oip::ProtocolError{400, "parameters.priority: expected a level below " +
-                                          std::to_string(e.options.priority_levels) +
-                                          " (0 the highest), got " + std::to_string(*r.priority)};
-      if (r.timeout) s->control.deadline = Clock::now() + *r.timeout;
+        throw bad_request("parameters.priority: expected a level below " +
+                          std::to_string(e.options.priority_levels) + " (0 the highest), got " +
+                          std::to_string(*r.priority));
+      if (r.timeout) s->control.deadline = deadline_after(Clock::now(), *r.timeout);
       s->control.priority = r.priority;
       s->inputs = std::move(s->request.inputs);
     } catch (...) {
-      return v2_error(std::current_exception(), v);
+      return error_response(*s, std::current_exception());
     }
     return call_or_answer(std::move(s));
   }
 
-  static Response v2_answer(const Call::State& s, std::exception_ptr error, Tensors y) {
-    if (error) return v2_error(error, s.version);
-    try {
-      oip::Encoded answer = oip::infer_response(s.e->info, s.request, y);
-      Response res(bh::status::ok, s.version);
-      res.set(bh::field::content_type,
-              answer.header_length ? "application/octet-stream" : "application/json");
-      if (answer.header_length)
-        res.set("Inference-Header-Content-Length", std::to_string(*answer.header_length));
-      res.body() = std::move(answer.body);
-      return res;
-    } catch (...) {
-      return v2_error(std::current_exception(), s.version);
-    }
+  static Response v2_answer(const Call::State& s, Tensors y) {
+    oip::Encoded answer = oip::infer_response(s.e->info, s.request, y);
+    Response res(bh::status::ok, s.version);
+    res.set(bh::field::content_type,
+            answer.header_length ? "application/octet-stream" : "application/json");
+    if (answer.header_length)
+      res.set("Inference-Header-Content-Length", std::to_string(*answer.header_length));
+    res.body() = std::move(answer.body);
+    return res;
   }
 
-  // The {"error": "..."} answer to an infer request's `error`.
-  static Response v2_error(std::exception_ptr error, unsigned v) {
-    try {
-      std::rethrow_exception(error);
-    } catch (const oip::ProtocolError& ex) {
-      return oip_error(ex.status, ex.message, v);
-    } catch (const Error& ex) {
-      const auto [status, message] =
-          status_of(ex, std::string("not started in time: ") + ex.what());
-      Response res = oip_error(static_cast<int>(status), message, v);
-      if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
-      return res;
-    } catch (const std::exception& ex) {
-      return oip_error(500, std::string("inference failed: ") + ex.what(), v);
-    }
-  }
-
-  // The HTTP status and message of a request the library failed or refused; `expired` is the
-  // message for one whose deadline passed before it started (each protocol words its own).
-  static std::pair<bh::status, std::string> status_of(const Error& e, std::string expired) {
+  // The status and message of a request the library refused or failed for a reason of the
+  // request's own; `expired` is the message for one whose deadline passed before it started
+  // (each protocol words its own). None for the server's own failures (a sync that threw).
+  static std::optional<ProtocolError> status_of(const Error& e, std::string expired) {
     switch (e.code()) {
       case ErrorCode::kQueueFull:
-        return {bh::status::service_unavailable, "the inference queue is full; retry shortly"};
+        return ProtocolError{503, "the inference queue is full; retry shortly"};
       case ErrorCode::kOverloaded:
-        return {bh::status::service_unavailable, std::string("overloaded: ") + e.what()};
+        return ProtocolError{503, std::string("overloaded: ") + e.what()};
       case ErrorCode::kShutDown:
-        return {bh::status::service_unavailable, "the server is shutting down"};
+        return ProtocolError{503, "the server is shutting down"};
       case ErrorCode::kDeadlineExceeded:
-        return {bh::status::gateway_timeout, std::move(expired)};
+        return ProtocolError{504, std::move(expired)};
       case ErrorCode::kBadRequest:
-        return {bh::status::bad_request, e.what()};
+        return ProtocolError{400, e.what()};
       default:
-        return {bh::status::internal_server_error, std::string("inference failed: ") + e.what()};
+        return std::nullopt;
     }
-  }
-
-  static Decoded decode(const Request& req, int64_t width, int64_t max_rows) {
-    const auto ct = req[bh::field::content_type];
-    const std::string_view type(ct.data(), ct.size());
-    const std::string_view base = type.substr(0, type.find(';'));
-    if (base == "application/json")
-      return decode_json(std::string_view(req.body().data(), req.body().size()), width, max_rows);
-    if (base == "application/octet-stream")
-      return decode_raw(std::string_view(req.body().data(), req.body().size()), width, max_rows);
-    throw HttpError{bh::status::unsupported_media_type,
-                    "expected Content-Type application/json or application/octet-stream, got " +
-                        (type.empty() ? std::string("none") : "'" + std::string(type) + "'")};
   }
 
   // The answer to a client that hung up: never read, but counted in /metrics as 499 (nginx's

@@ -74,16 +74,21 @@ using HangupWatch = std::function<boost::asio::awaitable<void>()>;
 ///                    endian, answered likewise with an X-Output-Shape: rows,cols header.
 ///   GET  /healthz    200 "ok"
 ///   GET  /stats      the submitters' counters as JSON, by model
-/// Input numbers must be finite and within their datatype's range (JSON and binary alike). JSON
-/// has no inf or nan, so a JSON answer whose output holds one is a 500 naming the element
-/// (binary answers carry every value as it is): a 200 body is always valid in its content type.
-/// A request whose client hangs up while it is queued is cancelled (see handle()).
-/// Errors are answered, never crash the server: 400 malformed body, wrong length or a number
-/// out of range (the message names what was expected and what came, quoting at most 80
-/// characters), 404, 405, 413 rows over the limit, 415 other content types, 503 with
-/// Retry-After when the queue is full,
-/// the request is shed (kOverloaded) or the server is stopping, 504 when the request was not
-/// started within its timeout, 500 when the model throws or gives a non-finite JSON output.
+/// Input numbers must be finite and within their datatype's range (JSON and binary alike), and
+/// JSON data flat or nested exactly as its shape says. JSON has no inf or nan, so a JSON answer
+/// whose output holds one is a 500 naming the element (binary answers carry every value as it
+/// is): a 200 body is always valid in its content type.
+/// A request whose client hangs up while it is queued is cancelled (see handle()). GET routes
+/// answer HEAD alike (the transport leaves out the body).
+/// Errors are answered, never crash the server, each in its protocol's format ({"error": ...}
+/// for /v2, text/plain otherwise), quoting at most 80 bytes of what came as valid UTF-8: 400
+/// malformed body, wrong length or a number out of range (the message names what was expected
+/// and what came), 404, 405, 413 rows over the limit, 415 other content types, 503 with
+/// Retry-After when the queue is full, the request is shed (kOverloaded) or the server is
+/// stopping, 504 when the request was not started within its timeout, 500 when the model throws
+/// or gives a non-finite JSON output: its message names the model, the request (its id, or the
+/// failure's number) and the error's first line, and the whole text (a LibTorch backtrace, say)
+/// goes to stderr only.
 /// A text/plain answer: `message` and a newline.
 Response text_response(boost::beast::http::status status, const std::string& message,
                        unsigned version);
