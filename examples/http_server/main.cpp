@@ -59,17 +59,29 @@ std::string devices_text(const syncbatch::http::ModelOptions& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::map<std::string, std::string> flags{{"address", "127.0.0.1"}, {"port", "8080"},
-                                           {"model", "mlp:3x256"},   {"input-width", "0"},
-                                           {"mode", "stacked"},      {"policy", "adaptive:2ms"},
-                                           {"device", "auto"},       {"threads", "4"},
-                                           {"workers", "1"},         {"queue", "4096"},
-                                           {"max-body", "1048576"},  {"max-rows", "256"},
-                                           {"timeout-ms", "0"},      {"shed", "off"},
-                                           {"name", "model"},        {"priority-levels", "2"},
-                                           {"config", ""},           {"cancel-on-hangup", "on"},
-                                           {"devices", ""},          {"idle-timeout-ms", "60000"},
-                                           {"graphs", "off"}};
+  std::map<std::string, std::string> flags{{"address", "127.0.0.1"},
+                                           {"port", "8080"},
+                                           {"model", "mlp:3x256"},
+                                           {"input-width", "0"},
+                                           {"mode", "stacked"},
+                                           {"policy", "adaptive:2ms"},
+                                           {"device", "auto"},
+                                           {"threads", "4"},
+                                           {"workers", "1"},
+                                           {"queue", "4096"},
+                                           {"max-body", "1048576"},
+                                           {"max-rows", "256"},
+                                           {"timeout-ms", "0"},
+                                           {"shed", "off"},
+                                           {"name", "model"},
+                                           {"priority-levels", "2"},
+                                           {"config", ""},
+                                           {"cancel-on-hangup", "on"},
+                                           {"devices", ""},
+                                           {"idle-timeout-ms", "60000"},
+                                           {"graphs", "off"},
+                                           {"max-header", "16384"},
+                                           {"max-connections", "4096"}};
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i];
     if (f == "--help" || f == "-h") usage(flags, "");
@@ -86,6 +98,8 @@ int main(int argc, char** argv) {
     options.port = static_cast<unsigned short>(number(flags, "port"));
     options.threads = static_cast<int>(number(flags, "threads"));
     options.max_body_bytes = static_cast<std::size_t>(number(flags, "max-body"));
+    options.max_header_bytes = static_cast<std::size_t>(number(flags, "max-header"));
+    options.max_connections = static_cast<std::size_t>(number(flags, "max-connections"));
     options.idle_timeout = std::chrono::milliseconds(number(flags, "idle-timeout-ms"));
     options.cancel_on_hangup = on_off(flags, "cancel-on-hangup");
     std::vector<http::ServedModel> models;

@@ -36,8 +36,8 @@
 #include <boost/asio/write.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <boost/json/src.hpp>  // Boost.JSON header-only: no compiled library to link
 
+#include "http1.hpp"
 #include "protocol.hpp"
 #include "syncbatch/detail/thread_name.hpp"
 #include "text.hpp"
@@ -51,17 +51,6 @@ using tcp = net::ip::tcp;
 namespace {
 
 using Tensors = std::vector<at::Tensor>;
-
-// The first transfer coding of a request other than chunked (the only one this server decodes),
-// if any.
-template <class Fields>
-std::optional<std::string> unsupported_transfer_coding(const bh::request_header<Fields>& req) {
-  const auto range = req.equal_range(bh::field::transfer_encoding);
-  for (auto it = range.first; it != range.second; ++it)
-    for (const auto& token : bh::token_list(it->value()))
-      if (!beast::iequals(token, "chunked")) return std::string(token);
-  return std::nullopt;
-}
 
 // How a submitted request ended: the submitter's outcome, or its client gone first.
 struct Outcome {
@@ -132,7 +121,9 @@ auto async_run(Protocol::Call& call, tcp::socket& client, bool watch, Token&& to
 // written into `head` (a connection's, reused), then its body, for one gather write. The head is
 // written by hand: Beast's serializer spends more instructions walking its buffer views than the
 // rest of a request's path through the server.
-std::array<net::const_buffer, 2> wire(const Response& res, std::string& head) {
+// A HEAD request's answer goes without its body (its Content-Length still that of GET's).
+std::array<net::const_buffer, 2> wire(const Response& res, std::string& head,
+                                      bool head_only = false) {
   head.clear();
   head += res.version() == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
   char status[8];
@@ -147,13 +138,18 @@ std::array<net::const_buffer, 2> wire(const Response& res, std::string& head) {
     head += "\r\n";
   }
   head += "\r\n";
-  return {net::buffer(head), net::buffer(res.body())};
+  return {net::buffer(head), head_only ? net::const_buffer() : net::buffer(res.body())};
 }
 
 std::vector<ServedModel> check(const ServerOptions& options, std::vector<ServedModel> models) {
   if (options.threads < 1)
     throw std::invalid_argument("Server: expected at least 1 thread, got " +
                                 std::to_string(options.threads));
+  if (options.max_connections < 1)
+    throw std::invalid_argument("Server: expected max_connections of at least 1, got 0");
+  if (options.max_header_bytes < 1024)
+    throw std::invalid_argument("Server: expected max_header_bytes of at least 1024, got " +
+                                std::to_string(options.max_header_bytes));
   if (options.idle_timeout < std::chrono::milliseconds(1))
     throw std::invalid_argument("Server: expected an idle_timeout of at least 1 ms, got " +
                                 std::to_string(options.idle_timeout.count()) + " ms");
@@ -283,6 +279,13 @@ struct Server::Impl {
 
   net::awaitable<void> accept_loop() {
     for (std::size_t next = 0;; ++next) {
+      // At the connection limit: accept nothing (the kernel's backlog holds the next) until a
+      // connection closes, checked each millisecond.
+      while (open.load(std::memory_order_relaxed) >= options.max_connections) {
+        net::steady_timer pause(acceptor->get_executor(), std::chrono::milliseconds(1));
+        co_await pause.async_wait(net::as_tuple(net::use_awaitable));
+        if (!acceptor->is_open()) co_return;
+      }
       const std::size_t i = next % contexts.size();
       net::io_context& home = *contexts[i];
       auto [ec, socket] = co_await acceptor->async_accept(home, net::as_tuple(net::use_awaitable));
@@ -293,63 +296,84 @@ struct Server::Impl {
         continue;
       }
       socket.set_option(tcp::no_delay(true), ec);
-      net::co_spawn(home, session(std::move(socket), *connections[i]), net::detached);
+      open.fetch_add(1, std::memory_order_relaxed);
+      net::co_spawn(home, session(std::move(socket), *connections[i]),
+                    [this](std::exception_ptr) { open.fetch_sub(1, std::memory_order_relaxed); });
     }
   }
 
   // One connection's requests, in turn. A plain socket: Beast's tcp_stream adds its timers and
   // rate limits to each read and write, where the idle sweep keeps time here.
+  // Answers `error` on `client` and says the connection must close: the transport's own
+  // refusals, whose request cannot be read on (the stream is unusable).
+  net::awaitable<void> refuse(tcp::socket& client, const ProtocolError& error, unsigned version,
+                              std::string& head) {
+    Response res = text_response(static_cast<bh::status>(error.status), error.message,
+                                 version == 10 ? 10 : 11);
+    res.keep_alive(false);
+    res.prepare_payload();
+    auto [ec, n] =
+        co_await net::async_write(client, wire(res, head), net::as_tuple(net::use_awaitable));
+    if (ec) co_return;
+    // A lingering close (as nginx's): the client may still be sending what this refuses, and
+    // closing with its bytes unread would reset the connection, losing the answer on the way.
+    // So stop sending, and read and drop what comes for a while, bounded in bytes and time.
+    client.shutdown(tcp::socket::shutdown_send, ec);
+    net::steady_timer linger(client.get_executor(), std::chrono::seconds(1));
+    linger.async_wait([&client](const boost::system::error_code& e) {
+      if (!e) client.cancel();
+    });
+    std::array<char, 4096> drop;
+    for (std::size_t dropped = 0; dropped < 256 * 1024; dropped += n) {
+      std::tie(ec, n) =
+          co_await client.async_read_some(net::buffer(drop), net::as_tuple(net::use_awaitable));
+      if (ec) break;
+    }
+    linger.cancel();
+  }
+
   net::awaitable<void> session(tcp::socket client, Connections& connections) {
     const auto registered = connections.enter(client);
     Connection& self = *registered->it;
-    beast::flat_buffer buffer;
+    const RequestLimits limits{.max_header_bytes = options.max_header_bytes,
+                               .max_body_bytes = options.max_body_bytes};
+    // Bounded: what the parser needs whole (a header, a chunk-size line, a trailer section)
+    // must fit, or the read fails with buffer_overflow rather than growing it.
+    beast::flat_buffer buffer(limits.read_buffer_bytes());
     std::string head;  // each answer's status line and fields (wire())
     for (;;) {
       bh::request_parser<Body> parser;
-      parser.body_limit(options.max_body_bytes);
-      parser.header_limit(16 * 1024);
+      set_limits(parser, limits);
       self.waiting_since = Clock::now();  // for a request (the answer's write counts too)
       auto [ec, n] =
           co_await bh::async_read_header(client, buffer, parser, net::as_tuple(net::use_awaitable));
       if (!ec) {
-        if (auto coding = unsupported_transfer_coding(parser.get())) {
-          // RFC 9112 6.1: a transfer coding the server does not understand is answered 501,
-          // and the body it wraps cannot be read, so the connection closes.
-          Response res =
-              text_response(bh::status::not_implemented,
-                            "Transfer-Encoding: expected chunked alone, got '" + excerpt(*coding) +
-                                "', which this server does not decode",
-                            parser.get().version());
-          res.keep_alive(false);
-          res.prepare_payload();
-          co_await net::async_write(client, wire(res, head), net::as_tuple(net::use_awaitable));
+        const HeaderCheck check =
+            check_header(parser.get(), parser.chunked() || parser.content_length().value_or(0) > 0);
+        if (check.refuse) {
+          co_await refuse(client, *check.refuse, parser.get().version(), head);
           break;
+        }
+        if (check.send_continue) {
+          static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+          auto [cec, cn] = co_await net::async_write(client, net::buffer(kContinue),
+                                                     net::as_tuple(net::use_awaitable));
+          if (cec) break;
         }
         // Beast reads as much as the buffer has room for, at least 512 bytes: a body of 600 KB
         // (an image) would take a system call per kilobyte or so. Room for reads of up to 64 KiB
         // where the body is that large; the buffer keeps it for the connection's next request.
         if (const auto length = parser.content_length();
             length && *length > buffer.capacity() - buffer.size())
-          buffer.reserve(buffer.size() + static_cast<std::size_t>(std::min<std::uint64_t>(
-                                             *length, std::uint64_t{64} * 1024)));
+          buffer.reserve(std::min(buffer.max_size(),
+                                  buffer.size() + static_cast<std::size_t>(std::min<std::uint64_t>(
+                                                      *length, std::uint64_t{64} * 1024))));
         std::tie(ec, n) =
             co_await bh::async_read(client, buffer, parser, net::as_tuple(net::use_awaitable));
       }
-      if (ec == bh::error::end_of_stream || ec == net::error::eof ||
-          ec == net::error::connection_reset || ec == net::error::operation_aborted)
-        break;
       if (ec) {
-        // Malformed HTTP or a body over the limit: answer, then close (the stream is unusable).
-        const bool too_big = ec == bh::error::body_limit;
-        Response res = text_response(
-            too_big ? bh::status::payload_too_large : bh::status::bad_request,
-            too_big
-                ? "expected a body of at most " + std::to_string(options.max_body_bytes) + " bytes"
-                : "malformed HTTP request: " + ec.message(),
-            11);
-        res.keep_alive(false);
-        res.prepare_payload();
-        co_await net::async_write(client, wire(res, head), net::as_tuple(net::use_awaitable));
+        // Malformed HTTP or over a limit: answer, then close (the stream is unusable).
+        if (auto error = read_error(ec, limits)) co_await refuse(client, *error, 11, head);
         break;
       }
       Request req = parser.release();
@@ -369,7 +393,8 @@ struct Server::Impl {
       res.prepare_payload();
       self.waiting_since = Clock::now();  // for the client to read it
       auto [wec, wn] =
-          co_await net::async_write(client, wire(res, head), net::as_tuple(net::use_awaitable));
+          co_await net::async_write(client, wire(res, head, req.method() == bh::verb::head),
+                                    net::as_tuple(net::use_awaitable));
       unanswered.fetch_sub(1);
       if (wec || !res.keep_alive()) break;
     }
@@ -379,7 +404,8 @@ struct Server::Impl {
 
   ServerOptions options;
   Protocol protocol;
-  std::atomic<int> unanswered{0};  // requests read whose answer is not written yet
+  std::atomic<int> unanswered{0};    // requests read whose answer is not written yet
+  std::atomic<std::size_t> open{0};  // connections, until their session ends
   // One per thread, before contexts: their sessions leave these as the contexts go.
   std::vector<std::unique_ptr<Connections>> connections;
   std::vector<std::unique_ptr<net::io_context>> contexts;  // one per thread

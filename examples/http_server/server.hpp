@@ -19,7 +19,15 @@ struct ServerOptions {
   std::string address = "127.0.0.1";
   unsigned short port = 0;  ///< 0: an ephemeral port (see Server::port()).
   int threads = 4;          ///< io threads, an io_context each (per-op models run on them too).
-  std::size_t max_body_bytes = 1 << 20;  ///< Larger bodies get 413.
+  std::size_t max_body_bytes = 1 << 20;  ///< Larger bodies get 413 (a chunked body's data).
+  /// The request line and header fields together (more: 431). A connection's read buffer holds
+  /// at most this and 64 KiB, and each chunk-size line (with its extensions) and a chunked
+  /// body's trailer section must fit in it (more: 400).
+  std::size_t max_header_bytes = 16 * 1024;
+  /// Connections open at once; past it the server stops accepting (the kernel's backlog holds
+  /// the next) until one closes. Each may hold one request: max_body_bytes, its tensors and its
+  /// answer, and a read buffer of max_header_bytes + 64 KiB.
+  std::size_t max_connections = 4096;
   /// A client that hangs up while its request is queued cancels it (499 in /metrics). The
   /// watch costs each request a peeking receive on its socket and a coroutine; off, a request
   /// runs to its answer whether or not anyone reads it.
@@ -33,11 +41,16 @@ struct ServerOptions {
 
 /// Listens on construction, serves until stop() or destruction: the endpoints and answers of
 /// Protocol (protocol.hpp) over HTTP/1.1 with keep-alive, `threads` io threads each running an
-/// io_context of its own (a connection stays on one). Its own answers: 400 malformed HTTP, 413 a
-/// body over max_body_bytes, 501 a transfer coding other than chunked (RFC 9112); each closes
-/// the connection. A client that hangs up while its request is queued cancels it
-/// (cancel_on_hangup); one that keeps the connection waiting is closed (idle_timeout). stop()
-/// (SIGTERM in main) stops accepting, answers every request already read, then returns.
+/// io_context of its own (a connection stays on one). HEAD is answered as GET without the body.
+/// `Expect: 100-continue` gets "100 Continue" before the body is read. Its own answers
+/// (text/plain), each closing the connection: 400 malformed HTTP or framing RFC 9112 refuses (no
+/// or two Host fields in HTTP/1.1, Transfer-Encoding beside Content-Length or in HTTP/1.0, an
+/// empty or repeated coding, a chunk-size line or trailer over the read buffer), 413 a body
+/// over max_body_bytes, 417 an expectation other than 100-continue, 431 a header over
+/// max_header_bytes, 501 a transfer coding other than chunked. A client that hangs up while its
+/// request is queued cancels it (cancel_on_hangup); one that keeps the connection waiting is closed
+/// (idle_timeout). stop() (SIGTERM in main) stops accepting, answers every request already read,
+/// then returns.
 class Server {
  public:
   /// Serves `models` (at least one; names unique, without '/').
