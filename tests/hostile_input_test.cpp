@@ -135,19 +135,9 @@ std::string get(const std::string& target, const std::string& method = "GET") {
   return method + " " + target + " HTTP/1.1\r\nHost: localhost\r\n\r\n";
 }
 
-// Whether `text` is well-formed UTF-8 throughout.
-bool valid_utf8(std::string_view text) {
-  for (std::size_t i = 0; i < text.size();) {
-    const std::size_t n = utf8_sequence(text.substr(i));
-    if (n == 0) return false;
-    i += n;
-  }
-  return true;
-}
-
 // The answer's body is valid in its content type: JSON that parses, or UTF-8 text.
 void expect_valid_body(const RawReply& r) {
-  EXPECT_TRUE(valid_utf8(r.body)) << r.body;
+  EXPECT_TRUE(is_utf8(r.body)) << r.body;
   if (r.field("content-type") == "application/json") {
     boost::system::error_code ec;
     boost::json::parse(r.body, ec);

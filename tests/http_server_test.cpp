@@ -831,8 +831,8 @@ TEST(HttpServer, ConfigErrorsNameTheModelAndTheKey) {
   EXPECT_EQ(error("{}"), "config: models: expected a non-empty array of models, got {}");
   EXPECT_EQ(error(R"({"models":[{"name":"a","model":"mlp:1x4"},{"name":"a","model":"mlp:1x4"}]})"),
             R"(config: models[1].name: expected a unique name without '/', got "a")");
-  EXPECT_EQ(error(R"({"models":[{"name":"a","model":"mlp:1x4","workers":0}]})"),
-            "config: models[0] ('a').workers: expected a whole number >= 1, got 0");
+  EXPECT_EQ(error(R"({"models":[{"name":"a","model":"mlp:1x4","workers":-1}]})"),
+            "config: models[0] ('a').workers: expected a whole number >= 0, got -1");
   EXPECT_EQ(
       error(R"({"models":[{"name":"a","model":"m.pt","inputs":[{"name":"t","datatype":"STR"}]}]})"),
       "config: models[0] ('a').inputs[0].datatype: expected BOOL, UINT8, INT8, INT16, INT32, "
@@ -1135,10 +1135,13 @@ TEST(HttpServer, SigtermDrainsAndExitsZero) {
       waitpid(pid, nullptr, 0);
     }
   } child{pid};
-  // "listening on http://127.0.0.1:PORT (...)"
+  // "threads: ...", then "listening on http://127.0.0.1:PORT (...)"
   std::string line;
-  char c = 0;
-  while (read(out[0], &c, 1) == 1 && c != '\n') line += c;
+  for (char c = 0; line.rfind("listening on", 0) != 0;) {
+    line.clear();
+    while (read(out[0], &c, 1) == 1 && c != '\n') line += c;
+    if (c != '\n') break;  // the output ended
+  }
   const auto colon = line.rfind(':', line.find(" ("));
   ASSERT_NE(colon, std::string::npos) << line;
   const auto port = static_cast<unsigned short>(std::stoi(line.substr(colon + 1)));

@@ -1,6 +1,6 @@
 // The Open Inference Protocol codec alone (no sockets): every datatype through JSON and binary
 // tensor data, requested outputs, and requests refused with the reason.
-#include "oip.hpp"
+#include "codecs/oip.hpp"
 
 #include <ATen/ATen.h>
 

@@ -1,4 +1,4 @@
--- wrk script for examples/http_server: POSTs one row of `width` floats (0.5 each) per request.
+-- wrk script for the server (server/): POSTs one row of `width` floats (0.5 each) per request.
 --   wrk -t2 -c8 -d5s --latency -s bench/http/post.lua http://127.0.0.1:8080/v1/infer -- raw 256
 --   wrk ... -s bench/http/post.lua http://127.0.0.1:8080/v2/models/model/infer -- oip 256
 -- args: encoding (raw: little-endian float32 bytes; json: a JSON array; oip: an Open Inference

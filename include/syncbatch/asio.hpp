@@ -57,7 +57,7 @@ concept Submitter = requires {
 /// or the value if the request was past the point of no return. Emit the signal on the
 /// handler's executor (as those utilities do). On an io_context run by several threads that
 /// executor must be a strand (`co_spawn(make_strand(io), ...)`), or each thread runs an
-/// io_context of its own (as examples/http_server does): `||` and parallel_group run both
+/// io_context of its own (as the server, server/, does): `||` and parallel_group run both
 /// operations and emit the loser's cancellation on the coroutine's executor, and a
 /// cancellation slot is not thread-safe.
 ///

@@ -20,11 +20,11 @@
 
 #include "syncbatch/detail/request.hpp"
 #include "syncbatch/detail/request_queue.hpp"
-#include "syncbatch/detail/thread_name.hpp"
 #include "syncbatch/error.hpp"
 #include "syncbatch/future.hpp"
 #include "syncbatch/stats.hpp"
 #include "syncbatch/sync_policy.hpp"
+#include "syncbatch/thread_name.hpp"
 
 namespace syncbatch {
 
@@ -458,7 +458,7 @@ class BatchedSubmitter {
   void start() {
     if (options_.waker_thread)
       waker_ = std::thread([this] {
-        detail::name_this_thread("sb-waker");
+        name_this_thread("sb-waker");
         waker_loop();
       });
     std::latch started(static_cast<std::ptrdiff_t>(options_.workers));
@@ -534,7 +534,7 @@ class BatchedSubmitter {
 
   void run_worker(std::size_t index, std::latch& started, std::exception_ptr& startup_error) {
     bool reported = false;
-    detail::name_this_thread("sb-worker-" + std::to_string(index));
+    name_this_thread("sb-worker-" + std::to_string(index));
     try {
       auto ctx = backend_.make_worker(index);
       reported = true;

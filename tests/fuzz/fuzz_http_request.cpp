@@ -25,11 +25,8 @@ using syncbatch::http::ProtocolError;
 
 void check(const ProtocolError& e) {
   if (e.status < 400 || e.status > 599) std::abort();
-  for (std::size_t i = 0; i < e.message.size();) {
-    const std::size_t n = syncbatch::http::utf8_sequence(std::string_view(e.message).substr(i));
-    if (n == 0) std::abort();  // a message that is not UTF-8 would make an invalid answer
-    i += n;
-  }
+  // A message that is not UTF-8 would make an invalid answer.
+  if (!syncbatch::http::is_utf8(e.message)) std::abort();
 }
 
 }  // namespace

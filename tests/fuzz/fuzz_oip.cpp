@@ -13,7 +13,7 @@
 
 #include <boost/json/parse.hpp>
 
-#include "oip.hpp"
+#include "codecs/oip.hpp"
 
 namespace {
 

@@ -9,9 +9,9 @@
 
 #include <boost/json/parse.hpp>
 
+#include "codecs/v1.hpp"
 #include "protocol_error.hpp"
 #include "text.hpp"
-#include "v1.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;
@@ -34,11 +34,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
   } catch (const syncbatch::http::ProtocolError& e) {
     if (e.status < 400 || e.status > 499) std::abort();
-    for (std::size_t i = 0; i < e.message.size();) {
-      const std::size_t n = syncbatch::http::utf8_sequence(std::string_view(e.message).substr(i));
-      if (n == 0) std::abort();
-      i += n;
-    }
+    if (!syncbatch::http::is_utf8(e.message)) std::abort();
   }
   return 0;
 }

@@ -13,7 +13,6 @@
 #include <variant>
 #include <vector>
 
-#include <boost/asio/awaitable.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/http/vector_body.hpp>
@@ -51,10 +50,6 @@ using Request = boost::beast::http::request<Body>;
 /// Bodies are built as strings and moved in.
 using Response = boost::beast::http::response<boost::beast::http::string_body>;
 
-/// Completes when the client that sent the request is gone; cancelled (and then completes) when
-/// the request is answered first. Run on the executor handle() runs on.
-using HangupWatch = std::function<boost::asio::awaitable<void>()>;
-
 /// Answers the server's HTTP requests, with no sockets of its own. Endpoints:
 ///   Open Inference Protocol v2 (REST; JSON tensor data and the binary tensor data extension):
 ///   GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{v}],
@@ -78,8 +73,8 @@ using HangupWatch = std::function<boost::asio::awaitable<void>()>;
 /// JSON data flat or nested exactly as its shape says. JSON has no inf or nan, so a JSON answer
 /// whose output holds one is a 500 naming the element (binary answers carry every value as it
 /// is): a 200 body is always valid in its content type.
-/// A request whose client hangs up while it is queued is cancelled (see handle()). GET routes
-/// answer HEAD alike (the transport leaves out the body).
+/// A request whose client hangs up while it is queued is cancelled (the transport cancels its
+/// Call, then answers gone()). GET routes answer HEAD alike (the transport leaves out the body).
 /// Errors are answered, never crash the server, each in its protocol's format ({"error": ...}
 /// for /v2, text/plain otherwise), quoting at most 80 bytes of what came as valid UTF-8: 400
 /// malformed body, wrong length or a number out of range (the message names what was expected
@@ -96,7 +91,7 @@ Response text_response(boost::beast::http::status status, const std::string& mes
 class Protocol {
  public:
   /// Serves `models` (at least one; names unique, without '/'), each through a submitter of its
-  /// own (per-op models run on the caller of handle()).
+  /// own (per-op models run on the caller of begin()).
   /// Errors: std::invalid_argument naming the bad option or model.
   explicit Protocol(std::vector<ServedModel> models);
   ~Protocol();
@@ -109,22 +104,13 @@ class Protocol {
   /// a submitter; a per-op model runs here, on the calling thread), or a Call for the transport
   /// to submit and to answer with finish() or gone(). The path with no coroutine of the
   /// protocol's between a socket and the submitter. Never throws for a request's content.
-  /// Thread safety: as handle().
+  /// Thread safety: begin(), finish() and gone() from any number of threads at once.
   std::variant<Response, Call> begin(const Request& request);
   /// The answer to `call`, once its submission completed with `error` or `outputs`.
   Response finish(Call call, std::exception_ptr error, std::vector<at::Tensor> outputs);
   /// The answer to `call` whose client hung up (499, counted in /metrics, never read); first
   /// cancel it and wait for its submission to complete.
   Response gone(Call call);
-
-  /// The answer to `request` (its version set; keep-alive and the payload's length are the
-  /// transport's): begin(), and for a Call its submission and finish(). With `hangup`, an
-  /// inference request races it while queued: a client gone first cancels the request (never
-  /// run; answered 499, counted in /metrics, never read).
-  /// Per-op models run on the calling thread. Never throws for a request's content.
-  /// Thread safety: any number of concurrent calls, on executors that one thread each runs (or
-  /// strands: the race above needs it).
-  boost::asio::awaitable<Response> handle(const Request& request, HangupWatch hangup = nullptr);
 
   /// From now on the readiness endpoints answer 400 (not ready): a load balancer or orchestrator
   /// stops sending. Requests are still answered.
@@ -134,9 +120,11 @@ class Protocol {
   void shutdown();
   /// The submitters' stats as JSON, by model name ("{}" for a model served per-op).
   std::string stats_json() const;
-  /// The CUDA devices of the models served per-op: a thread that calls handle() should set a
+  /// The CUDA devices of the models served per-op: a thread that calls begin() should set a
   /// stream of its own on each (per-op benchmark clients do).
   std::vector<c10::Device> per_op_cuda_devices() const;
+  /// Each model's name and submitter workers (0 per-op), as they were resolved.
+  std::vector<std::pair<std::string, std::size_t>> workers() const;
 
  private:
   struct Impl;

@@ -18,7 +18,9 @@ namespace syncbatch::http {
 struct ServerOptions {
   std::string address = "127.0.0.1";
   unsigned short port = 0;  ///< 0: an ephemeral port (see Server::port()).
-  int threads = 4;          ///< io threads, an io_context each (per-op models run on them too).
+  /// io threads, an io_context each (per-op models run on them too). 0: from the CPUs the
+  /// process may use (default_layout, cpus.hpp: half of them, 1 to 8).
+  int threads = 0;
   std::size_t max_body_bytes = 1 << 20;  ///< Larger bodies get 413 (a chunked body's data).
   /// The request line and header fields together (more: 431). A connection's read buffer holds
   /// at most this and 64 KiB, and each chunk-size line (with its extensions) and a chunked
@@ -69,6 +71,8 @@ class Server {
   void wait();
   /// The submitters' stats as JSON, by model name ("{}" for a model served per-op).
   std::string stats_json() const;
+  /// The thread layout it runs: "4 io threads; workers: 'm' 2, 'n' 1".
+  std::string layout() const;
 
   struct Impl;
 

@@ -55,7 +55,9 @@ struct ModelOptions {
   c10::Device device = c10::Device(c10::kCPU);
   int64_t max_rows = 256;             ///< More rows in one request get 413.
   std::size_t queue_capacity = 4096;  ///< A full queue answers 503 with Retry-After.
-  std::size_t workers = 1;            ///< Submitter workers (per-call and stacked).
+  /// Submitter workers (per-call and stacked). 0: from the machine (default_layout, cpus.hpp):
+  /// 2 for a model on CUDA, 1 otherwise.
+  std::size_t workers = 0;
   /// Queue timeout (SubmitterOptions::default_timeout): a request not started within it is
   /// answered 504. Zero: none.
   std::chrono::milliseconds timeout{0};
@@ -107,7 +109,7 @@ ServedModel load_served(const std::string& spec, int64_t input_width, ModelOptio
 
 /// The models of a JSON configuration file's text (the README has an example):
 /// {"models": [{"name", "model", "mode", "policy", "device" (or "devices": a list, one replica
-/// each), "workers", "queue", "timeout_ms",
+/// each), "workers" (0 or none: from the machine), "queue", "timeout_ms",
 /// "shed", "priority_levels", "max_rows", "batch_buckets", "length_buckets", "max_padding",
 /// "graphs",
 /// "inputs": [{"name", "datatype", "shape", "pad"}], "outputs": [{"name", "datatype"}]}]};

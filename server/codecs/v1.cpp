@@ -1,5 +1,5 @@
 // The /v1/infer codec. See v1.hpp.
-#include "v1.hpp"
+#include "codecs/v1.hpp"
 
 #include <bit>
 #include <cmath>
@@ -9,7 +9,7 @@
 #include <boost/json/parse.hpp>
 #include <boost/json/value.hpp>
 
-#include "finite.hpp"
+#include "codecs/finite.hpp"
 #include "http1.hpp"
 #include "protocol_error.hpp"
 #include "text.hpp"

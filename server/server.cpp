@@ -37,9 +37,10 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include "cpus.hpp"
 #include "http1.hpp"
 #include "protocol.hpp"
-#include "syncbatch/detail/thread_name.hpp"
+#include "syncbatch/thread_name.hpp"
 #include "text.hpp"
 
 namespace syncbatch::http {
@@ -142,8 +143,8 @@ std::array<net::const_buffer, 2> wire(const Response& res, std::string& head,
 }
 
 std::vector<ServedModel> check(const ServerOptions& options, std::vector<ServedModel> models) {
-  if (options.threads < 1)
-    throw std::invalid_argument("Server: expected at least 1 thread, got " +
+  if (options.threads < 0)
+    throw std::invalid_argument("Server: expected threads >= 0 (0: from the machine), got " +
                                 std::to_string(options.threads));
   if (options.max_connections < 1)
     throw std::invalid_argument("Server: expected max_connections of at least 1, got 0");
@@ -154,6 +155,13 @@ std::vector<ServedModel> check(const ServerOptions& options, std::vector<ServedM
     throw std::invalid_argument("Server: expected an idle_timeout of at least 1 ms, got " +
                                 std::to_string(options.idle_timeout.count()) + " ms");
   return models;
+}
+
+// `options` with its io threads resolved: from the machine where it sets none.
+ServerOptions resolved(ServerOptions options) {
+  if (options.threads == 0)
+    options.threads = default_layout(cpu_budget().usable(), /*cuda=*/false).io_threads;
+  return options;
 }
 
 using Clock = std::chrono::steady_clock;
@@ -201,7 +209,7 @@ struct Connections {
 
 struct Server::Impl {
   Impl(std::vector<ServedModel> models, ServerOptions o)
-      : options(std::move(o)), protocol(check(options, std::move(models))) {
+      : options(resolved(std::move(o))), protocol(check(options, std::move(models))) {
     // One io_context per thread, each run by its thread alone: a connection lives on one of
     // them (round robin), so its coroutine, its socket's operations and its request's
     // completion never run on two threads at once (which racing a request against the
@@ -223,7 +231,7 @@ struct Server::Impl {
     net::co_spawn(*contexts.front(), accept_loop(), net::detached);
     for (std::size_t i = 0; i < contexts.size(); ++i)
       threads.emplace_back([this, i] {
-        detail::name_this_thread("sb-io-" + std::to_string(i));
+        name_this_thread("sb-io-" + std::to_string(i));
         run_thread(*contexts[i]);
       });
   }
@@ -442,6 +450,13 @@ void Server::wait() {
 }
 std::string Server::stats_json() const {
   return impl_->protocol.stats_json();
+}
+std::string Server::layout() const {
+  std::string out = std::to_string(impl_->options.threads) +
+                    (impl_->options.threads == 1 ? " io thread" : " io threads") + "; workers:";
+  for (const auto& [model, workers] : impl_->protocol.workers())
+    out += " '" + model + "' " + (workers == 0 ? std::string("per-op") : std::to_string(workers));
+  return out;
 }
 
 }  // namespace syncbatch::http

@@ -1,5 +1,5 @@
 // The Open Inference Protocol REST codec. See oip.hpp.
-#include "oip.hpp"
+#include "codecs/oip.hpp"
 
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
@@ -18,7 +18,7 @@
 
 #include <boost/json.hpp>
 
-#include "finite.hpp"
+#include "codecs/finite.hpp"
 #include "text.hpp"
 
 namespace syncbatch::http {

@@ -170,4 +170,29 @@ std::string Metrics::prometheus(const std::vector<Exposed>& models) {
   return w.take();
 }
 
+boost::json::object submitter_stats_object(const SubmitterStats& s) {
+  boost::json::object o;
+  o["submitted"] = s.submitted;
+  o["rejected"] = s.rejected;
+  o["completed"] = s.completed;
+  o["failed"] = s.failed;
+  o["cancelled"] = s.cancelled;  // of failed (a client that hung up while queued, say)
+  o["expired"] = s.expired;      // of failed: not started by their deadline
+  o["batches"] = s.batches;
+  o["syncs"] = s.syncs;
+  o["queued"] = s.queued;
+  o["batch_limit"] = s.batch_limit;
+  o["mean_batch_size"] = s.mean_batch_size();
+  o["latency_p50_us"] = static_cast<double>(s.latency.p50.count()) / 1e3;
+  o["latency_p99_us"] = static_cast<double>(s.latency.p99.count()) / 1e3;
+  o["recent_latency_p99_us"] = static_cast<double>(s.recent_latency.p99.count()) / 1e3;
+  o["queue_delay_p50_us"] = static_cast<double>(s.queue_delay.p50.count()) / 1e3;
+  // The workers' time by phase (SubmitterStats): next to the uptime, how busy they are.
+  const auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
+  o["worker_run_s"] = seconds(s.run_time);
+  o["worker_sync_s"] = seconds(s.sync_time);
+  o["worker_complete_s"] = seconds(s.complete_time);
+  return o;
+}
+
 }  // namespace syncbatch::http

@@ -9,9 +9,9 @@
 
 #include <boost/json.hpp>
 
+#include "codecs/oip.hpp"
 #include "mlp.hpp"
 #include "model.hpp"
-#include "oip.hpp"
 #include "syncbatch/torch/device_sync.hpp"
 #include "syncbatch/torch/torchscript.hpp"
 #include "text.hpp"
@@ -243,7 +243,7 @@ std::vector<ServedModel> load_config(std::string_view json_text) {
         o.devices.push_back(parse_device(std::string(d.as_string())));
       }
     }
-    o.workers = static_cast<std::size_t>(whole(m, "workers", where, 1, 1));
+    o.workers = static_cast<std::size_t>(whole(m, "workers", where, 0, 0));
     o.queue_capacity = static_cast<std::size_t>(whole(m, "queue", where, 4096, 1));
     o.timeout = std::chrono::milliseconds(whole(m, "timeout_ms", where, 0));
     o.shed_late = boolean(m, "shed", where, false);

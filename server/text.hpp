@@ -42,6 +42,13 @@ inline std::size_t utf8_sequence(std::string_view s) {
   return n;
 }
 
+/// Whether `text` is well-formed UTF-8 throughout.
+inline bool is_utf8(std::string_view text) {
+  for (std::size_t i = 0, n = 0; i < text.size(); i += n)
+    if ((n = utf8_sequence(text.substr(i))) == 0) return false;
+  return true;
+}
+
 /// What error messages quote of a client's text: at most 80 bytes of it, cut between
 /// characters (or `max`), as valid UTF-8 whatever came (a byte that starts no well-formed
 /// character, or a control character, is written as \xNN), so that a JSON or text/plain answer

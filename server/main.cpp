@@ -17,6 +17,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 
+#include "cpus.hpp"
 #include "server.hpp"
 #include "syncbatch/error.hpp"
 #include "syncbatch/torch/device_sync.hpp"
@@ -30,12 +31,16 @@ namespace {
   std::exit(error.empty() ? 0 : 2);
 }
 
-long number(const std::map<std::string, std::string>& flags, const std::string& name) {
+// A whole number, or 0 for "auto" where `automatic` allows it (the layout from the machine).
+long number(const std::map<std::string, std::string>& flags, const std::string& name,
+            bool automatic = false) {
+  if (automatic && flags.at(name) == "auto") return 0;
   const std::string& v = flags.at(name);
   char* end = nullptr;
   const long n = std::strtol(v.c_str(), &end, 10);
   if (v.empty() || *end != '\0' || n < 0)
-    usage(flags, "--" + name + ": expected a whole number >= 0, got '" + v + "'");
+    usage(flags, "--" + name + ": expected a whole number >= 0" +
+                     (automatic ? std::string(" or auto") : std::string()) + ", got '" + v + "'");
   return n;
 }
 
@@ -66,8 +71,8 @@ int main(int argc, char** argv) {
                                            {"mode", "stacked"},
                                            {"policy", "adaptive:2ms"},
                                            {"device", "auto"},
-                                           {"threads", "4"},
-                                           {"workers", "1"},
+                                           {"threads", "auto"},
+                                           {"workers", "auto"},
                                            {"queue", "4096"},
                                            {"max-body", "1048576"},
                                            {"max-rows", "256"},
@@ -96,7 +101,7 @@ int main(int argc, char** argv) {
     http::ServerOptions options;
     options.address = flags["address"];
     options.port = static_cast<unsigned short>(number(flags, "port"));
-    options.threads = static_cast<int>(number(flags, "threads"));
+    options.threads = static_cast<int>(number(flags, "threads", /*automatic=*/true));
     options.max_body_bytes = static_cast<std::size_t>(number(flags, "max-body"));
     options.max_header_bytes = static_cast<std::size_t>(number(flags, "max-header"));
     options.max_connections = static_cast<std::size_t>(number(flags, "max-connections"));
@@ -114,7 +119,7 @@ int main(int argc, char** argv) {
       m.mode = http::parse_mode(flags["mode"]);
       m.policy = SyncPolicy::parse(flags["policy"]);
       m.device = parse_device(flags["device"]);
-      m.workers = static_cast<std::size_t>(number(flags, "workers"));
+      m.workers = static_cast<std::size_t>(number(flags, "workers", /*automatic=*/true));
       m.queue_capacity = static_cast<std::size_t>(number(flags, "queue"));
       m.timeout = std::chrono::milliseconds(number(flags, "timeout-ms"));
       m.shed_late = on_off(flags, "shed");
@@ -138,6 +143,12 @@ int main(int argc, char** argv) {
                    (m.options.graphs ? " with graphs" : "") + ", " + m.options.policy.describe() +
                    ", " + devices_text(m.options) + ")";
     http::Server server(std::move(models), options);
+    // The layout it runs, and, where it chose it, from what.
+    std::printf("threads: %s (%s%s)\n", server.layout().c_str(),
+                http::cpu_budget().describe().c_str(),
+                flags["threads"] == "auto" || flags["workers"] == "auto"
+                    ? "; auto: io threads half the CPUs, 1 to 8; workers 2 on CUDA, else 1"
+                    : "");
     std::printf("listening on http://%s:%u (%s)\n", options.address.c_str(), server.port(),
                 described.c_str());
     std::fflush(stdout);

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <boost/json/object.hpp>
+
 #include "syncbatch/stats.hpp"
 
 namespace syncbatch::http {
@@ -43,5 +45,9 @@ class Metrics {
   std::atomic<std::uint64_t> duration_ns_{0};
   std::atomic<std::int64_t> in_flight_{0};
 };
+
+/// A submitter's counters, batch sizes, latency and queue-delay percentiles and the workers'
+/// seconds by phase, as GET /stats shows them.
+boost::json::object submitter_stats_object(const SubmitterStats& s);
 
 }  // namespace syncbatch::http

@@ -1,0 +1,529 @@
+// The HTTP server's protocol layer (see protocol.hpp).
+#include "protocol.hpp"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <string_view>
+#include <tuple>
+#include <variant>
+#include <vector>
+
+#include <boost/json.hpp>
+
+#include "codecs/oip.hpp"
+#include "codecs/v1.hpp"
+#include "endpoint.hpp"
+#include "http1.hpp"
+#include "metrics.hpp"
+#include "protocol_error.hpp"
+#include "syncbatch/multi_device.hpp"
+#include "syncbatch/torch.hpp"
+#include "syncbatch/version.hpp"
+#include "text.hpp"
+
+namespace syncbatch::http {
+namespace net = boost::asio;
+namespace bh = boost::beast::http;
+
+namespace {
+
+std::string version_string() {
+  return std::to_string(SYNCBATCH_VERSION_MAJOR) + "." + std::to_string(SYNCBATCH_VERSION_MINOR) +
+         "." + std::to_string(SYNCBATCH_VERSION_PATCH);
+}
+
+// GET, or HEAD: answered as GET is, the transport leaving out the body (RFC 9110 9.3.2).
+bool is_get(const Request& req) {
+  return req.method() == bh::verb::get || req.method() == bh::verb::head;
+}
+
+// `now` + `timeout` as a deadline, or none (time_point::max()) where that is past half of
+// what the clock can still count (about 146 years): a timeout that large sets no practical
+// limit, and the request runs, where the sum would overflow into the past. Half, so that the
+// library's own arithmetic on the deadline keeps its room.
+Clock::time_point deadline_after(Clock::time_point now, std::chrono::microseconds timeout) {
+  const auto room =
+      std::chrono::duration_cast<std::chrono::microseconds>(Clock::time_point::max() - now);
+  if (timeout >= room / 2) return Clock::time_point::max();
+  return now + timeout;
+}
+
+// The Inference-Header-Content-Length of a request (binary tensor data): none without the
+// field. Errors: ProtocolError 400 for a value that is not a length, or for two fields that
+// differ (which would frame the JSON header two ways).
+std::optional<std::size_t> inference_header_length(const Request& req) {
+  std::optional<std::size_t> out;
+  const auto range = req.equal_range("Inference-Header-Content-Length");
+  for (auto it = range.first; it != range.second; ++it) {
+    const auto hl = it->value();
+    std::size_t n = 0;
+    const auto [ptr, ec] = std::from_chars(hl.data(), hl.data() + hl.size(), n);
+    if (ec != std::errc{} || ptr != hl.data() + hl.size() || hl.empty())
+      throw bad_request("Inference-Header-Content-Length: expected a length in bytes, got '" +
+                        excerpt(std::string_view(hl.data(), hl.size())) + "'");
+    if (out && *out != n)
+      throw bad_request("Inference-Header-Content-Length: expected one length, got " +
+                        std::to_string(*out) + " and " + std::to_string(n));
+    out = n;
+  }
+  return out;
+}
+
+}  // namespace
+
+// An inference request between Protocol::begin() and its answer.
+struct Protocol::Call::State {
+  State(Endpoint& endpoint, unsigned v, bool is_v1) : e(&endpoint), version(v), v1(is_v1) {}
+
+  // Counts the answer in /metrics (in flight since begin()).
+  void done(const Response& res) {
+    e->metrics.end();
+    e->metrics.record(res.result_int(), Clock::now() - start);
+    answered = true;
+  }
+
+  Endpoint* e;
+  unsigned version;
+  bool v1;  // /v1/infer: answered as `decoded` came; otherwise as `request` asks
+  Clock::time_point start;
+  bool answered = false;
+  Tensors inputs;
+  RequestOptions control;
+  v1::Decoded decoded;        // /v1 (its values already in inputs)
+  oip::InferRequest request;  // /v2 (its inputs moved to inputs)
+};
+
+Response text_response(bh::status status, const std::string& message, unsigned version) {
+  Response res(status, version);
+  res.set(bh::field::content_type, "text/plain; charset=utf-8");
+  res.body() = message + "\n";
+  return res;
+}
+
+struct Protocol::Impl {
+  explicit Impl(std::vector<ServedModel> models) {
+    if (models.empty()) throw std::invalid_argument("Server: expected at least 1 model, got 0");
+    for (ServedModel& m : models) {
+      for (const auto& e : endpoints)
+        if (e->options.name == m.options.name)
+          throw std::invalid_argument("Server: expected unique model names, got '" +
+                                      m.options.name + "' twice");
+      endpoints.push_back(std::make_unique<Endpoint>(std::move(m)));
+    }
+  }
+
+  Endpoint* find(std::string_view name) {
+    for (auto& e : endpoints)
+      if (e->options.name == name) return e.get();
+    return nullptr;
+  }
+
+  std::string model_names() const {
+    return quoted_names(endpoints, [](const auto& e) { return e->options.name; });
+  }
+
+  // A request's target, parsed once: what it asks for, of which model; or the 404 that names
+  // what was expected. The query string (after '?') is dropped: no endpoint takes one, and
+  // unknown parameters are ignored, as HTTP clients expect.
+  struct Route {
+    enum Action {
+      kServer,
+      kLive,
+      kReady,
+      kModel,
+      kModelReady,
+      kInfer,
+      kV1Infer,
+      kMetrics,
+      kHealthz,
+      kStats,
+      kNotFound
+    };
+    Action action = kNotFound;
+    Endpoint* endpoint = nullptr;  // kModel, kModelReady, kInfer, kV1Infer
+    bool v2 = true;                // answered in the Open Inference Protocol's format
+    std::string not_found;         // kNotFound: the message
+  };
+
+  Route route_of(std::string_view target) {
+    target = target.substr(0, target.find('?'));
+    const auto found = [](Route::Action a, Endpoint* e = nullptr, bool v2 = true) {
+      return Route{a, e, v2, {}};
+    };
+    const auto missing = [](std::string message, bool v2 = true) {
+      return Route{Route::kNotFound, nullptr, v2, std::move(message)};
+    };
+    if (target == "/metrics") return found(Route::kMetrics, nullptr, false);
+    if (target == "/healthz") return found(Route::kHealthz, nullptr, false);
+    if (target == "/stats") return found(Route::kStats, nullptr, false);
+    if (target == "/v1/infer") {
+      Endpoint& e = *endpoints.front();
+      if (!e.v1)
+        return missing("/v1/infer serves a model of one float32 [rows, width] input, and '" +
+                           e.options.name + "' is not one: use /v2/models/" + e.options.name +
+                           "/infer",
+                       false);
+      return found(Route::kV1Infer, &e, false);
+    }
+    if (target != "/v2" && !target.starts_with("/v2/"))
+      return missing(
+          "no such endpoint: expected /v2/..., POST /v1/infer, GET /healthz, GET /metrics or "
+          "GET /stats, got " +
+              excerpt(target),
+          false);
+    if (target == "/v2") return found(Route::kServer);
+    if (target == "/v2/health/live") return found(Route::kLive);
+    if (target == "/v2/health/ready") return found(Route::kReady);
+    constexpr std::string_view kModels = "/v2/models/";
+    if (!target.starts_with(kModels)) return missing("no such endpoint: " + excerpt(target));
+    const std::string_view rest = target.substr(kModels.size());
+    const std::string_view name = rest.substr(0, rest.find('/'));
+    std::string_view action = rest.substr(name.size());
+    Endpoint* e = find(name);
+    if (e == nullptr)
+      return missing("unknown model '" + excerpt(name) + "': this server serves " + model_names());
+    constexpr std::string_view kVersions = "/versions/";
+    if (action.starts_with(kVersions)) {  // the one version there is: "1"
+      const std::string_view version =
+          action.substr(kVersions.size()).substr(0, action.substr(kVersions.size()).find('/'));
+      if (version != "1")
+        return missing("unknown version '" + excerpt(version) + "' of model '" + e->options.name +
+                       "': it has version '1'");
+      action = action.substr(kVersions.size() + version.size());
+    }
+    if (action.empty()) return found(Route::kModel, e);
+    if (action == "/ready") return found(Route::kModelReady, e);
+    if (action == "/infer") return found(Route::kInfer, e);
+    return missing("no such endpoint: expected /v2/models/" + e->options.name +
+                   ", its /ready or its /infer, got " + excerpt(target));
+  }
+
+  // Inference requests are timed and counted for /metrics, by model, from here to finish() or
+  // gone(); the rest are answered as they come. Plain functions: a request reaches its model's
+  // submitter with no coroutine frame of the protocol's (Protocol::Call).
+  std::variant<Response, Call> begin(const Request& req) {
+    const Route route = route_of(std::string_view(req.target().data(), req.target().size()));
+    const bool inference = (route.action == Route::kInfer || route.action == Route::kV1Infer) &&
+                           req.method() == bh::verb::post;
+    if (!inference) return answer_now(req, route);
+    Endpoint& e = *route.endpoint;
+    const auto start = Clock::now();
+    e.metrics.begin();
+    std::variant<Response, Call> step = infer(req, e, /*v1=*/route.action == Route::kV1Infer);
+    if (Call* call = std::get_if<Call>(&step)) {
+      call->s_->start = start;
+    } else {
+      e.metrics.end();
+      e.metrics.record(std::get<Response>(step).result_int(), Clock::now() - start);
+    }
+    return step;
+  }
+
+  // The answer to every request but an inference: metadata, health, metrics, stats, 404, 405.
+  Response answer_now(const Request& req, const Route& route) {
+    const unsigned v = req.version();
+    if (route.action == Route::kNotFound)
+      return error_response({404, route.not_found}, !route.v2, v);
+    if (route.action == Route::kInfer || route.action == Route::kV1Infer) {
+      Response res = error_response({405, "expected method POST"}, !route.v2, v);
+      res.set(bh::field::allow, "POST");
+      return res;
+    }
+    if (!is_get(req)) {
+      Response res = error_response({405, "expected method GET or HEAD"}, !route.v2, v);
+      res.set(bh::field::allow, "GET, HEAD");
+      return res;
+    }
+    switch (route.action) {
+      case Route::kServer:
+        return json_response(bh::status::ok, oip::server_metadata(version_string()), v);
+      case Route::kLive:
+        return Response(bh::status::ok, v);  // no body
+      case Route::kReady:
+      case Route::kModelReady:
+        // Ready while accepting: a stopping server is live but not ready (4xx, as the protocol
+        // says, so that balancers take it out).
+        return Response(stopping.load() ? bh::status::bad_request : bh::status::ok, v);
+      case Route::kModel:
+        return json_response(bh::status::ok, oip::model_metadata(route.endpoint->info), v);
+      case Route::kMetrics: {
+        Response res(bh::status::ok, v);
+        res.set(bh::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+        std::vector<Metrics::Exposed> exposed;
+        for (const auto& e : endpoints)
+          exposed.push_back(
+              {e->options.name, &e->metrics,
+               e->submitter ? std::optional<SubmitterStats>(e->stats()) : std::nullopt});
+        res.body() = Metrics::prometheus(exposed);
+        return res;
+      }
+      case Route::kHealthz:
+        return text_response(bh::status::ok, "ok", v);
+      case Route::kStats:
+        return json_response(bh::status::ok, stats_json(), v);
+      default:
+        return error_response({500, "unrouted request"}, !route.v2, v);
+    }
+  }
+
+  // An inference request for `e`, decoded: a Call, or its answer (a refusal; per-op, the model's
+  // answer, run here).
+  std::variant<Response, Call> infer(const Request& req, Endpoint& e, bool v1) {
+    auto s = std::make_unique<Call::State>(e, req.version(), v1);
+    try {
+      const auto ct = req[bh::field::content_type];
+      const std::string_view type(ct.data(), ct.size());
+      const std::string_view body(req.body().data(), req.body().size());
+      if (v1) {
+        const int64_t width = e.model.inputs[0].shape[0];
+        s->decoded = v1::decode(type, body, width, e.options.max_rows);
+        s->inputs.push_back(
+            at::from_blob(s->decoded.values.data(), {s->decoded.rows, width}, at::kFloat).clone());
+        s->decoded.values = {};
+        return call_or_answer(std::move(s));
+      }
+      const std::string base = media_type(type);
+      if (!type.empty() && base != "application/json" && base != "application/octet-stream")
+        throw ProtocolError{415,
+                            "expected Content-Type application/json (or "
+                            "application/octet-stream with binary data), got '" +
+                                excerpt(type) + "'"};
+      s->request = oip::parse_infer(body, inference_header_length(req), e.info, e.options.max_rows,
+                                    e.pin_from_bytes);
+      const oip::InferRequest& r = s->request;
+      if (r.priority && *r.priority >= e.options.priority_levels)
+        throw bad_request("parameters.priority: expected a level below " +
+                          std::to_string(e.options.priority_levels) + " (0 the highest), got " +
+                          std::to_string(*r.priority));
+      if (r.timeout) s->control.deadline = deadline_after(Clock::now(), *r.timeout);
+      s->control.priority = r.priority;
+      s->inputs = std::move(s->request.inputs);
+    } catch (...) {
+      return error_response(*s, std::current_exception());
+    }
+    return call_or_answer(std::move(s));
+  }
+
+  // The answer to a call whose model ran (or failed, or refused it), counted.
+  static Response finish(Call::State& s, std::exception_ptr error, Tensors y) {
+    Response res = answer(s, std::move(error), std::move(y));
+    s.done(res);
+    return res;
+  }
+
+  // The answer to `s` in its protocol: its outputs `y`, or its `error`.
+  static Response answer(const Call::State& s, std::exception_ptr error, Tensors y) {
+    if (!error) {
+      try {
+        return s.v1 ? v1_answer(s, std::move(y)) : v2_answer(s, std::move(y));
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    return error_response(s, std::move(error));
+  }
+
+  // `s` as a call for its submitter, or, for a model served per-op, answered here: forwarded on
+  // this thread, which waits for it (the copy to the host syncs this thread's stream).
+  static std::variant<Response, Call> call_or_answer(std::unique_ptr<Call::State> s) {
+    if (s->e->submitter) return Call(std::move(s));
+    Tensors y;
+    std::exception_ptr error;
+    try {
+      y = s->e->run_here(std::move(s->inputs));
+    } catch (...) {
+      error = std::current_exception();
+    }
+    return answer(*s, std::move(error), std::move(y));
+  }
+
+  static Response v1_answer(const Call::State& s, Tensors y) {
+    const at::Tensor out = y.at(0).to(at::kFloat).contiguous().view({y.at(0).size(0), -1});
+    v1::Answer a = v1::encode(out.data_ptr<float>(), out.size(0), out.size(1), s.decoded);
+    Response res(bh::status::ok, s.version);
+    res.set(bh::field::content_type, a.content_type);
+    if (!a.shape.empty()) res.set("X-Output-Shape", a.shape);
+    res.body() = std::move(a.body);
+    return res;
+  }
+
+  // What a call's failure `error` comes to, in either protocol: a client's mistake is the
+  // ProtocolError it threw; the library's refusals are 503, 504 or 400 (status_of); anything
+  // else is the server's fault, a 500 whose message names the model, the request and the error's
+  // first line, its whole text (a LibTorch backtrace, say) going to the server's log only.
+  static ProtocolError failure(const Call::State& s, std::exception_ptr error) {
+    try {
+      std::rethrow_exception(error);
+    } catch (const ProtocolError& ex) {
+      return ex;
+    } catch (const Error& ex) {
+      // /v1 requests have no deadline of their own: only the queue timeout can pass.
+      if (auto refused =
+              status_of(ex, s.v1 ? "not started within the queue timeout of " +
+                                       std::to_string(s.e->options.timeout.count()) + " ms"
+                                 : std::string("not started in time: ") + ex.what()))
+        return *refused;
+      return internal(s, ex.what(), ex.what());
+    } catch (const c10::Error& ex) {
+      return internal(s, ex.what_without_backtrace(), ex.what());
+    } catch (const std::exception& ex) {
+      return internal(s, ex.what(), ex.what());
+    } catch (...) {
+      return internal(s, "an exception of unknown type", "an exception of unknown type");
+    }
+  }
+
+  // The 500 of a request the server failed: logged whole, answered short.
+  static ProtocolError internal(const Call::State& s, std::string_view what,
+                                std::string_view full) {
+    static std::atomic<std::uint64_t> logged{0};
+    const std::uint64_t n = logged.fetch_add(1) + 1;
+    const std::string request =
+        s.request.id ? "'" + excerpt(*s.request.id) + "'" : "#" + std::to_string(n);
+    std::fprintf(stderr, "model '%s': request %s (failure #%llu) failed: %.*s\n",
+                 s.e->options.name.c_str(), request.c_str(), static_cast<unsigned long long>(n),
+                 static_cast<int>(full.size()), full.data());
+    return {500, "model '" + s.e->options.name + "': inference failed for request " + request +
+                     ": " + excerpt(what.substr(0, what.find('\n')), 200) +
+                     " (the server's log has failure #" + std::to_string(n) + ")"};
+  }
+
+  // The answer to a call that failed with `error`, in its protocol's format.
+  static Response error_response(const Call::State& s, std::exception_ptr error) {
+    return error_response(failure(s, std::move(error)), s.v1, s.version);
+  }
+
+  // `e` answered as /v1 (text/plain) or the Open Inference Protocol ({"error": ...}) answer;
+  // 503 says when to retry.
+  static Response error_response(const ProtocolError& e, bool text, unsigned v) {
+    const auto status = static_cast<bh::status>(e.status);
+    Response res = text ? text_response(status, e.message, v)
+                        : json_response(status, oip::error_body(e.message), v);
+    if (status == bh::status::service_unavailable) res.set(bh::field::retry_after, "1");
+    return res;
+  }
+
+  static Response json_response(bh::status status, std::string body, unsigned v) {
+    Response res(status, v);
+    res.set(bh::field::content_type, "application/json");
+    res.body() = std::move(body);
+    return res;
+  }
+
+  static Response v2_answer(const Call::State& s, Tensors y) {
+    oip::Encoded answer = oip::infer_response(s.e->info, s.request, y);
+    Response res(bh::status::ok, s.version);
+    res.set(bh::field::content_type,
+            answer.header_length ? "application/octet-stream" : "application/json");
+    if (answer.header_length)
+      res.set("Inference-Header-Content-Length", std::to_string(*answer.header_length));
+    res.body() = std::move(answer.body);
+    return res;
+  }
+
+  // The status and message of a request the library refused or failed for a reason of the
+  // request's own; `expired` is the message for one whose deadline passed before it started
+  // (each protocol words its own). None for the server's own failures (a sync that threw).
+  static std::optional<ProtocolError> status_of(const Error& e, std::string expired) {
+    switch (e.code()) {
+      case ErrorCode::kQueueFull:
+        return ProtocolError{503, "the inference queue is full; retry shortly"};
+      case ErrorCode::kOverloaded:
+        return ProtocolError{503, std::string("overloaded: ") + e.what()};
+      case ErrorCode::kShutDown:
+        return ProtocolError{503, "the server is shutting down"};
+      case ErrorCode::kDeadlineExceeded:
+        return ProtocolError{504, std::move(expired)};
+      case ErrorCode::kBadRequest:
+        return ProtocolError{400, e.what()};
+      default:
+        return std::nullopt;
+    }
+  }
+
+  // The answer to a client that hung up: never read, but counted in /metrics as 499 (nginx's
+  // "client closed request").
+  static Response gone(unsigned v) {
+    Response res(static_cast<bh::status>(499), v);
+    res.keep_alive(false);
+    return res;
+  }
+
+  std::string stats_json() const {
+    boost::json::object out;
+    for (const auto& e : endpoints) out[e->options.name] = e->stats_object();
+    return boost::json::serialize(out);
+  }
+
+  std::vector<std::unique_ptr<Endpoint>> endpoints;
+  std::atomic<bool> stopping{false};
+};
+
+Protocol::Protocol(std::vector<ServedModel> models)
+    : impl_(std::make_unique<Impl>(std::move(models))) {}
+Protocol::~Protocol() = default;
+
+Protocol::Call::Call(std::unique_ptr<State> s) noexcept : s_(std::move(s)) {}
+Protocol::Call::Call(Call&&) noexcept = default;
+Protocol::Call& Protocol::Call::operator=(Call&&) noexcept = default;
+Protocol::Call::~Call() {
+  if (s_ && !s_->answered) s_->e->metrics.end();  // dropped unanswered: no longer in flight
+}
+
+Cancellation<Tensors> Protocol::Call::submit(
+    std::function<void(std::exception_ptr, Tensors)> done) {
+  return s_->e->submitter->submit_then(std::move(s_->inputs), std::move(done), s_->control);
+}
+
+std::variant<Response, Protocol::Call> Protocol::begin(const Request& request) {
+  return impl_->begin(request);
+}
+
+Response Protocol::finish(Call call, std::exception_ptr error, Tensors outputs) {
+  return Impl::finish(*call.s_, std::move(error), std::move(outputs));
+}
+
+Response Protocol::gone(Call call) {
+  Response res = Impl::gone(call.s_->version);
+  call.s_->done(res);
+  return res;
+}
+
+void Protocol::set_stopping() {
+  impl_->stopping.store(true);
+}
+bool Protocol::stopping() const {
+  return impl_->stopping.load();
+}
+void Protocol::shutdown() {
+  for (auto& e : impl_->endpoints)  // drains: pending requests complete first
+    if (e->submitter) e->submitter->shutdown();
+}
+std::string Protocol::stats_json() const {
+  return impl_->stats_json();
+}
+std::vector<std::pair<std::string, std::size_t>> Protocol::workers() const {
+  std::vector<std::pair<std::string, std::size_t>> out;
+  for (const auto& e : impl_->endpoints)
+    out.emplace_back(e->options.name, e->submitter ? e->options.workers : 0);
+  return out;
+}
+std::vector<c10::Device> Protocol::per_op_cuda_devices() const {
+  std::vector<c10::Device> out;
+  for (const auto& e : impl_->endpoints)
+    if (e->options.mode == Mode::kPerOp && e->options.device.is_cuda())
+      out.push_back(e->options.device);
+  return out;
+}
+
+}  // namespace syncbatch::http
