@@ -159,7 +159,14 @@ SubmitterModel<Tensors, Tensors> Endpoint::replica_model(const Model::Forward& f
   if (!options.length_buckets.empty())
     stacking.length_buckets = RowBuckets(options.length_buckets, "length_buckets");
   stacking.max_padding = options.max_padding;
-  return make_stacked_model_multi(f, std::move(stacking));
+  BatchModel<Tensors, Tensors> stacked = make_stacked_model_multi(f, std::move(stacking));
+  // Counted by size for Triton's batch_stats: one clock read and one short lock a batch.
+  stacked.run = [run = std::move(stacked.run), sizes = batch_sizes](Batch<Tensors, Tensors>& b) {
+    const auto start = Clock::now();
+    run(b);
+    sizes->record(b.size(), Clock::now() - start);
+  };
+  return stacked;
 }
 
 SubmitterStats Endpoint::stats() const {
@@ -189,6 +196,105 @@ boost::json::object Endpoint::stats_object() const {
   }
   if (!graphs.empty()) o["graphs"] = graphs_object(graphs);
   return o;
+}
+
+namespace {
+
+boost::json::object duration(std::uint64_t count, std::chrono::nanoseconds ns) {
+  return {{"count", count}, {"ns", static_cast<std::uint64_t>(std::max<int64_t>(0, ns.count()))}};
+}
+
+boost::json::array triton_tensors(const std::vector<TensorSpec>& specs) {
+  boost::json::array out;
+  for (const TensorSpec& t : specs) {
+    boost::json::array dims;
+    for (const int64_t d : t.shape) dims.push_back(d);
+    if (t.shape.empty()) dims.push_back(-1);  // not described: as the model makes it
+    out.push_back(boost::json::object{{"name", t.name},
+                                      {"data_type", "TYPE_" + oip::datatype_name(t.dtype)},
+                                      {"dims", std::move(dims)}});
+  }
+  return out;
+}
+
+}  // namespace
+
+boost::json::object Endpoint::triton_config() const {
+  boost::json::object c{{"name", options.name},
+                        {"platform", ""},
+                        {"backend", "syncbatch"},
+                        {"max_batch_size", options.max_rows},
+                        {"input", triton_tensors(model.inputs)},
+                        {"output", triton_tensors(model.outputs)}};
+  const std::vector<c10::Device> devices =
+      options.devices.empty() ? std::vector<c10::Device>{options.device} : options.devices;
+  boost::json::array groups;
+  for (const c10::Device d : devices) {
+    boost::json::object g{{"count", submitter ? options.workers : std::size_t{1}},
+                          {"kind", d.is_cuda() ? "KIND_GPU" : "KIND_CPU"}};
+    if (d.is_cuda()) g["gpus"] = boost::json::array{d.has_index() ? d.index() : 0};
+    groups.push_back(std::move(g));
+  }
+  c["instance_group"] = std::move(groups);
+  const auto text = [](std::string v) { return boost::json::object{{"string_value", v}}; };
+  c["parameters"] = boost::json::object{{"mode", text(to_string(options.mode))},
+                                        {"policy", text(options.policy.describe())},
+                                        {"graphs", text(options.graphs ? "true" : "false")}};
+  if (!submitter) return c;  // per-op: no batcher
+  std::uint64_t delay_us = 0;
+  if (const auto* t = std::get_if<TimeBased>(&options.policy.variant()))
+    delay_us = static_cast<std::uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(t->max_delay).count());
+  boost::json::array preferred;
+  for (const int64_t b : options.batch_buckets) preferred.push_back(b);
+  c["dynamic_batching"] = boost::json::object{
+      {"preferred_batch_size", std::move(preferred)},
+      {"max_queue_delay_microseconds", delay_us},
+      {"priority_levels", options.priority_levels},
+      // The lowest, which parameters.priority 0 (or none) gets.
+      {"default_priority_level", options.priority_levels},
+      {"default_queue_policy",
+       boost::json::object{{"timeout_action", "REJECT"},
+                           {"default_timeout_microseconds",
+                            static_cast<std::uint64_t>(options.timeout.count()) * 1000},
+                           {"allow_timeout_override", true},
+                           {"max_queue_size", options.queue_capacity}}}};
+  return c;
+}
+
+boost::json::object Endpoint::triton_stats() const {
+  const Metrics::Totals t = metrics.totals();
+  boost::json::object inference{{"success", duration(t.success, t.success_time)},
+                                {"fail", duration(t.fail, t.fail_time)},
+                                {"cache_hit", duration(0, {})},
+                                {"cache_miss", duration(0, {})}};
+  std::uint64_t executions = t.success + t.fail;  // per-op: one forward a request
+  boost::json::array batches;
+  if (submitter) {
+    const SubmitterStats s = stats();
+    executions = s.batches;
+    inference["queue"] = duration(s.queue_delay.count,
+                                  s.queue_delay.mean * static_cast<int64_t>(s.queue_delay.count));
+    inference["compute_input"] = duration(s.batches, {});
+    inference["compute_infer"] = duration(s.batches, s.run_time + s.sync_time);
+    inference["compute_output"] = duration(s.batches, s.complete_time);
+    for (const auto& [size, e] : batch_sizes->snapshot())
+      batches.push_back(boost::json::object{{"batch_size", size},
+                                            {"compute_input", duration(e.count, {})},
+                                            {"compute_infer", duration(e.count, e.time)},
+                                            {"compute_output", duration(e.count, {})}});
+  } else {
+    for (const char* k : {"queue", "compute_input", "compute_output"})
+      inference[k] = duration(0, {});
+    inference["compute_infer"] = duration(t.success + t.fail, t.success_time + t.fail_time);
+  }
+  return {{"name", options.name},
+          {"version", "1"},
+          {"last_inference", t.last_ms},
+          {"inference_count", t.success},
+          {"execution_count", executions},
+          {"inference_stats", std::move(inference)},
+          {"batch_stats", std::move(batches)}};
 }
 
 }  // namespace syncbatch::http

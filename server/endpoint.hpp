@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -41,6 +42,15 @@ struct Endpoint {
   /// What GET /stats shows of this model: its submitter's stats (and each replica's), its
   /// graphs'; empty per-op.
   boost::json::object stats_object() const;
+  /// GET /v2/models/{name}/config: the model as Triton's model configuration describes one
+  /// (name, backend, max_batch_size, inputs and outputs with data_type and dims after the batch
+  /// dim, dynamic_batching with its preferred sizes, queue delay, priority levels and queue
+  /// policy, instance_group), as Triton's clients and perf_analyzer read it.
+  boost::json::object triton_config() const;
+  /// One model_stats entry of Triton's statistics extension: requests answered (success, fail),
+  /// queue time, compute time (infer: the workers' run and sync; output: their completion)
+  /// and, in stacked mode, the batches by size.
+  boost::json::object triton_stats() const;
 
   Model model;
   ModelOptions options;
@@ -51,6 +61,8 @@ struct Endpoint {
   std::vector<GraphedMultiModel> graphs;  ///< with options.graphs: each replica's
   /// Stacked on CUDA: inputs this large are parsed into pinned memory (oip::parse_infer).
   std::size_t pin_from_bytes = 0;
+  /// Stacked mode: the batches its model ran, by size.
+  std::shared_ptr<BatchSizes> batch_sizes = std::make_shared<BatchSizes>();
 
  private:
   Replica<Tensors, Tensors, TorchBackend> replica(const Model::Forward& f, c10::Device device);

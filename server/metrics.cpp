@@ -53,6 +53,33 @@ void Metrics::record(int status, std::chrono::nanoseconds duration) noexcept {
   while (i < kDurationBounds.size() && s > kDurationBounds[i]) ++i;
   buckets_[i].fetch_add(1, std::memory_order_relaxed);
   duration_ns_.fetch_add(static_cast<std::uint64_t>(duration.count()), std::memory_order_relaxed);
+  Outcome& o = status >= 200 && status < 300 ? success_ : failure_;
+  o.count.fetch_add(1, std::memory_order_relaxed);
+  o.ns.fetch_add(static_cast<std::uint64_t>(duration.count()), std::memory_order_relaxed);
+  last_ms_.store(static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                std::chrono::system_clock::now().time_since_epoch())
+                                                .count()),
+                 std::memory_order_relaxed);
+}
+
+Metrics::Totals Metrics::totals() const noexcept {
+  const auto load = [](const std::atomic<std::uint64_t>& a) {
+    return a.load(std::memory_order_relaxed);
+  };
+  return {load(success_.count), std::chrono::nanoseconds(load(success_.ns)), load(failure_.count),
+          std::chrono::nanoseconds(load(failure_.ns)), load(last_ms_)};
+}
+
+void BatchSizes::record(std::size_t size, std::chrono::nanoseconds took) {
+  std::lock_guard lock(mu_);
+  Entry& e = sizes_[size];
+  ++e.count;
+  e.time += took;
+}
+
+std::map<std::size_t, BatchSizes::Entry> BatchSizes::snapshot() const {
+  std::lock_guard lock(mu_);
+  return sizes_;
 }
 
 std::string Metrics::prometheus(const std::vector<Exposed>& models) {

@@ -6,6 +6,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -39,11 +41,46 @@ class Metrics {
   /// Every metric of every model, each sample labelled model="<name>".
   static std::string prometheus(const std::vector<Exposed>& models);
 
+  /// The answered requests, 2xx and the rest, with their summed durations, and when the latest
+  /// was answered (ms since the epoch; 0: none yet): Triton's statistics extension's success,
+  /// fail and last_inference.
+  struct Totals {
+    std::uint64_t success = 0;
+    std::chrono::nanoseconds success_time{0};
+    std::uint64_t fail = 0;
+    std::chrono::nanoseconds fail_time{0};
+    std::uint64_t last_ms = 0;
+  };
+  Totals totals() const noexcept;
+
  private:
+  struct Outcome {
+    std::atomic<std::uint64_t> count{0};
+    std::atomic<std::uint64_t> ns{0};
+  };
+  Outcome success_, failure_;
+  std::atomic<std::uint64_t> last_ms_{0};
   std::array<std::atomic<std::uint64_t>, 600> by_status_{};
   std::array<std::atomic<std::uint64_t>, kDurationBounds.size() + 1> buckets_{};  // + over all
   std::atomic<std::uint64_t> duration_ns_{0};
   std::atomic<std::int64_t> in_flight_{0};
+};
+
+/// The batches a stacked model ran, by size: how many, and the model call's time (on CUDA the
+/// launch; the device's time is in the submitter's sync time). Thread-safe: one short lock a
+/// batch.
+class BatchSizes {
+ public:
+  struct Entry {
+    std::uint64_t count = 0;
+    std::chrono::nanoseconds time{0};
+  };
+  void record(std::size_t size, std::chrono::nanoseconds took);
+  std::map<std::size_t, Entry> snapshot() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::map<std::size_t, Entry> sizes_;
 };
 
 /// A submitter's counters, batch sizes, latency and queue-delay percentiles and the workers'

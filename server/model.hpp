@@ -67,7 +67,8 @@ struct ModelOptions {
   /// The model's name in the Open Inference Protocol paths (/v2/models/{name}/...).
   std::string name = "model";
   /// Priority levels of the submitter (SubmitterOptions::priority_levels); an infer request
-  /// picks one with parameters.priority (0 the highest; default the lowest).
+  /// picks one with parameters.priority as Triton's schedule policy says: 1 the highest, this
+  /// many the lowest, 0 (or none) the default, which is the lowest.
   std::size_t priority_levels = 2;
   /// Stacked mode: the batch sizes the model sees (StackingOptions::batch_buckets; empty: any).
   std::vector<int64_t> batch_buckets{};

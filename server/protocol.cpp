@@ -147,10 +147,13 @@ struct Protocol::Impl {
       kMetrics,
       kHealthz,
       kStats,
+      kModelConfig,  // Triton's model configuration extension
+      kModelStats,   // Triton's statistics extension: one model's
+      kAllStats,     // every model's
       kNotFound
     };
     Action action = kNotFound;
-    Endpoint* endpoint = nullptr;  // kModel, kModelReady, kInfer, kV1Infer
+    Endpoint* endpoint = nullptr;  // the kModel... actions, kInfer, kV1Infer
     bool v2 = true;                // answered in the Open Inference Protocol's format
     std::string not_found;         // kNotFound: the message
   };
@@ -187,6 +190,7 @@ struct Protocol::Impl {
     constexpr std::string_view kModels = "/v2/models/";
     if (!target.starts_with(kModels)) return missing("no such endpoint: " + excerpt(target));
     const std::string_view rest = target.substr(kModels.size());
+    if (rest == "stats") return found(Route::kAllStats);
     const std::string_view name = rest.substr(0, rest.find('/'));
     std::string_view action = rest.substr(name.size());
     Endpoint* e = find(name);
@@ -204,8 +208,10 @@ struct Protocol::Impl {
     if (action.empty()) return found(Route::kModel, e);
     if (action == "/ready") return found(Route::kModelReady, e);
     if (action == "/infer") return found(Route::kInfer, e);
+    if (action == "/config") return found(Route::kModelConfig, e);
+    if (action == "/stats") return found(Route::kModelStats, e);
     return missing("no such endpoint: expected /v2/models/" + e->options.name +
-                   ", its /ready or its /infer, got " + excerpt(target));
+                   ", its /ready, /infer, /config or /stats, got " + excerpt(target));
   }
 
   // Inference requests are timed and counted for /metrics, by model, from here to finish() or
@@ -271,6 +277,19 @@ struct Protocol::Impl {
         return text_response(bh::status::ok, "ok", v);
       case Route::kStats:
         return json_response(bh::status::ok, stats_json(), v);
+      case Route::kModelConfig:
+        return json_response(bh::status::ok,
+                             boost::json::serialize(route.endpoint->triton_config()), v);
+      case Route::kModelStats:
+      case Route::kAllStats: {
+        boost::json::array models;
+        for (const auto& e : endpoints)
+          if (route.endpoint == nullptr || route.endpoint == e.get())
+            models.push_back(e->triton_stats());
+        return json_response(
+            bh::status::ok,
+            boost::json::serialize(boost::json::object{{"model_stats", std::move(models)}}), v);
+      }
       default:
         return error_response({500, "unrouted request"}, !route.v2, v);
     }
@@ -301,12 +320,14 @@ struct Protocol::Impl {
       s->request = oip::parse_infer(body, inference_header_length(req), e.info, e.options.max_rows,
                                     e.pin_from_bytes);
       const oip::InferRequest& r = s->request;
-      if (r.priority && *r.priority >= e.options.priority_levels)
-        throw bad_request("parameters.priority: expected a level below " +
-                          std::to_string(e.options.priority_levels) + " (0 the highest), got " +
+      // Triton's schedule policy: 0 the model's default level, 1 the highest, N the lowest of N;
+      // the library's levels count from 0, the highest.
+      if (r.priority && *r.priority > e.options.priority_levels)
+        throw bad_request("parameters.priority: expected 0 (the model's default level) to " +
+                          std::to_string(e.options.priority_levels) + " (1 the highest), got " +
                           std::to_string(*r.priority));
       if (r.timeout) s->control.deadline = deadline_after(Clock::now(), *r.timeout);
-      s->control.priority = r.priority;
+      if (r.priority && *r.priority > 0) s->control.priority = *r.priority - 1;
       s->inputs = std::move(s->request.inputs);
     } catch (...) {
       return error_response(*s, std::current_exception());

@@ -1011,7 +1011,10 @@ TEST_P(HttpServerModes, SpeaksTheOpenInferenceProtocol) {
        "parameters.timeout: expected microseconds >= 1, got -5"},
       {"/v2/models/small/infer",
        good.substr(0, good.size() - 1) + R"(,"parameters":{"priority":9}})", 400,
-       "priority: expected a level below 2"},
+       "parameters.priority: expected 0 (the model's default level) to 2 (1 the highest), got 9"},
+      {"/v2/models/small/infer",
+       good.substr(0, good.size() - 1) + R"(,"parameters":{"sequence_id":4}})", 400,
+       "parameters.sequence_id: not supported: the model is stateless"},
       {"/v2/models/small/nothing", "", 404, "no such endpoint"},
   };
   for (const Bad& b : bad) {
@@ -1027,7 +1030,7 @@ TEST_P(HttpServerModes, SpeaksTheOpenInferenceProtocol) {
   // Per-request control: a priority and a timeout within reach are served.
   const Reply ok =
       send(port, bh::verb::post, "/v2/models/small/infer", "application/json",
-           good.substr(0, good.size() - 1) + R"(,"parameters":{"priority":0,"timeout":10000000}})");
+           good.substr(0, good.size() - 1) + R"(,"parameters":{"priority":1,"timeout":10000000}})");
   EXPECT_EQ(ok.status, 200u) << ok.body;
   EXPECT_EQ(send(port, bh::verb::get, "/v2/models/small/infer", "", "").status, 405u);
 }

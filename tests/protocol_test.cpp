@@ -11,6 +11,7 @@
 #include <future>
 #include <latch>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -392,6 +393,167 @@ TEST(Protocol, ModelOptionsAreCheckedWithTheModelsName) {
       },
       std::invalid_argument);
   EXPECT_THROW(Protocol(std::vector<ServedModel>{}), std::invalid_argument);
+}
+
+// Triton's schedule-policy extension as its clients use it: parameters.priority 1 is the
+// highest level, 0 (or none) the model's default (the lowest), past the levels a 400 naming the
+// range. Request B (priority 1) comes after request A (none) while both wait behind a held
+// request, and runs first.
+TEST(Protocol, PriorityOneIsTheHighestAsInTritonsSchedulePolicy) {
+  std::latch running(1);
+  std::atomic<bool> release{false};
+  std::mutex mu;
+  std::vector<float> order;
+  Model held{[&](const at::Tensor& x) {
+               running.count_down();
+               while (!release.load()) std::this_thread::sleep_for(1ms);
+               std::lock_guard lock(mu);
+               for (int64_t r = 0; r < x.size(0); ++r) order.push_back(x[r][0].item<float>());
+               return x;
+             },
+             kWidth, "held"};
+  std::vector<ServedModel> models;
+  models.push_back({std::move(held), {.policy = EveryN{1}, .workers = 1, .name = "m"}});
+  Protocol protocol(std::move(models));
+  Driver d(protocol);
+  const auto infer = [](float v, const std::string& params) {
+    std::string body = oip_json({v, v, v, v});
+    if (!params.empty())
+      body = body.substr(0, body.size() - 1) + R"(,"parameters":)" + params + "}";
+    return make(bh::verb::post, "/v2/models/m/infer", "application/json", body);
+  };
+  auto first = d.start(infer(1, ""));
+  running.wait();
+  auto a = d.start(infer(2, ""));                   // the default level: the lowest
+  auto c = d.start(infer(4, R"({"priority":0})"));  // 0: the default as well
+  std::this_thread::sleep_for(50ms);
+  auto b = d.start(infer(3, R"({"priority":1})"));  // the highest
+  std::this_thread::sleep_for(50ms);
+  const Response too_high = d.call(infer(5, R"({"priority":3})"));
+  release = true;
+  for (auto* f : {&first, &a, &b, &c}) EXPECT_EQ(f->get().result_int(), 200u);
+  EXPECT_EQ(too_high.result_int(), 400u);
+  EXPECT_NE(too_high.body().find("expected 0 (the model's default level) to 2 (1 the highest), "
+                                 "got 3"),
+            std::string::npos)
+      << too_high.body();
+  std::lock_guard lock(mu);
+  ASSERT_EQ(order.size(), 4u);
+  EXPECT_EQ(order[0], 1);
+  EXPECT_EQ(order[1], 3) << "priority 1 did not run first";
+  protocol.shutdown();
+}
+
+// Parameters that would change the answer and that the server does not do are refused by name,
+// never ignored: a Triton client asking for the top classes must not get the raw tensor.
+TEST(Protocol, ParametersThatWouldChangeTheAnswerAreRefusedByName) {
+  Protocol protocol(one(affine()));
+  Driver d(protocol);
+  const std::string in = R"({"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4])";
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {R"({"inputs":[)" + in +
+           R"(}],"outputs":[{"name":"output","parameters":{"classification":3}}]})",
+       "output 'output': parameters.classification: not supported"},
+      {R"({"inputs":[)" + in + R"(,"parameters":{"shared_memory_region":"r"}}]})",
+       "input 'input': parameters.shared_memory_region: not supported"},
+      {R"({"inputs":[)" + in +
+           R"(}],"outputs":[{"name":"output","parameters":{"shared_memory_byte_size":16}}]})",
+       "output 'output': parameters.shared_memory_byte_size: not supported"},
+      {R"({"inputs":[)" + in + R"(}],"parameters":{"sequence_id":7,"sequence_start":true}})",
+       "parameters.sequence_id: not supported: the model is stateless"},
+  };
+  for (const auto& [body, says] : cases) {
+    const Response r = d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json", body));
+    EXPECT_EQ(r.result_int(), 400u) << body;
+    EXPECT_NE(r.body().find(says), std::string::npos) << r.body();
+  }
+  // Other parameters are the client's own business: ignored.
+  const Response ok = d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json",
+                                  R"({"inputs":[)" + in + R"(}],"parameters":{"tag":"x"}})"));
+  EXPECT_EQ(ok.result_int(), 200u) << ok.body();
+  protocol.shutdown();
+}
+
+// Triton's model configuration and statistics extensions, as perf_analyzer and Triton's clients
+// read them; the server metadata lists them.
+TEST(Protocol, ModelConfigAndStatisticsSpeakTritonsExtensions) {
+  std::vector<ServedModel> models;
+  models.push_back({affine(),
+                    {.policy = TimeBased{std::chrono::microseconds(300), 8},
+                     .max_rows = 64,
+                     .queue_capacity = 100,
+                     .workers = 2,
+                     .timeout = std::chrono::milliseconds(50),
+                     .name = "m",
+                     .priority_levels = 3,
+                     .batch_buckets = {1, 2, 4, 8}}});
+  models.push_back({affine(), {.mode = Mode::kPerOp, .name = "p"}});
+  Protocol protocol(std::move(models));
+  Driver d(protocol);
+  const boost::json::value server = boost::json::parse(d.get("/v2").body());
+  for (const char* ext :
+       {"binary_tensor_data", "schedule_policy", "model_configuration", "statistics"}) {
+    const auto& list = server.at("extensions").as_array();
+    EXPECT_NE(std::find(list.begin(), list.end(), boost::json::value(ext)), list.end()) << ext;
+  }
+  const Response config = d.get("/v2/models/m/config");
+  ASSERT_EQ(config.result_int(), 200u) << config.body();
+  const boost::json::value c = boost::json::parse(config.body());
+  EXPECT_EQ(c.at("name").as_string(), "m");
+  EXPECT_EQ(c.at("max_batch_size").to_number<int>(), 64);
+  EXPECT_EQ(c.at("input").at(0).at("data_type").as_string(), "TYPE_FP32");
+  EXPECT_EQ(boost::json::serialize(c.at("input").at(0).at("dims")), "[4]");
+  EXPECT_EQ(boost::json::serialize(c.at("output").at(0).at("dims")), "[-1]");
+  const auto& batching = c.at("dynamic_batching");
+  EXPECT_EQ(boost::json::serialize(batching.at("preferred_batch_size")), "[1,2,4,8]");
+  EXPECT_EQ(batching.at("max_queue_delay_microseconds").to_number<int>(), 300);
+  EXPECT_EQ(batching.at("priority_levels").to_number<int>(), 3);
+  EXPECT_EQ(batching.at("default_queue_policy").at("default_timeout_microseconds").to_number<int>(),
+            50000);
+  EXPECT_EQ(batching.at("default_queue_policy").at("max_queue_size").to_number<int>(), 100);
+  EXPECT_EQ(c.at("instance_group").at(0).at("count").to_number<int>(), 2);
+  EXPECT_EQ(c.at("instance_group").at(0).at("kind").as_string(), "KIND_CPU");
+  EXPECT_FALSE(boost::json::parse(d.get("/v2/models/p/config").body())
+                   .as_object()
+                   .contains("dynamic_batching"));
+
+  // Three answered, one refused (a 400 is a failure to Triton's statistics too).
+  for (float v : {1.f, 2.f, 3.f})
+    EXPECT_EQ(d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json",
+                          oip_json({v, v, v, v})))
+                  .result_int(),
+              200u);
+  EXPECT_EQ(
+      d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json", "{}")).result_int(),
+      400u);
+  const Response stats = d.get("/v2/models/m/stats");
+  ASSERT_EQ(stats.result_int(), 200u) << stats.body();
+  const boost::json::value s = boost::json::parse(stats.body()).at("model_stats").at(0);
+  EXPECT_EQ(s.at("name").as_string(), "m");
+  EXPECT_EQ(s.at("version").as_string(), "1");
+  EXPECT_EQ(s.at("inference_count").to_number<int>(), 3);
+  const auto& inference = s.at("inference_stats");
+  EXPECT_EQ(inference.at("success").at("count").to_number<int>(), 3);
+  EXPECT_GT(inference.at("success").at("ns").to_number<double>(), 0);
+  EXPECT_EQ(inference.at("fail").at("count").to_number<int>(), 1);
+  EXPECT_EQ(inference.at("queue").at("count").to_number<int>(), 3);
+  EXPECT_GT(s.at("last_inference").to_number<double>(), 1.7e12);  // ms since the epoch
+  const int executions = s.at("execution_count").to_number<int>();
+  EXPECT_GE(executions, 1);
+  EXPECT_EQ(inference.at("compute_infer").at("count").to_number<int>(), executions);
+  int rows = 0, batches = 0;
+  for (const auto& b : s.at("batch_stats").as_array()) {
+    const int count = b.at("compute_infer").at("count").to_number<int>();
+    rows += count * b.at("batch_size").to_number<int>();
+    batches += count;
+  }
+  EXPECT_EQ(rows, 3) << stats.body();
+  EXPECT_EQ(batches, executions) << stats.body();
+  const boost::json::value all = boost::json::parse(d.get("/v2/models/stats").body());
+  ASSERT_EQ(all.at("model_stats").as_array().size(), 2u) << boost::json::serialize(all);
+  EXPECT_EQ(all.at("model_stats").at(1).at("name").as_string(), "p");
+  EXPECT_EQ(d.get("/v2/models/m/versions/1/stats").result_int(), 200u);
+  protocol.shutdown();
 }
 
 }  // namespace

@@ -12,9 +12,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <stdexcept>
+#include <string_view>
 #include <type_traits>
+#include <utility>
 
 #include <boost/json.hpp>
 
@@ -268,6 +271,21 @@ const json::object* read_params(const json::object& o, const std::string& what) 
   return &p->as_object();
 }
 
+// Refuses the parameters that would change the answer and that this server does not do, each
+// named with why: never ignored, where a client would take the raw answer for what it asked.
+void refuse_unsupported(const json::object* params, const std::string& what,
+                        std::initializer_list<std::pair<std::string_view, std::string_view>> keys) {
+  if (params == nullptr) return;
+  for (const auto& [key, why] : keys)
+    if (field(*params, key) != nullptr)
+      throw bad(what + "parameters." + std::string(key) + ": not supported: " + std::string(why));
+}
+
+constexpr std::string_view kSharedMemory =
+    "this server has no shared-memory extension; send the tensor's data in the request";
+constexpr std::string_view kStateless =
+    "the model is stateless (no sequence batcher); send each request on its own";
+
 template <class T>
 void append_number(std::string& s, T v) {
   char buf[40];
@@ -301,9 +319,11 @@ std::optional<at::ScalarType> datatype_dtype(std::string_view name) {
 }
 
 std::string server_metadata(std::string_view version) {
-  return json::serialize(json::object{{"name", "syncbatch"},
-                                      {"version", version},
-                                      {"extensions", json::array{"binary_tensor_data"}}});
+  return json::serialize(json::object{
+      {"name", "syncbatch"},
+      {"version", version},
+      {"extensions",
+       json::array{"binary_tensor_data", "schedule_policy", "model_configuration", "statistics"}}});
 }
 
 std::string model_metadata(const ModelInfo& model) {
@@ -393,6 +413,10 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
         pin_from_bytes != 0 && numel * c10::elementSize(spec.dtype) >= pin_from_bytes;
     at::Tensor x = at::empty(shape, at::TensorOptions().dtype(spec.dtype).pinned_memory(pinned));
     const json::object* params = read_params(t, what + ": ");
+    refuse_unsupported(params, what + ": ",
+                       {{"shared_memory_region", kSharedMemory},
+                        {"shared_memory_byte_size", kSharedMemory},
+                        {"shared_memory_offset", kSharedMemory}});
     const json::value* size = params ? field(*params, "binary_data_size") : nullptr;
     const json::value* data = field(t, "data");
     if (size != nullptr) {
@@ -425,6 +449,9 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
               std::to_string(body.size() - header.size() - binary.size()) + " bytes, got " +
               std::to_string(body.size() - header.size()));
   const json::object* params = read_params(o, "");
+  refuse_unsupported(
+      params, "",
+      {{"sequence_id", kStateless}, {"sequence_start", kStateless}, {"sequence_end", kStateless}});
   const bool all_binary = read_bool(params, "binary_data_output", "").value_or(false);
   if (const json::value* outputs = field(o, "outputs")) {
     if (!outputs->is_array()) throw bad("outputs: expected an array, got " + excerpt(*outputs));
@@ -438,10 +465,15 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
         if (seen == k)
           throw bad("outputs: expected '" + model.outputs[k].name + "' once, got twice");
       r.outputs.push_back(k);
-      r.binary.push_back(
-          read_bool(read_params(out.as_object(), "output '" + model.outputs[k].name + "': "),
-                    "binary_data", "output '" + model.outputs[k].name + "': ")
-              .value_or(all_binary));
+      const std::string what = "output '" + model.outputs[k].name + "': ";
+      const json::object* out_params = read_params(out.as_object(), what);
+      refuse_unsupported(
+          out_params, what,
+          {{"classification", "this server answers the output tensor itself, not its top classes"},
+           {"shared_memory_region", kSharedMemory},
+           {"shared_memory_byte_size", kSharedMemory},
+           {"shared_memory_offset", kSharedMemory}});
+      r.binary.push_back(read_bool(out_params, "binary_data", what).value_or(all_binary));
     }
   }
   if (r.outputs.empty()) {
@@ -460,7 +492,10 @@ InferRequest parse_infer(std::string_view body, std::optional<std::size_t> heade
     }
     if (const json::value* priority = field(*params, "priority")) {
       if (!priority->is_int64() || priority->as_int64() < 0)
-        throw bad("parameters.priority: expected a level >= 0, got " + excerpt(*priority));
+        throw bad(
+            "parameters.priority: expected a whole number >= 0 (0 the model's default "
+            "level, 1 the highest), got " +
+            excerpt(*priority));
       r.priority = static_cast<std::size_t>(priority->as_int64());
     }
   }

@@ -53,7 +53,8 @@ struct InferRequest {
   /// parameters.timeout (microseconds, as Triton): the request must start within it. A value
   /// past int64 reads as microseconds::max() (no practical limit).
   std::optional<std::chrono::microseconds> timeout;
-  /// parameters.priority: the submitter's priority level (0 the highest).
+  /// parameters.priority as sent, Triton's schedule policy: 0 the model's default level, 1 the
+  /// highest, 2 the next (the protocol checks it against the model's levels).
   std::optional<std::size_t> priority;
 };
 
@@ -66,7 +67,9 @@ struct InferRequest {
 /// the body cannot hold (checked without overflow), inputs of different rows, data that is
 /// neither flat nor nested as the shape says, a number that its datatype cannot hold (non-finite
 /// floats included), binary sizes that do not add up to the bytes sent, an unknown output, a
-/// bad parameter), 413 for more than `max_rows` rows.
+/// bad parameter, a parameter that would change the answer and that this server does not do:
+/// an output's classification, shared-memory regions, a sequence on a stateless model), 413 for
+/// more than `max_rows` rows.
 /// `pin_from_bytes` (0: none): inputs of that many bytes or more are allocated in pinned memory
 /// (LibTorch's caching host allocator; a CUDA build only), so that stacked mode copies each
 /// straight to a CUDA device rather than first gathering them on its worker (pass
