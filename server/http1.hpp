@@ -47,6 +47,23 @@ void set_limits(Parser& parser, const RequestLimits& limits) {
   parser.body_limit(limits.max_body_bytes);
 }
 
+/// A request body of Content-Encoding `coding` (gzip, deflate, identity, or a list of them, in
+/// the order they were applied), decoded, at most `max_bytes` of it: a small compressed body
+/// cannot make the server hold more than an uncompressed one may. Errors: ProtocolError 415
+/// naming a coding this server does not decode, 413 for a decoded body over `max_bytes`, 400 for
+/// data that is not what its coding says.
+std::string decode_content(std::string_view coding, std::string_view body, std::size_t max_bytes);
+
+/// Answers of at least this many bytes are compressed for a client that accepts gzip.
+inline constexpr std::size_t kCompressFrom = 1024;
+
+/// Whether an Accept-Encoding field value accepts gzip (listed, or "*", with a q above 0).
+bool accepts_gzip(std::string_view accept_encoding);
+
+/// `body` compressed as gzip (zlib's fastest level: an answer's time matters more than its
+/// bytes on a server's network).
+std::string gzip(std::string_view body);
+
 /// What a failed read of a request is answered with (then the connection closes): 413 a body
 /// over the limit, 431 a header over it, 400 a chunk-size line or trailer over the read buffer,
 /// or malformed HTTP; none where the client is gone (end of stream, reset, cancelled).

@@ -302,7 +302,13 @@ struct Protocol::Impl {
     try {
       const auto ct = req[bh::field::content_type];
       const std::string_view type(ct.data(), ct.size());
-      const std::string_view body(req.body().data(), req.body().size());
+      std::string_view body(req.body().data(), req.body().size());
+      std::string decoded;  // a compressed body, decoded (bounded by max_body_bytes)
+      if (const auto coding = req[bh::field::content_encoding]; !coding.empty()) {
+        decoded =
+            decode_content(std::string_view(coding.data(), coding.size()), body, max_body_bytes);
+        body = decoded;
+      }
       if (v1) {
         const int64_t width = e.model.inputs[0].shape[0];
         s->decoded = v1::decode(type, body, width, e.options.max_rows);
@@ -487,11 +493,14 @@ struct Protocol::Impl {
   }
 
   std::vector<std::unique_ptr<Endpoint>> endpoints;
+  std::size_t max_body_bytes = 1 << 20;  // decoded, for a body with a Content-Encoding
   std::atomic<bool> stopping{false};
 };
 
-Protocol::Protocol(std::vector<ServedModel> models)
-    : impl_(std::make_unique<Impl>(std::move(models))) {}
+Protocol::Protocol(std::vector<ServedModel> models, std::size_t max_body_bytes)
+    : impl_(std::make_unique<Impl>(std::move(models))) {
+  impl_->max_body_bytes = max_body_bytes;
+}
 Protocol::~Protocol() = default;
 
 Protocol::Call::Call(std::unique_ptr<State> s) noexcept : s_(std::move(s)) {}

@@ -92,8 +92,10 @@ class Protocol {
  public:
   /// Serves `models` (at least one; names unique, without '/'), each through a submitter of its
   /// own (per-op models run on the caller of begin()).
+  /// A request body with a Content-Encoding (gzip, deflate) is decoded to at most
+  /// `max_body_bytes` (more: 413).
   /// Errors: std::invalid_argument naming the bad option or model.
-  explicit Protocol(std::vector<ServedModel> models);
+  explicit Protocol(std::vector<ServedModel> models, std::size_t max_body_bytes = 1 << 20);
   ~Protocol();
   Protocol(const Protocol&) = delete;
   Protocol& operator=(const Protocol&) = delete;

@@ -122,6 +122,19 @@ auto async_run(Protocol::Call& call, tcp::socket& client, bool watch, Token&& to
 // written into `head` (a connection's, reused), then its body, for one gather write. The head is
 // written by hand: Beast's serializer spends more instructions walking its buffer views than the
 // rest of a request's path through the server.
+// `res`'s body gzipped where the client accepts gzip, the body is large enough to gain and
+// gzip makes it smaller (binary tensors rarely shrink).
+void compress_if_accepted(const Request& req, Response& res) {
+  if (res.body().size() < kCompressFrom || res.count(bh::field::content_encoding) > 0) return;
+  const auto accept = req[bh::field::accept_encoding];
+  if (accept.empty() || !accepts_gzip(std::string_view(accept.data(), accept.size()))) return;
+  res.set(bh::field::vary, "Accept-Encoding");
+  std::string zipped = gzip(res.body());
+  if (zipped.size() >= res.body().size()) return;
+  res.body() = std::move(zipped);
+  res.set(bh::field::content_encoding, "gzip");
+}
+
 // A HEAD request's answer goes without its body (its Content-Length still that of GET's).
 std::array<net::const_buffer, 2> wire(const Response& res, std::string& head,
                                       bool head_only = false) {
@@ -209,7 +222,8 @@ struct Connections {
 
 struct Server::Impl {
   Impl(std::vector<ServedModel> models, ServerOptions o)
-      : options(resolved(std::move(o))), protocol(check(options, std::move(models))) {
+      : options(resolved(std::move(o))),
+        protocol(check(options, std::move(models)), options.max_body_bytes) {
     // One io_context per thread, each run by its thread alone: a connection lives on one of
     // them (round robin), so its coroutine, its socket's operations and its request's
     // completion never run on two threads at once (which racing a request against the
@@ -398,6 +412,7 @@ struct Server::Impl {
       Response& res = std::get<Response>(step);
       res.version(req.version());
       res.keep_alive(req.keep_alive() && !protocol.stopping());  // a stopping server closes
+      compress_if_accepted(req, res);
       res.prepare_payload();
       self.waiting_since = Clock::now();  // for the client to read it
       auto [wec, wn] =

@@ -21,6 +21,7 @@
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <zlib.h>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
@@ -523,6 +524,81 @@ TEST(HostileInput, ConnectionsPastTheLimitWaitUntilOneCloses) {
   held.pop_back();  // one closes: the late one is accepted
   late.join();
   EXPECT_TRUE(answered.load());
+}
+
+// Compressed bodies (Triton's request_compression_algorithm): gzip and deflate are decoded, the
+// decoded size bounded by --max-body so that a small bomb cannot expand without limit; an
+// unknown coding is 415 naming it; a client that accepts gzip gets large answers gzipped.
+TEST(HostileInput, CompressedBodiesAreDecodedWithinTheBodyLimit) {
+  Server server(small_model(), {.threads = 2, .max_body_bytes = 64 * 1024});
+  const unsigned short port = server.port();
+  const auto compress = [](const std::string& text, int window_bits) {
+    z_stream z{};
+    deflateInit2(&z, 9, Z_DEFLATED, window_bits, 8, Z_DEFAULT_STRATEGY);
+    std::string out(deflateBound(&z, text.size()), '\0');
+    z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(text.data()));
+    z.avail_in = static_cast<uInt>(text.size());
+    z.next_out = reinterpret_cast<Bytef*>(out.data());
+    z.avail_out = static_cast<uInt>(out.size());
+    deflate(&z, Z_FINISH);
+    out.resize(out.size() - z.avail_out);
+    deflateEnd(&z);
+    return out;
+  };
+  for (const auto& [coding, bits] :
+       std::vector<std::pair<std::string, int>>{{"gzip", 31}, {"deflate", 15}, {"deflate", -15}}) {
+    const RawReply r =
+        round_trip(port, post("/v2/models/model/infer", compress(kInfer, bits), "application/json",
+                              "Content-Encoding: " + coding + "\r\n"));
+    EXPECT_EQ(r.status, 200) << coding << " " << bits << ": " << r.body;
+    EXPECT_NE(r.body.find("[2,4,6,8]"), std::string::npos) << r.body;
+  }
+  // 1 MiB of spaces compresses to about a kilobyte: decoded, it passes the 64 KiB limit.
+  const std::string bomb = compress(kInfer + std::string(1 << 20, ' '), 31);
+  ASSERT_LT(bomb.size(), 8192u);
+  const RawReply big = round_trip(
+      port, post("/v2/models/model/infer", bomb, "application/json", "Content-Encoding: gzip\r\n"));
+  EXPECT_EQ(big.status, 413) << big.body;
+  EXPECT_NE(big.body.find("at most 65536 bytes once decoded"), std::string::npos) << big.body;
+  expect_valid_body(big);
+  const RawReply br = round_trip(
+      port, post("/v2/models/model/infer", kInfer, "application/json", "Content-Encoding: br\r\n"));
+  EXPECT_EQ(br.status, 415) << br.body;
+  EXPECT_NE(br.body.find("expected gzip, deflate or identity, got 'br'"), std::string::npos)
+      << br.body;
+  const RawReply broken = round_trip(port, post("/v2/models/model/infer", "not gzip at all",
+                                                "application/json", "Content-Encoding: gzip\r\n"));
+  EXPECT_EQ(broken.status, 400) << broken.body;
+  expect_valid_body(broken);
+  // A large answer (200 rows, 3 KB of JSON) to a client that accepts gzip comes gzipped; to one
+  // that does not (or refuses it with q=0), plain.
+  std::string rows;
+  for (int r = 0; r < 200; ++r) rows += std::string(r ? "," : "") + "1.25,2.25,3.25,4.25";
+  const std::string many =
+      R"({"inputs":[{"name":"input","datatype":"FP32","shape":[200,4],"data":[)" + rows + "]}]}";
+  const RawReply zipped = round_trip(port, post("/v2/models/model/infer", many, "application/json",
+                                                "Accept-Encoding: deflate, gzip;q=0.8\r\n"));
+  ASSERT_EQ(zipped.status, 200);
+  EXPECT_EQ(zipped.field("content-encoding"), "gzip");
+  z_stream z{};
+  inflateInit2(&z, 31);
+  std::string plain(1 << 16, '\0');
+  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(zipped.body.data()));
+  z.avail_in = static_cast<uInt>(zipped.body.size());
+  z.next_out = reinterpret_cast<Bytef*>(plain.data());
+  z.avail_out = static_cast<uInt>(plain.size());
+  EXPECT_EQ(inflate(&z, Z_FINISH), Z_STREAM_END);
+  plain.resize(plain.size() - z.avail_out);
+  inflateEnd(&z);
+  EXPECT_NE(plain.find(R"("shape":[200,4],"data":[2.5,4.5,6.5,8.5,)"), std::string::npos) << plain;
+  EXPECT_LT(zipped.body.size(), plain.size());
+  for (const std::string accept :
+       {"", "Accept-Encoding: gzip;q=0\r\n", "Accept-Encoding: br\r\n"}) {
+    const RawReply r =
+        round_trip(port, post("/v2/models/model/infer", many, "application/json", accept));
+    EXPECT_EQ(r.field("content-encoding"), "") << accept;
+    EXPECT_NE(r.body.find(R"("shape":[200,4])"), std::string::npos) << accept;
+  }
 }
 
 }  // namespace

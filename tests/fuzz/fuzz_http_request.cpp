@@ -1,8 +1,9 @@
 // libFuzzer target: the HTTP/1.1 request reader as the server runs it (http1.hpp): Beast's
 // request parser with the server's limits, over a read buffer bounded as the server's is, the
-// header checks of RFC 9112 before the body, then the body; each failure as the transport maps
-// it. Properties beyond "no crash, no sanitizer report": every refusal is a 4xx or 5xx whose
-// message is valid UTF-8, and the read buffer never holds more than its bound.
+// header checks of RFC 9112 before the body, then the body, and a Content-Encoding decoded as
+// the protocol decodes it; each failure as the transport maps it. Properties beyond "no crash, no
+// sanitizer report": every refusal is a 4xx or 5xx whose message is valid UTF-8, and the read
+// buffer never holds more than its bound.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -59,7 +60,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       if (const auto e = syncbatch::http::read_error(ec, limits)) check(*e);
       break;
     }
-    (void)syncbatch::http::media_type(parser.get()[bh::field::content_type]);
+    const auto& req = parser.get();
+    (void)syncbatch::http::media_type(req[bh::field::content_type]);
+    (void)syncbatch::http::accepts_gzip(req[bh::field::accept_encoding]);
+    if (const auto coding = req[bh::field::content_encoding]; !coding.empty()) {
+      try {  // a body decoded as the protocol decodes it: never past the limit
+        const std::string body = syncbatch::http::decode_content(
+            std::string_view(coding.data(), coding.size()), req.body(), limits.max_body_bytes);
+        if (body.size() > limits.max_body_bytes) std::abort();
+      } catch (const ProtocolError& e) {
+        check(e);
+      }
+    }
     if (parser.get().body().size() > limits.max_body_bytes) std::abort();
     if (!parser.get().keep_alive()) break;
   }
