@@ -111,7 +111,12 @@ ServedModel load_served(const std::string& spec, int64_t input_width, ModelOptio
   if (!replicas.empty()) options.device = options.devices.front();
   Model model = replicas.empty() ? load_model(spec, input_width, options.device, inputs, outputs)
                                  : replicas.front();
-  return {std::move(model), std::move(options), std::move(replicas)};
+  const ModelOptions again = options;
+  ServedModel served{std::move(model), std::move(options), std::move(replicas)};
+  served.reload = [spec, input_width, again, inputs, outputs] {
+    return load_served(spec, input_width, again, inputs, outputs);
+  };
+  return served;
 }
 
 namespace {

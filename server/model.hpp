@@ -99,6 +99,10 @@ struct ServedModel {
   /// With options.devices: the model on each of those devices, in their order (`model` then
   /// gives the inputs and outputs; its forward is not used).
   std::vector<Model> replicas{};
+  /// Loads it again from where it came (load_served sets it: a file is read anew), for the
+  /// repository's load without a configuration. Unset (a model made in-process): served again
+  /// as it is.
+  std::function<ServedModel()> reload{};
 };
 
 /// The model `spec` (as load_model takes it) served with `options`: loaded on options.device,

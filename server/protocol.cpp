@@ -10,10 +10,14 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <future>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string_view>
+#include <thread>
 #include <tuple>
 #include <variant>
 #include <vector>
@@ -83,7 +87,8 @@ std::optional<std::size_t> inference_header_length(const Request& req) {
 
 // An inference request between Protocol::begin() and its answer.
 struct Protocol::Call::State {
-  State(Endpoint& endpoint, unsigned v, bool is_v1) : e(&endpoint), version(v), v1(is_v1) {}
+  State(std::shared_ptr<Endpoint> endpoint, unsigned v, bool is_v1)
+      : e(std::move(endpoint)), version(v), v1(is_v1) {}
 
   // Counts the answer in /metrics (in flight since begin()).
   void done(const Response& res) {
@@ -92,7 +97,7 @@ struct Protocol::Call::State {
     answered = true;
   }
 
-  Endpoint* e;
+  std::shared_ptr<Endpoint> e;  // alive until answered, though a reload replaces it
   unsigned version;
   bool v1;  // /v1/infer: answered as `decoded` came; otherwise as `request` asks
   Clock::time_point start;
@@ -110,26 +115,38 @@ Response text_response(bh::status status, const std::string& message, unsigned v
   return res;
 }
 
+using Endpoints = std::vector<std::shared_ptr<Endpoint>>;
+
 struct Protocol::Impl {
   explicit Impl(std::vector<ServedModel> models) {
     if (models.empty()) throw std::invalid_argument("Server: expected at least 1 model, got 0");
+    auto list = std::make_shared<Endpoints>();
     for (ServedModel& m : models) {
-      for (const auto& e : endpoints)
+      for (const auto& e : *list)
         if (e->options.name == m.options.name)
           throw std::invalid_argument("Server: expected unique model names, got '" +
                                       m.options.name + "' twice");
-      endpoints.push_back(std::make_unique<Endpoint>(std::move(m)));
+      known[m.options.name] = {m, "READY", ""};
+      list->push_back(std::make_shared<Endpoint>(std::move(m)));
     }
+    live.store(std::move(list));
   }
 
-  Endpoint* find(std::string_view name) {
-    for (auto& e : endpoints)
-      if (e->options.name == name) return e.get();
+  ~Impl() {
+    for (std::thread& t : reapers) t.join();
+  }
+
+  // The models served now: a snapshot that a load or unload replaces whole, never changes.
+  std::shared_ptr<const Endpoints> endpoints() const { return live.load(); }
+
+  static std::shared_ptr<Endpoint> find(const Endpoints& list, std::string_view name) {
+    for (const auto& e : list)
+      if (e->options.name == name) return e;
     return nullptr;
   }
 
-  std::string model_names() const {
-    return quoted_names(endpoints, [](const auto& e) { return e->options.name; });
+  static std::string model_names(const Endpoints& list) {
+    return quoted_names(list, [](const auto& e) { return e->options.name; });
   }
 
   // A request's target, parsed once: what it asks for, of which model; or the 404 that names
@@ -150,33 +167,36 @@ struct Protocol::Impl {
       kModelConfig,  // Triton's model configuration extension
       kModelStats,   // Triton's statistics extension: one model's
       kAllStats,     // every model's
+      kRepository,   // Triton's model repository extension: index, load, unload
       kNotFound
     };
     Action action = kNotFound;
-    Endpoint* endpoint = nullptr;  // the kModel... actions, kInfer, kV1Infer
-    bool v2 = true;                // answered in the Open Inference Protocol's format
-    std::string not_found;         // kNotFound: the message
+    std::shared_ptr<Endpoint> endpoint;  // the kModel... actions, kInfer, kV1Infer
+    bool v2 = true;                      // answered in the Open Inference Protocol's format
+    std::string not_found;               // kNotFound: the message
+    std::string repository;              // kRepository: "index", or "load" / "unload" and the model
   };
 
-  Route route_of(std::string_view target) {
+  Route route_of(std::string_view target, const Endpoints& list) {
     target = target.substr(0, target.find('?'));
-    const auto found = [](Route::Action a, Endpoint* e = nullptr, bool v2 = true) {
-      return Route{a, e, v2, {}};
+    const auto found = [](Route::Action a, std::shared_ptr<Endpoint> e = nullptr, bool v2 = true) {
+      return Route{a, std::move(e), v2, {}, {}};
     };
     const auto missing = [](std::string message, bool v2 = true) {
-      return Route{Route::kNotFound, nullptr, v2, std::move(message)};
+      return Route{Route::kNotFound, nullptr, v2, std::move(message), {}};
     };
     if (target == "/metrics") return found(Route::kMetrics, nullptr, false);
     if (target == "/healthz") return found(Route::kHealthz, nullptr, false);
     if (target == "/stats") return found(Route::kStats, nullptr, false);
     if (target == "/v1/infer") {
-      Endpoint& e = *endpoints.front();
-      if (!e.v1)
+      if (list.empty()) return missing("/v1/infer: no model is loaded", false);
+      const std::shared_ptr<Endpoint>& e = list.front();
+      if (!e->v1)
         return missing("/v1/infer serves a model of one float32 [rows, width] input, and '" +
-                           e.options.name + "' is not one: use /v2/models/" + e.options.name +
+                           e->options.name + "' is not one: use /v2/models/" + e->options.name +
                            "/infer",
                        false);
-      return found(Route::kV1Infer, &e, false);
+      return found(Route::kV1Infer, e, false);
     }
     if (target != "/v2" && !target.starts_with("/v2/"))
       return missing(
@@ -184,6 +204,27 @@ struct Protocol::Impl {
           "GET /stats, got " +
               excerpt(target),
           false);
+    constexpr std::string_view kRepository = "/v2/repository/";
+    if (target.starts_with(kRepository)) {
+      const std::string_view what = target.substr(kRepository.size());
+      constexpr std::string_view kModel = "models/";
+      if (what == "index") return Route{Route::kRepository, nullptr, true, {}, "index"};
+      if (what.starts_with(kModel)) {
+        const std::string_view rest = what.substr(kModel.size());
+        const std::size_t slash = rest.find('/');
+        const std::string_view verb = slash == rest.npos ? "" : rest.substr(slash + 1);
+        if (slash != rest.npos && slash > 0 && (verb == "load" || verb == "unload"))
+          return Route{Route::kRepository,
+                       nullptr,
+                       true,
+                       {},
+                       std::string(verb) + " " + std::string(rest.substr(0, slash))};
+      }
+      return missing(
+          "no such endpoint: expected /v2/repository/index or "
+          "/v2/repository/models/{name}/load or /unload, got " +
+          excerpt(target));
+    }
     if (target == "/v2") return found(Route::kServer);
     if (target == "/v2/health/live") return found(Route::kLive);
     if (target == "/v2/health/ready") return found(Route::kReady);
@@ -193,9 +234,10 @@ struct Protocol::Impl {
     if (rest == "stats") return found(Route::kAllStats);
     const std::string_view name = rest.substr(0, rest.find('/'));
     std::string_view action = rest.substr(name.size());
-    Endpoint* e = find(name);
+    std::shared_ptr<Endpoint> e = find(list, name);
     if (e == nullptr)
-      return missing("unknown model '" + excerpt(name) + "': this server serves " + model_names());
+      return missing("unknown model '" + excerpt(name) + "': this server serves " +
+                     model_names(list));
     constexpr std::string_view kVersions = "/versions/";
     if (action.starts_with(kVersions)) {  // the one version there is: "1"
       const std::string_view version =
@@ -218,14 +260,20 @@ struct Protocol::Impl {
   // gone(); the rest are answered as they come. Plain functions: a request reaches its model's
   // submitter with no coroutine frame of the protocol's (Protocol::Call).
   std::variant<Response, Call> begin(const Request& req) {
-    const Route route = route_of(std::string_view(req.target().data(), req.target().size()));
+    std::shared_ptr<const Endpoints> list = endpoints();
+    const Route route = route_of(std::string_view(req.target().data(), req.target().size()), *list);
+    if (route.action == Route::kRepository) {
+      list.reset();  // an unload waits for every holder of its model, this snapshot too
+      return repository(req, route.repository, req.version());
+    }
     const bool inference = (route.action == Route::kInfer || route.action == Route::kV1Infer) &&
                            req.method() == bh::verb::post;
-    if (!inference) return answer_now(req, route);
+    if (!inference) return answer_now(req, route, *list);
     Endpoint& e = *route.endpoint;
     const auto start = Clock::now();
     e.metrics.begin();
-    std::variant<Response, Call> step = infer(req, e, /*v1=*/route.action == Route::kV1Infer);
+    std::variant<Response, Call> step =
+        infer(req, route.endpoint, /*v1=*/route.action == Route::kV1Infer);
     if (Call* call = std::get_if<Call>(&step)) {
       call->s_->start = start;
     } else {
@@ -236,7 +284,7 @@ struct Protocol::Impl {
   }
 
   // The answer to every request but an inference: metadata, health, metrics, stats, 404, 405.
-  Response answer_now(const Request& req, const Route& route) {
+  Response answer_now(const Request& req, const Route& route, const Endpoints& list) {
     const unsigned v = req.version();
     if (route.action == Route::kNotFound)
       return error_response({404, route.not_found}, !route.v2, v);
@@ -266,7 +314,7 @@ struct Protocol::Impl {
         Response res(bh::status::ok, v);
         res.set(bh::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
         std::vector<Metrics::Exposed> exposed;
-        for (const auto& e : endpoints)
+        for (const auto& e : list)
           exposed.push_back(
               {e->options.name, &e->metrics,
                e->submitter ? std::optional<SubmitterStats>(e->stats()) : std::nullopt});
@@ -283,9 +331,8 @@ struct Protocol::Impl {
       case Route::kModelStats:
       case Route::kAllStats: {
         boost::json::array models;
-        for (const auto& e : endpoints)
-          if (route.endpoint == nullptr || route.endpoint == e.get())
-            models.push_back(e->triton_stats());
+        for (const auto& e : list)
+          if (route.endpoint == nullptr || route.endpoint == e) models.push_back(e->triton_stats());
         return json_response(
             bh::status::ok,
             boost::json::serialize(boost::json::object{{"model_stats", std::move(models)}}), v);
@@ -295,10 +342,207 @@ struct Protocol::Impl {
     }
   }
 
+  // Triton's model repository extension, explicit mode: the index of the models the server
+  // knows, and a model's load or unload. One at a time (repository_mu); each answers once done.
+  Response repository(const Request& req, const std::string& what, unsigned v) {
+    if (req.method() != bh::verb::post) {
+      Response res = error_response({405, "expected method POST"}, false, v);
+      res.set(bh::field::allow, "POST");
+      return res;
+    }
+    std::lock_guard lock(repository_mu);
+    try {
+      const std::string_view body(req.body().data(), req.body().size());
+      if (what == "index") return json_response(bh::status::ok, index(body), v);
+      const std::size_t space = what.find(' ');
+      const std::string name = what.substr(space + 1);
+      if (what.starts_with("load ")) {
+        load(name, body);
+      } else {
+        unload(name);
+      }
+      return Response(bh::status::ok, v);
+    } catch (const ProtocolError& e) {
+      return error_response(e, false, v);
+    }
+  }
+
+  // POST /v2/repository/index: [{"name", "version", "state", "reason"}], READY ones alone with
+  // {"ready": true}.
+  std::string index(std::string_view body) {
+    bool ready_only = false;
+    if (!body.empty()) {
+      boost::system::error_code ec;
+      const boost::json::value v = boost::json::parse(body, ec);
+      if (ec || !v.is_object())
+        throw bad_request("repository index: expected a JSON object (or no body), got " +
+                          excerpt(body));
+      if (const auto* ready = v.as_object().if_contains("ready")) {
+        if (!ready->is_bool())
+          throw bad_request("repository index: ready: expected true or false, got " +
+                            excerpt(*ready));
+        ready_only = ready->get_bool();
+      }
+    }
+    boost::json::array out;
+    for (const auto& [name, k] : known)
+      if (!ready_only || k.state == "READY")
+        out.push_back(boost::json::object{
+            {"name", name}, {"version", "1"}, {"state", k.state}, {"reason", k.reason}});
+    return boost::json::serialize(out);
+  }
+
+  // A model (re)loaded: from the body's parameters.config (one model of the configuration
+  // file's format, as a JSON object or a string of one: Triton's load_model(config=...)), else
+  // as it was last served, read anew from its file. It serves once it has answered a warm-up
+  // request (its graphs captured); then new requests go to it, and the version it replaces
+  // drains, freed once its last request is answered. A load that fails leaves what was served
+  // serving, and says why. Errors: ProtocolError 400 (the configuration or the load's
+  // failure), 404 a model the server does not know and that comes without a configuration.
+  void load(const std::string& name, std::string_view body) {
+    std::shared_ptr<Endpoint> fresh;
+    std::optional<ServedModel> source;  // for the next load without a configuration
+    std::string why;
+    try {
+      ServedModel served = configured(name, body);
+      source = served;
+      fresh = std::make_shared<Endpoint>(std::move(served));
+      warm_up(*fresh);
+    } catch (const ProtocolError& e) {
+      if (e.status != 400) throw;  // a model it does not know: nothing was tried
+      why = e.message;
+    } catch (const std::exception& e) {
+      why = e.what();
+    }
+    if (!why.empty()) {
+      if (fresh && fresh->submitter) fresh->submitter->shutdown();
+      std::fprintf(stderr, "model '%s': load failed: %s\n", name.c_str(), why.c_str());
+      auto it = known.find(name);
+      if (it != known.end()) it->second.reason = "load failed: " + excerpt(why, 300);
+      throw bad_request("model '" + name + "': load failed: " + excerpt(why, 300) +
+                        (it != known.end() && it->second.state == "READY"
+                             ? " (the version before it still serves)"
+                             : ""));
+    }
+    auto list = std::make_shared<Endpoints>(*endpoints());
+    std::shared_ptr<Endpoint> old;
+    for (auto& e : *list)
+      if (e->options.name == name) old = std::exchange(e, fresh);
+    if (!old) list->push_back(fresh);
+    live.store(std::move(list));
+    known[name] = {std::move(*source), "READY", ""};
+    if (old) retire(std::move(old));
+  }
+
+  // Unloads a model: it leaves what is served at once (new requests get 404), then the call
+  // waits for its last request to be answered, and frees it. Errors: ProtocolError 404 for a
+  // model not loaded.
+  void unload(const std::string& name) {
+    auto list = std::make_shared<Endpoints>(*endpoints());
+    const auto it = std::find_if(list->begin(), list->end(),
+                                 [&](const auto& e) { return e->options.name == name; });
+    if (it == list->end())
+      throw ProtocolError{
+          404, "model '" + excerpt(name) + "' is not loaded; loaded: " + model_names(*list)};
+    std::shared_ptr<Endpoint> gone = *it;
+    list->erase(it);
+    live.store(std::move(list));
+    known[name].state = "UNAVAILABLE";
+    known[name].reason = "unloaded";
+    drain(gone);
+  }
+
+  // The ServedModel of a load's `body`: its parameters.config, else the model as last served.
+  ServedModel configured(const std::string& name, std::string_view body) {
+    std::optional<boost::json::object> entry;
+    if (!body.empty()) {
+      boost::system::error_code ec;
+      const boost::json::value v = boost::json::parse(body, ec);
+      const boost::json::value* config = nullptr;
+      if (!ec && v.is_object())
+        if (const auto* params = v.as_object().if_contains("parameters");
+            params && params->is_object())
+          config = params->as_object().if_contains("config");
+      if (ec || !v.is_object())
+        throw bad_request("load: expected a JSON object (or no body), got " + excerpt(body));
+      if (config != nullptr) {
+        boost::json::value parsed = *config;
+        if (config->is_string()) parsed = boost::json::parse(config->as_string(), ec);
+        if (ec || !parsed.is_object())
+          throw bad_request(
+              "load: parameters.config: expected a model's configuration as a JSON "
+              "object or a string of one, got " +
+              excerpt(*config));
+        entry = parsed.as_object();
+      }
+    }
+    if (!entry) {
+      const auto it = known.find(name);
+      if (it == known.end())
+        throw ProtocolError{404, "model '" + excerpt(name) +
+                                     "' is not known to this server: send its configuration "
+                                     "as parameters.config"};
+      return it->second.source.reload ? it->second.source.reload() : it->second.source;
+    }
+    if (const auto* n = entry->if_contains("name");
+        n && !(n->is_string() && n->as_string() == name))
+      throw bad_request("load: parameters.config.name: expected '" + name + "' (the path's), got " +
+                        excerpt(*n));
+    (*entry)["name"] = name;
+    try {
+      return std::move(load_config(boost::json::serialize(
+                                       boost::json::object{{"models", boost::json::array{*entry}}}))
+                           .front());
+    } catch (const std::exception& e) {
+      throw bad_request("load: " + excerpt(e.what(), 300));
+    }
+  }
+
+  // One request of zeros through a new endpoint, waited for: it serves only once that works
+  // (its workers started, their graphs captured).
+  static void warm_up(Endpoint& e) {
+    Tensors example;
+    const int64_t length = e.options.length_buckets.empty() ? 1 : e.options.length_buckets.front();
+    for (const TensorSpec& t : e.model.inputs) {
+      std::vector<int64_t> shape{1};
+      for (const int64_t d : t.shape) shape.push_back(d == kVaries ? length : d);
+      example.push_back(at::full(shape, t.pad_value, at::TensorOptions(t.dtype)));
+    }
+    if (!e.submitter) {
+      e.run_here(std::move(example));
+      return;
+    }
+    std::promise<void> done;
+    auto ready = done.get_future();
+    e.submitter->submit_then(std::move(example), [&done](std::exception_ptr error, Tensors) {
+      if (error) {
+        done.set_exception(error);
+      } else {
+        done.set_value();
+      }
+    });
+    ready.get();
+  }
+
+  // Frees `e` once its last request is answered, on a thread of its own (its submitter's
+  // shutdown joins its workers, which must not be an io thread's wait).
+  void retire(std::shared_ptr<Endpoint> e) {
+    reapers.emplace_back([e = std::move(e)]() mutable { drain(e); });
+  }
+
+  // Waits until nothing but `e` holds its endpoint (every request routed to it answered), then
+  // frees it: its submitter drains whatever is left and stops.
+  static void drain(std::shared_ptr<Endpoint>& e) {
+    while (e.use_count() > 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    e.reset();
+  }
+
   // An inference request for `e`, decoded: a Call, or its answer (a refusal; per-op, the model's
   // answer, run here).
-  std::variant<Response, Call> infer(const Request& req, Endpoint& e, bool v1) {
-    auto s = std::make_unique<Call::State>(e, req.version(), v1);
+  std::variant<Response, Call> infer(const Request& req, std::shared_ptr<Endpoint> endpoint,
+                                     bool v1) {
+    auto s = std::make_unique<Call::State>(std::move(endpoint), req.version(), v1);
+    const Endpoint& e = *s->e;
     try {
       const auto ct = req[bh::field::content_type];
       const std::string_view type(ct.data(), ct.size());
@@ -488,11 +732,23 @@ struct Protocol::Impl {
 
   std::string stats_json() const {
     boost::json::object out;
-    for (const auto& e : endpoints) out[e->options.name] = e->stats_object();
+    for (const auto& e : *endpoints()) out[e->options.name] = e->stats_object();
     return boost::json::serialize(out);
   }
 
-  std::vector<std::unique_ptr<Endpoint>> endpoints;
+  // What is served, replaced whole by load and unload (a request keeps the snapshot it routed
+  // by, and its Call its endpoint, until answered).
+  std::atomic<std::shared_ptr<const Endpoints>> live;
+  // Every model the repository knows: how it was last served, its state and why. Load and
+  // unload hold repository_mu from start to end, one at a time.
+  struct Known {
+    ServedModel source;
+    std::string state;  // READY or UNAVAILABLE
+    std::string reason;
+  };
+  std::mutex repository_mu;
+  std::map<std::string, Known> known;    // guarded by repository_mu
+  std::vector<std::thread> reapers;      // guarded by repository_mu
   std::size_t max_body_bytes = 1 << 20;  // decoded, for a body with a Content-Encoding
   std::atomic<bool> stopping{false};
 };
@@ -536,7 +792,7 @@ bool Protocol::stopping() const {
   return impl_->stopping.load();
 }
 void Protocol::shutdown() {
-  for (auto& e : impl_->endpoints)  // drains: pending requests complete first
+  for (auto& e : *impl_->endpoints())  // drains: pending requests complete first
     if (e->submitter) e->submitter->shutdown();
 }
 std::string Protocol::stats_json() const {
@@ -544,13 +800,13 @@ std::string Protocol::stats_json() const {
 }
 std::vector<std::pair<std::string, std::size_t>> Protocol::workers() const {
   std::vector<std::pair<std::string, std::size_t>> out;
-  for (const auto& e : impl_->endpoints)
+  for (const auto& e : *impl_->endpoints())
     out.emplace_back(e->options.name, e->submitter ? e->options.workers : 0);
   return out;
 }
 std::vector<c10::Device> Protocol::per_op_cuda_devices() const {
   std::vector<c10::Device> out;
-  for (const auto& e : impl_->endpoints)
+  for (const auto& e : *impl_->endpoints())
     if (e->options.mode == Mode::kPerOp && e->options.device.is_cuda())
       out.push_back(e->options.device);
   return out;

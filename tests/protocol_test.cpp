@@ -491,8 +491,8 @@ TEST(Protocol, ModelConfigAndStatisticsSpeakTritonsExtensions) {
   Protocol protocol(std::move(models));
   Driver d(protocol);
   const boost::json::value server = boost::json::parse(d.get("/v2").body());
-  for (const char* ext :
-       {"binary_tensor_data", "schedule_policy", "model_configuration", "statistics"}) {
+  for (const char* ext : {"binary_tensor_data", "schedule_policy", "model_configuration",
+                          "statistics", "model_repository"}) {
     const auto& list = server.at("extensions").as_array();
     EXPECT_NE(std::find(list.begin(), list.end(), boost::json::value(ext)), list.end()) << ext;
   }
@@ -553,6 +553,94 @@ TEST(Protocol, ModelConfigAndStatisticsSpeakTritonsExtensions) {
   ASSERT_EQ(all.at("model_stats").as_array().size(), 2u) << boost::json::serialize(all);
   EXPECT_EQ(all.at("model_stats").at(1).at("name").as_string(), "p");
   EXPECT_EQ(d.get("/v2/models/m/versions/1/stats").result_int(), 200u);
+  protocol.shutdown();
+}
+
+// Triton's model repository extension, explicit mode, under load: four clients send all along.
+// A new version loads from a configuration in the body and takes over with no request lost or
+// failed; a load that fails leaves it serving and says why; a load without a configuration
+// serves the model as last configured; unload drains before it answers, and only then do
+// clients get 404; the index says what is where.
+TEST(Protocol, AModelReloadsUnderLoadLosingNoRequest) {
+  Protocol protocol(load_config(R"({"models":[{"name":"m","model":"mlp:1x4","device":"cpu",
+                                                "policy":"every:4"}]})"));
+  Driver d(protocol);
+  const auto infer = [&] {
+    return d.call(make(bh::verb::post, "/v2/models/m/infer", "application/json",
+                       oip_json({0.5f, -1.0f, 2.0f, 3.0f})));
+  };
+  const auto post = [&](const std::string& target, const std::string& body) {
+    return d.call(make(bh::verb::post, target, body.empty() ? "" : "application/json", body));
+  };
+  const std::string before = infer().body();
+  std::atomic<bool> stop{false}, unloading{false};
+  std::atomic<int> ok{0}, not_found_early{0}, not_found{0}, other{0};
+  std::mutex mu;
+  std::string other_bodies;
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 4; ++c)
+    clients.emplace_back([&] {
+      while (!stop.load()) {
+        const bool after = unloading.load();
+        const Response r = infer();
+        if (r.result_int() == 200) {
+          ok.fetch_add(1);
+        } else if (r.result_int() == 404) {
+          (after ? not_found : not_found_early).fetch_add(1);
+        } else {
+          other.fetch_add(1);
+          std::lock_guard lock(mu);
+          other_bodies += std::to_string(r.result_int()) + " " + r.body() + "\n";
+        }
+      }
+    });
+  std::this_thread::sleep_for(100ms);
+
+  const Response loaded =
+      post("/v2/repository/models/m/load", R"({"parameters":{"config":"{\"model\":\"mlp:2x4\",)"
+                                           R"(\"device\":\"cpu\",\"policy\":\"every:8\"}"}})");
+  ASSERT_EQ(loaded.result_int(), 200u) << loaded.body();
+  const std::string after = infer().body();
+  EXPECT_NE(after, before) << "the new version does not answer";
+  std::this_thread::sleep_for(50ms);
+
+  const Response failed = post("/v2/repository/models/m/load",
+                               R"({"parameters":{"config":{"model":"mlp:0x4","device":"cpu"}}})");
+  EXPECT_EQ(failed.result_int(), 400u) << failed.body();
+  EXPECT_NE(failed.body().find("load failed"), std::string::npos) << failed.body();
+  EXPECT_NE(failed.body().find("the version before it still serves"), std::string::npos)
+      << failed.body();
+  EXPECT_EQ(infer().body(), after);
+  const Response unknown = post("/v2/repository/models/other/load", "");
+  EXPECT_EQ(unknown.result_int(), 404u) << unknown.body();
+  EXPECT_NE(unknown.body().find("send its configuration as parameters.config"), std::string::npos);
+
+  const Response again = post("/v2/repository/models/m/load", "");  // as last configured
+  ASSERT_EQ(again.result_int(), 200u) << again.body();
+  EXPECT_EQ(infer().body(), after);
+  std::this_thread::sleep_for(50ms);
+
+  const Response index = post("/v2/repository/index", "");
+  EXPECT_EQ(index.body(), R"([{"name":"m","version":"1","state":"READY","reason":""}])");
+  const int ok_before_unload = ok.load();
+  unloading = true;  // from here on a request may find the model gone: 404
+  const Response unload = post("/v2/repository/models/m/unload", "");
+  ASSERT_EQ(unload.result_int(), 200u) << unload.body();
+  EXPECT_EQ(d.get("/v2/models/m").result_int(), 404u);
+  EXPECT_EQ(post("/v2/repository/models/m/unload", "").result_int(), 404u);
+  EXPECT_EQ(post("/v2/repository/index", R"({"ready":true})").body(), "[]");
+  EXPECT_EQ(post("/v2/repository/index", "").body(),
+            R"([{"name":"m","version":"1","state":"UNAVAILABLE","reason":"unloaded"}])");
+  std::this_thread::sleep_for(50ms);
+  stop = true;
+  for (auto& t : clients) t.join();
+  EXPECT_GT(ok_before_unload, 20);
+  EXPECT_EQ(other.load(), 0) << other_bodies;
+  EXPECT_EQ(not_found_early.load(), 0) << "a request was refused before the unload was sent";
+  EXPECT_GT(not_found.load(), 0);
+  // Loaded again, from its last configuration: it serves as before the unload.
+  ASSERT_EQ(post("/v2/repository/models/m/load", "").result_int(), 200u);
+  EXPECT_EQ(infer().body(), after);
   protocol.shutdown();
 }
 

@@ -322,8 +322,8 @@ std::string server_metadata(std::string_view version) {
   return json::serialize(json::object{
       {"name", "syncbatch"},
       {"version", version},
-      {"extensions",
-       json::array{"binary_tensor_data", "schedule_policy", "model_configuration", "statistics"}}});
+      {"extensions", json::array{"binary_tensor_data", "schedule_policy", "model_configuration",
+                                 "statistics", "model_repository"}}});
 }
 
 std::string model_metadata(const ModelInfo& model) {
