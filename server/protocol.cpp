@@ -133,7 +133,7 @@ struct Protocol::Impl {
   }
 
   ~Impl() {
-    for (std::thread& t : reapers) t.join();
+    for (Reaper& r : reapers) r.thread.join();
   }
 
   // The models served now: a snapshot that a load or unload replaces whole, never changes.
@@ -527,7 +527,17 @@ struct Protocol::Impl {
   // Frees `e` once its last request is answered, on a thread of its own (its submitter's
   // shutdown joins its workers, which must not be an io thread's wait).
   void retire(std::shared_ptr<Endpoint> e) {
-    reapers.emplace_back([e = std::move(e)]() mutable { drain(e); });
+    std::erase_if(reapers, [](Reaper& r) {  // those done, joined: they do not pile up
+      if (!r.done->load()) return false;
+      r.thread.join();
+      return true;
+    });
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    reapers.push_back({std::thread([e = std::move(e), done]() mutable {
+                         drain(e);
+                         done->store(true);
+                       }),
+                       done});
   }
 
   // Waits until nothing but `e` holds its endpoint (every request routed to it answered), then
@@ -747,8 +757,12 @@ struct Protocol::Impl {
     std::string reason;
   };
   std::mutex repository_mu;
-  std::map<std::string, Known> known;    // guarded by repository_mu
-  std::vector<std::thread> reapers;      // guarded by repository_mu
+  std::map<std::string, Known> known;  // guarded by repository_mu
+  struct Reaper {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<Reaper> reapers;           // guarded by repository_mu
   std::size_t max_body_bytes = 1 << 20;  // decoded, for a body with a Content-Encoding
   std::atomic<bool> stopping{false};
 };
