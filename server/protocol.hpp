@@ -60,8 +60,15 @@ using Response = boost::beast::http::response<boost::beast::http::string_body>;
 ///                    .binary_data_size, after a JSON header of Inference-Header-Content-Length
 ///                    bytes); answered with the outputs asked for (all by default), as JSON or
 ///                    binary (parameters.binary_data per output, binary_data_output for all);
-///                    parameters.timeout (microseconds) and parameters.priority (a level)
-///                    control the request; errors are {"error": "..."} with the statuses below.
+///                    parameters.timeout (microseconds) and parameters.priority (Triton's
+///                    schedule policy: 1 the highest, 0 the default) control the request; a
+///                    body may be gzip or deflate (Content-Encoding); errors are
+///                    {"error": "..."} with the statuses below.
+///   GET  /v2/models/{name}/config   Triton's model configuration of the model
+///   GET  /v2/models[/{name}]/stats  Triton's statistics extension
+///   POST /v2/repository/index, /v2/repository/models/{name}/load and /unload   Triton's model
+///                    repository extension, explicit mode (a load swaps the model under load)
+///   (Every GET route answers HEAD; query strings are ignored.)
 ///   GET  /metrics    Prometheus text format (syncbatch_* metrics, labelled with the model)
 ///   POST /v1/infer   (the first model, when it takes one float32 [rows, width] input)
 ///                    application/json: [x, ...] (one row) or [[x, ...], ...] (rows), answered
