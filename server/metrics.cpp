@@ -48,26 +48,36 @@ class Writer {
 void Metrics::record(int status, std::chrono::nanoseconds duration) noexcept {
   if (status >= 0 && status < static_cast<int>(by_status_.size()))
     by_status_[static_cast<std::size_t>(status)].fetch_add(1, std::memory_order_relaxed);
-  const double s = std::chrono::duration<double>(duration).count();
+  const double s = seconds(duration);
   std::size_t i = 0;
   while (i < kDurationBounds.size() && s > kDurationBounds[i]) ++i;
   buckets_[i].fetch_add(1, std::memory_order_relaxed);
   duration_ns_.fetch_add(static_cast<std::uint64_t>(duration.count()), std::memory_order_relaxed);
-  Outcome& o = status >= 200 && status < 300 ? success_ : failure_;
-  o.count.fetch_add(1, std::memory_order_relaxed);
-  o.ns.fetch_add(static_cast<std::uint64_t>(duration.count()), std::memory_order_relaxed);
-  last_ms_.store(static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                std::chrono::system_clock::now().time_since_epoch())
-                                                .count()),
-                 std::memory_order_relaxed);
+  // Successes are counted above (by status) and timed in duration_ns_: only failures, the
+  // rare path, write counters of their own.
+  if (status < 200 || status >= 300) {
+    failures_.fetch_add(1, std::memory_order_relaxed);
+    failure_ns_.fetch_add(static_cast<std::uint64_t>(duration.count()), std::memory_order_relaxed);
+  }
+  // Written at most once a millisecond, where every request would write the shared line.
+  const auto ms =
+      static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                     std::chrono::system_clock::now().time_since_epoch())
+                                     .count());
+  if (last_ms_.load(std::memory_order_relaxed) != ms) last_ms_.store(ms, std::memory_order_relaxed);
 }
 
 Metrics::Totals Metrics::totals() const noexcept {
   const auto load = [](const std::atomic<std::uint64_t>& a) {
     return a.load(std::memory_order_relaxed);
   };
-  return {load(success_.count), std::chrono::nanoseconds(load(success_.ns)), load(failure_.count),
-          std::chrono::nanoseconds(load(failure_.ns)), load(last_ms_)};
+  std::uint64_t success = 0;
+  for (std::size_t code = 200; code < 300; ++code) success += load(by_status_[code]);
+  const std::uint64_t fail_ns = load(failure_ns_), all_ns = load(duration_ns_);
+  // (Relaxed counters read while requests are answered: never a negative remainder.)
+  const std::uint64_t success_ns = all_ns > fail_ns ? all_ns - fail_ns : 0;
+  return {success, std::chrono::nanoseconds(success_ns), load(failures_),
+          std::chrono::nanoseconds(fail_ns), load(last_ms_)};
 }
 
 void BatchSizes::record(std::size_t size, std::chrono::nanoseconds took) {
@@ -215,7 +225,6 @@ boost::json::object submitter_stats_object(const SubmitterStats& s) {
   o["recent_latency_p99_us"] = static_cast<double>(s.recent_latency.p99.count()) / 1e3;
   o["queue_delay_p50_us"] = static_cast<double>(s.queue_delay.p50.count()) / 1e3;
   // The workers' time by phase (SubmitterStats): next to the uptime, how busy they are.
-  const auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
   o["worker_run_s"] = seconds(s.run_time);
   o["worker_sync_s"] = seconds(s.sync_time);
   o["worker_complete_s"] = seconds(s.complete_time);

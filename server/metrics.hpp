@@ -54,11 +54,8 @@ class Metrics {
   Totals totals() const noexcept;
 
  private:
-  struct Outcome {
-    std::atomic<std::uint64_t> count{0};
-    std::atomic<std::uint64_t> ns{0};
-  };
-  Outcome success_, failure_;
+  std::atomic<std::uint64_t> failures_{0};    // answers other than 2xx
+  std::atomic<std::uint64_t> failure_ns_{0};  // and their durations
   std::atomic<std::uint64_t> last_ms_{0};
   std::array<std::atomic<std::uint64_t>, 600> by_status_{};
   std::array<std::atomic<std::uint64_t>, kDurationBounds.size() + 1> buckets_{};  // + over all
