@@ -126,15 +126,7 @@ Replica<Tensors, Tensors, TorchBackend> Endpoint::replica(const Model::Forward& 
   graphs.push_back(graphed);
   // One example per length bucket: a row of each input, its varying dims at that length.
   std::vector<Tensors> examples;
-  for (const int64_t length : lengths) {
-    Tensors example;
-    for (const TensorSpec& t : model.inputs) {
-      std::vector<int64_t> shape{1};
-      for (const int64_t d : t.shape) shape.push_back(d == kVaries ? length : d);
-      example.push_back(at::full(shape, t.pad_value, at::TensorOptions(t.dtype).device(device)));
-    }
-    examples.push_back(std::move(example));
-  }
+  for (const int64_t length : lengths) examples.push_back(example(length, device));
   return {replica_model(graphed, device),
           TorchBackend(device, {.on_worker_start = [graphed, examples] {
                          for (const Tensors& example : examples) graphed.warm_up(example);
@@ -167,6 +159,16 @@ SubmitterModel<Tensors, Tensors> Endpoint::replica_model(const Model::Forward& f
     sizes->record(b.size(), Clock::now() - start);
   };
   return stacked;
+}
+
+Tensors Endpoint::example(int64_t length, c10::Device device) const {
+  Tensors out;
+  for (const TensorSpec& t : model.inputs) {
+    std::vector<int64_t> shape{1};
+    for (const int64_t d : t.shape) shape.push_back(d == kVaries ? length : d);
+    out.push_back(at::full(shape, t.pad_value, at::TensorOptions(t.dtype).device(device)));
+  }
+  return out;
 }
 
 SubmitterStats Endpoint::stats() const {

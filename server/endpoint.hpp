@@ -36,6 +36,10 @@ struct Endpoint {
   /// current stream), waited for; the outputs on the CPU. Errors: the model's.
   Tensors run_here(Tensors inputs) const;
 
+  /// One row of each input, filled with its pad value, its varying dims at `length`, on
+  /// `device`: what graphs are captured with and a loaded model is warmed up with.
+  Tensors example(int64_t length, c10::Device device) const;
+
   /// The submitter's stats: with one device, its replica's (latency percentiles and batch limit
   /// included); with several, their sum (MultiDeviceSubmitter::stats).
   SubmitterStats stats() const;

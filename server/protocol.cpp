@@ -501,13 +501,8 @@ struct Protocol::Impl {
   // One request of zeros through a new endpoint, waited for: it serves only once that works
   // (its workers started, their graphs captured).
   static void warm_up(Endpoint& e) {
-    Tensors example;
-    const int64_t length = e.options.length_buckets.empty() ? 1 : e.options.length_buckets.front();
-    for (const TensorSpec& t : e.model.inputs) {
-      std::vector<int64_t> shape{1};
-      for (const int64_t d : t.shape) shape.push_back(d == kVaries ? length : d);
-      example.push_back(at::full(shape, t.pad_value, at::TensorOptions(t.dtype)));
-    }
+    Tensors example = e.example(
+        e.options.length_buckets.empty() ? 1 : e.options.length_buckets.front(), c10::kCPU);
     if (!e.submitter) {
       e.run_here(std::move(example));
       return;
